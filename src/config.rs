@@ -1,0 +1,457 @@
+//! Configuration: a TOML file (every key optional, unknown keys rejected),
+//! overridden by command-line flags and `BIP324_PROXY_*` environment
+//! variables, validated once into a plain [`Config`].
+//!
+//! The embedded defaults are the ones `config/bip324-proxy.toml` documents;
+//! a test keeps the two in step.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::network::{self, Network, NetworkSet};
+
+/// Default listen address: loopback only, the port of the product.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:1324";
+/// Bitcoin Core's own inactivity timeout (TIMEOUT_INTERVAL, 20 minutes): an
+/// idle timeout shorter than that would cut sessions Core still considers live.
+pub const MIN_IDLE_TIMEOUT_SECS: u64 = 20 * 60;
+
+/// What to do when the remote does not speak v2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// v2 or nothing: the session is closed.
+    #[default]
+    None,
+    /// Bitcoin Core's rule: reconnect and speak v1 when the remote closed,
+    /// reset or timed out without sending a single byte after our key.
+    V1,
+}
+
+impl fmt::Display for Fallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Fallback::None => "none",
+            Fallback::V1 => "v1",
+        })
+    }
+}
+
+/// Stage timeouts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// SOCKS5 greeting, authentication and request, from accept.
+    pub socks: Duration,
+    /// One TCP connect attempt.
+    pub connect: Duration,
+    /// The client's first 16 bytes and first message after the SOCKS reply.
+    pub first_message: Duration,
+    /// The whole BIP324 handshake.
+    pub handshake: Duration,
+    /// No byte in either direction for this long closes the session.
+    pub idle: Option<Duration>,
+    /// Graceful shutdown: how long open sessions may drain.
+    pub shutdown: Duration,
+}
+
+/// SOCKS5 username/password (RFC 1929) that clients must present.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientAuth { .. }")
+    }
+}
+
+/// The validated configuration every other module reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub fallback: Fallback,
+    pub passthrough: bool,
+    pub networks: NetworkSet,
+    /// Every network with a known magic (built in or custom), allowed or not:
+    /// a v1 client of a disallowed network is refused, never passed through.
+    pub known_networks: NetworkSet,
+    pub max_sessions: usize,
+    pub timeouts: Timeouts,
+    pub client_auth: Option<ClientAuth>,
+    /// Client addresses allowed to connect; empty means any.
+    pub allow: Vec<IpNet>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The embedded defaults validate by construction.
+        Config::from_parts(FileConfig::default(), &Cli::default()).expect("embedded defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads `--config` (if any), applies flags and environment, validates.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("reading {}: {e}", path.display())))?;
+                parse_file(&text).map_err(|e| ConfigError(format!("in {}: {e}", path.display())))?
+            }
+            None => FileConfig::default(),
+        };
+        Config::from_parts(file, cli)
+    }
+
+    /// True when a client must prove who it is or where it comes from.
+    pub fn restricts_clients(&self) -> bool {
+        self.client_auth.is_some() || !self.allow.is_empty()
+    }
+
+    /// Whether a client address passes the allow-list.
+    pub fn allows(&self, client: &SocketAddr) -> bool {
+        let ip = client.ip().to_canonical();
+        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip))
+    }
+
+    fn from_parts(file: FileConfig, cli: &Cli) -> Result<Config, ConfigError> {
+        let listen_text = cli.listen.clone().unwrap_or(file.listen);
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| ConfigError(format!("listen: `{listen_text}` is not an IP:port address")))?;
+
+        let mut table = network::builtin();
+        for (name, magic_text) in &file.custom_networks {
+            let magic = network::parse_magic(magic_text)
+                .ok_or_else(|| ConfigError(format!("custom_networks.{name}: `{magic_text}` is not 8 hex digits")))?;
+            if let Some(clash) = table.iter().find(|n| n.name == *name || n.magic == magic) {
+                return Err(ConfigError(format!(
+                    "custom_networks.{name}: clashes with network `{}` ({})",
+                    clash.name,
+                    hex::encode(clash.magic)
+                )));
+            }
+            table.push(Network { name: name.clone(), magic });
+        }
+        let wanted = if !cli.network.is_empty() { Some(&cli.network) } else { file.networks.as_ref() };
+        let known_networks = NetworkSet::new(table.clone());
+        let networks = match wanted {
+            None => table,
+            Some(names) => {
+                let mut chosen = Vec::new();
+                for name in names {
+                    let net = table.iter().find(|n| n.name == *name).ok_or_else(|| {
+                        let known: Vec<&str> = table.iter().map(|n| n.name.as_str()).collect();
+                        ConfigError(format!("networks: unknown network `{name}` (known: {})", known.join(", ")))
+                    })?;
+                    if !chosen.contains(net) {
+                        chosen.push(net.clone());
+                    }
+                }
+                if chosen.is_empty() {
+                    return Err(ConfigError("networks: at least one network must be allowed".into()));
+                }
+                chosen
+            }
+        };
+
+        let max_sessions = cli.max_sessions.unwrap_or(file.max_sessions);
+        if max_sessions == 0 {
+            return Err(ConfigError("max_sessions: must be at least 1".into()));
+        }
+
+        let t = &file.timeouts;
+        let secs = |name: &str, value: u64| -> Result<Duration, ConfigError> {
+            if value == 0 {
+                Err(ConfigError(format!("timeouts.{name}: must be at least 1 second")))
+            } else {
+                Ok(Duration::from_secs(value))
+            }
+        };
+        let idle_secs = cli.idle_timeout.unwrap_or(t.idle);
+        if idle_secs != 0 && idle_secs < MIN_IDLE_TIMEOUT_SECS {
+            return Err(ConfigError(format!(
+                "timeouts.idle: {idle_secs} s is shorter than Bitcoin Core's own {MIN_IDLE_TIMEOUT_SECS} s \
+                 inactivity timeout; use 0 (off) or at least {MIN_IDLE_TIMEOUT_SECS}"
+            )));
+        }
+        let timeouts = Timeouts {
+            socks: secs("socks", t.socks)?,
+            connect: secs("connect", cli.connect_timeout.unwrap_or(t.connect))?,
+            first_message: secs("first_message", t.first_message)?,
+            handshake: secs("handshake", cli.handshake_timeout.unwrap_or(t.handshake))?,
+            idle: (idle_secs != 0).then(|| Duration::from_secs(idle_secs)),
+            shutdown: secs("shutdown", t.shutdown)?,
+        };
+
+        let username = cli.client_username.clone().or(file.client_auth.as_ref().map(|a| a.username.clone()));
+        let password = cli.client_password.clone().or(file.client_auth.as_ref().map(|a| a.password.clone()));
+        let client_auth = match (username, password) {
+            (None, None) => None,
+            (Some(username), Some(password)) => {
+                if username.is_empty() || username.len() > 255 || password.len() > 255 {
+                    return Err(ConfigError(
+                        "client_auth: username must be 1..=255 bytes and password at most 255 bytes".into(),
+                    ));
+                }
+                Some(ClientAuth { username, password })
+            }
+            _ => return Err(ConfigError("client_auth: set both username and password".into())),
+        };
+
+        let allow_texts = if cli.allow.is_empty() { &file.allow } else { &cli.allow };
+        let mut allow = Vec::new();
+        for text in allow_texts {
+            let net = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| ConfigError(format!("allow: `{text}` is not an address or CIDR network")))?;
+            allow.push(net);
+        }
+
+        let config = Config {
+            listen,
+            fallback: cli.fallback.unwrap_or(file.fallback),
+            passthrough: cli.passthrough.unwrap_or(file.passthrough),
+            networks: NetworkSet::new(networks),
+            known_networks,
+            max_sessions,
+            timeouts,
+            client_auth,
+            allow,
+        };
+        if !config.listen.ip().is_loopback() && !config.restricts_clients() {
+            return Err(ConfigError(format!(
+                "listen: {} is not a loopback address; refusing to serve it without client \
+                 authentication ([client_auth]) or a client allow-list (allow = [...])",
+                config.listen
+            )));
+        }
+        Ok(config)
+    }
+}
+
+/// A configuration problem, ready to print.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The TOML file. Every key is optional; unknown keys are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    listen: String,
+    fallback: Fallback,
+    passthrough: bool,
+    networks: Option<Vec<String>>,
+    custom_networks: BTreeMap<String, String>,
+    max_sessions: usize,
+    allow: Vec<String>,
+    timeouts: FileTimeouts,
+    client_auth: Option<FileClientAuth>,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            listen: DEFAULT_LISTEN.to_owned(),
+            fallback: Fallback::None,
+            passthrough: true,
+            networks: None,
+            custom_networks: BTreeMap::new(),
+            max_sessions: 512,
+            allow: Vec::new(),
+            timeouts: FileTimeouts::default(),
+            client_auth: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileTimeouts {
+    socks: u64,
+    connect: u64,
+    first_message: u64,
+    handshake: u64,
+    idle: u64,
+    shutdown: u64,
+}
+
+impl Default for FileTimeouts {
+    fn default() -> Self {
+        FileTimeouts { socks: 10, connect: 10, first_message: 10, handshake: 10, idle: 0, shutdown: 10 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileClientAuth {
+    username: String,
+    password: String,
+}
+
+/// Parses the TOML text; errors carry the line, column and offending key.
+pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_owned()))
+}
+
+/// Command-line flags; each also reads a `BIP324_PROXY_*` environment variable.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "bip324-proxy",
+    version,
+    about = "SOCKS5 proxy that carries Bitcoin P2P v1 clients over BIP324 v2 encryption"
+)]
+pub struct Cli {
+    /// TOML configuration file (see config/bip324-proxy.toml).
+    #[arg(long, env = "BIP324_PROXY_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:1324].
+    #[arg(long, env = "BIP324_PROXY_LISTEN", value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+    /// What to do when the remote does not speak v2 [default: none].
+    #[arg(long, env = "BIP324_PROXY_FALLBACK", value_enum)]
+    pub fallback: Option<Fallback>,
+    /// Relay clients that already speak v2 untouched [default: true].
+    #[arg(long, env = "BIP324_PROXY_PASSTHROUGH", value_name = "true|false")]
+    pub passthrough: Option<bool>,
+    /// Allow only this network (repeatable): mainnet, testnet3, testnet4, signet, regtest or a custom name.
+    #[arg(long = "network", env = "BIP324_PROXY_NETWORKS", value_name = "NAME", value_delimiter = ',')]
+    pub network: Vec<String>,
+    /// Most sessions open at once [default: 512].
+    #[arg(long, env = "BIP324_PROXY_MAX_SESSIONS", value_name = "N")]
+    pub max_sessions: Option<usize>,
+    /// Client address or CIDR network allowed to connect (repeatable) [default: any].
+    #[arg(long, env = "BIP324_PROXY_ALLOW", value_name = "CIDR", value_delimiter = ',')]
+    pub allow: Vec<String>,
+    /// SOCKS5 username clients must send (with --client-password).
+    #[arg(long, env = "BIP324_PROXY_CLIENT_USERNAME", value_name = "NAME", hide_env_values = true)]
+    pub client_username: Option<String>,
+    /// SOCKS5 password clients must send (with --client-username).
+    #[arg(long, env = "BIP324_PROXY_CLIENT_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
+    pub client_password: Option<String>,
+    /// Seconds for one TCP connect attempt [default: 10].
+    #[arg(long, env = "BIP324_PROXY_CONNECT_TIMEOUT", value_name = "SECS")]
+    pub connect_timeout: Option<u64>,
+    /// Seconds for the BIP324 handshake [default: 10].
+    #[arg(long, env = "BIP324_PROXY_HANDSHAKE_TIMEOUT", value_name = "SECS")]
+    pub handshake_timeout: Option<u64>,
+    /// Seconds without traffic before a session is closed; 0 = off, else at least 1200 [default: 0].
+    #[arg(long, env = "BIP324_PROXY_IDLE_TIMEOUT", value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut all = vec!["bip324-proxy"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap()
+    }
+
+    fn load_text(text: &str, args: &[&str]) -> Result<Config, ConfigError> {
+        Config::from_parts(parse_file(text)?, &cli(args))
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:1324");
+        assert_eq!(c.fallback, Fallback::None);
+        assert!(c.passthrough);
+        assert_eq!(c.networks.names(), vec!["mainnet", "testnet3", "testnet4", "signet", "regtest"]);
+        assert_eq!(c.timeouts.connect, Duration::from_secs(10));
+        assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
+        assert_eq!(c.timeouts.idle, None);
+        assert!(c.client_auth.is_none());
+        assert!(c.allow.is_empty());
+    }
+
+    #[test]
+    fn shipped_config_file_matches_embedded_defaults() {
+        let text = include_str!("../config/bip324-proxy.toml");
+        let from_file = load_text(text, &[]).unwrap();
+        let defaults = Config::default();
+        assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = load_text("listen = \"127.0.0.1:1\"\nfalback = \"v1\"\n", &[]).unwrap_err();
+        assert!(err.0.contains("falback"), "{err}");
+        assert!(err.0.contains("line 2"), "{err}");
+        let err = load_text("[timeouts]\nconect = 3\n", &[]).unwrap_err();
+        assert!(err.0.contains("conect") && err.0.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let c = load_text(
+            "fallback = \"v1\"\npassthrough = true\nlisten = \"127.0.0.1:5\"\n",
+            &["--fallback", "none", "--passthrough", "false", "--listen", "127.0.0.1:0"],
+        )
+        .unwrap();
+        assert_eq!(c.fallback, Fallback::None);
+        assert!(!c.passthrough);
+        assert_eq!(c.listen.port(), 0);
+    }
+
+    #[test]
+    fn networks_restrict_and_custom_signet() {
+        let c = load_text(
+            "[custom_networks]\nmysignet = \"a1b2c3d4\"\n",
+            &["--network", "regtest", "--network", "mysignet"],
+        )
+        .unwrap();
+        assert_eq!(c.networks.names(), vec!["regtest", "mysignet"]);
+        assert!(c.networks.by_magic(&[0xa1, 0xb2, 0xc3, 0xd4]).is_some());
+        assert!(c.networks.by_magic(&[0xf9, 0xbe, 0xb4, 0xd9]).is_none());
+        let err = load_text("", &["--network", "nonet"]).unwrap_err();
+        assert!(err.0.contains("nonet"));
+        let err = load_text("[custom_networks]\nx = \"f9beb4d9\"\n", &[]).unwrap_err();
+        assert!(err.0.contains("mainnet"), "{err}");
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_auth_or_allow_list() {
+        let err = load_text("", &["--listen", "0.0.0.0:1324"]).unwrap_err();
+        assert!(err.0.contains("refusing"), "{err}");
+        assert!(load_text("allow = [\"172.16.0.0/12\"]\n", &["--listen", "0.0.0.0:1324"]).is_ok());
+        assert!(load_text("[client_auth]\nusername = \"u\"\npassword = \"p\"\n", &["--listen", "[::]:1324"]).is_ok());
+    }
+
+    #[test]
+    fn idle_timeout_floor() {
+        assert!(load_text("[timeouts]\nidle = 60\n", &[]).is_err());
+        let c = load_text("[timeouts]\nidle = 1200\n", &[]).unwrap();
+        assert_eq!(c.timeouts.idle, Some(Duration::from_secs(1200)));
+    }
+
+    #[test]
+    fn allow_list_matching() {
+        let c = load_text("allow = [\"10.0.0.0/8\", \"::1\"]\n", &[]).unwrap();
+        assert!(c.allows(&"10.1.2.3:5".parse().unwrap()));
+        assert!(c.allows(&"[::1]:5".parse().unwrap()));
+        assert!(c.allows(&"[::ffff:10.0.0.1]:5".parse().unwrap()));
+        assert!(!c.allows(&"192.168.0.1:5".parse().unwrap()));
+    }
+
+    #[test]
+    fn client_auth_debug_is_redacted() {
+        let c = load_text("[client_auth]\nusername = \"alice\"\npassword = \"hunter2\"\n", &[]).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("alice") && !shown.contains("hunter2"), "{shown}");
+    }
+}

@@ -1,0 +1,409 @@
+//! The relay stage: two independent direction loops, `client_to_remote` and
+//! `remote_to_client`, each reading, translating whole messages and awaiting
+//! its write before it reads again (that await is the backpressure).
+//!
+//! On end of stream a direction shuts down the opposite write half and lets
+//! the other direction finish; on an error it cancels the session so both
+//! stop. Receive buffers are released while a socket is idle, so an idle
+//! session holds no buffer memory.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::translate::{self, ContentsError};
+use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
+use crate::v2::{DecodedPacket, PacketDecoder, PacketEncoder, V2Error};
+
+/// Read size when no larger message is known to be pending.
+const READ_CHUNK: usize = 16 * 1024;
+/// Output buffers above this size are released after a write rather than kept.
+const KEEP_OUTPUT_CAPACITY: usize = 64 * 1024;
+
+/// Counters for one direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DirectionStats {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub messages: u64,
+}
+
+/// Which side a relay error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Remote,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Remote => "remote",
+        })
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum CloseReason {
+    #[error("client and remote closed")]
+    BothClosed,
+    #[error("{0} sent a bad v1 message: {1}")]
+    BadV1(Side, V1Error),
+    #[error("remote sent a bad v2 packet: {0}")]
+    BadV2(V2Error),
+    #[error("{side} closed in the middle of a message ({pending} bytes pending)")]
+    Truncated { side: Side, pending: usize },
+    #[error("{0} connection error: {1}")]
+    Io(Side, io::Error),
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    #[error("proxy shutting down")]
+    Shutdown,
+    /// This direction stopped because the other one failed; the other's
+    /// reason is the one reported.
+    #[error("other direction failed")]
+    Aborted,
+}
+
+/// What a finished relay reports for the close log line.
+#[derive(Debug)]
+pub struct RelayReport {
+    pub client_to_remote: DirectionStats,
+    pub remote_to_client: DirectionStats,
+    pub reason: CloseReason,
+}
+
+/// Moves complete messages from the front of `input` to the end of `output`.
+pub trait Translator: Send {
+    /// Returns the total size of the next, incomplete message when known,
+    /// so the reader can reserve it in one go.
+    fn translate(
+        &mut self,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+        stats: &mut DirectionStats,
+    ) -> Result<usize, CloseReason>;
+}
+
+/// Client v1 frames -> v2 packets.
+pub struct V1ToV2 {
+    pub decoder: FrameDecoder,
+    pub encoder: PacketEncoder,
+}
+
+impl Translator for V1ToV2 {
+    fn translate(
+        &mut self,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+        stats: &mut DirectionStats,
+    ) -> Result<usize, CloseReason> {
+        loop {
+            match self.decoder.decode(input).map_err(|e| CloseReason::BadV1(Side::Client, e))? {
+                Decoded::NeedMore { total } => return Ok(total),
+                Decoded::Frame { header, len } => {
+                    let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
+                    let type_len = translate::encode_message_type(&header.command, &mut message_type);
+                    self.encoder
+                        .encode(&message_type[..type_len], &input[HEADER_LEN..len], output)
+                        .map_err(CloseReason::BadV2)?;
+                    debug!(command = %v1::command_display(&header.command), len = header.payload_len, "client_to_remote");
+                    input.advance(len);
+                    stats.messages += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Remote v2 packets -> client v1 frames.
+pub struct V2ToV1 {
+    pub decoder: PacketDecoder,
+    pub magic: Magic,
+}
+
+impl Translator for V2ToV1 {
+    fn translate(
+        &mut self,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+        stats: &mut DirectionStats,
+    ) -> Result<usize, CloseReason> {
+        loop {
+            match self.decoder.decode(input).map_err(CloseReason::BadV2)? {
+                DecodedPacket::NeedMore { total } => return Ok(total),
+                DecodedPacket::Packet { ignore, contents, len } => {
+                    if ignore {
+                        debug!(len = contents.len(), "remote_to_client decoy skipped");
+                    } else {
+                        let contents = &input[contents];
+                        match translate::decode_contents(contents) {
+                            Ok((command, offset)) => {
+                                let payload = &contents[offset..];
+                                let header = V1Header::for_payload(self.magic, command, payload);
+                                output.reserve(HEADER_LEN + payload.len());
+                                output.put_slice(&header.encode());
+                                output.put_slice(payload);
+                                stats.messages += 1;
+                                debug!(command = %v1::command_display(&command), len = payload.len(), "remote_to_client");
+                            }
+                            // Bitcoin Core drops these without disconnecting.
+                            Err(
+                                e @ (ContentsError::Empty
+                                | ContentsError::UnknownShortId(_)
+                                | ContentsError::Truncated { .. }
+                                | ContentsError::InvalidCommand { .. }),
+                            ) => {
+                                debug!(error = %e, "remote_to_client message dropped");
+                            }
+                        }
+                    }
+                    input.advance(len);
+                }
+            }
+        }
+    }
+}
+
+/// v1 frames -> the same v1 frames, validated (the v1 fallback; either side).
+pub struct V1ToV1 {
+    pub decoder: FrameDecoder,
+    pub side: Side,
+}
+
+impl Translator for V1ToV1 {
+    fn translate(
+        &mut self,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+        stats: &mut DirectionStats,
+    ) -> Result<usize, CloseReason> {
+        let mut complete = 0;
+        let need = loop {
+            match self.decoder.decode(&input[complete..]).map_err(|e| CloseReason::BadV1(self.side, e))? {
+                Decoded::NeedMore { total } => break total,
+                Decoded::Frame { header, len } => {
+                    debug!(command = %v1::command_display(&header.command), len = header.payload_len, side = %self.side, "v1 message");
+                    complete += len;
+                    stats.messages += 1;
+                }
+            }
+        };
+        output.extend_from_slice(&input[..complete]);
+        input.advance(complete);
+        Ok(need)
+    }
+}
+
+/// Bytes as they are: a client that already speaks v2 itself.
+pub struct Passthrough;
+
+impl Translator for Passthrough {
+    fn translate(
+        &mut self,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+        _stats: &mut DirectionStats,
+    ) -> Result<usize, CloseReason> {
+        if output.is_empty() {
+            std::mem::swap(input, output);
+        } else {
+            output.extend_from_slice(input);
+            input.clear();
+        }
+        Ok(0)
+    }
+}
+
+/// Shared by the two directions of one session.
+struct Shared {
+    cancel: CancellationToken,
+    started: Instant,
+    /// Milliseconds since `started` of the last byte read either way.
+    last_activity_ms: AtomicU64,
+    idle: Option<Duration>,
+}
+
+impl Shared {
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_deadline(&self) -> Option<Instant> {
+        let idle = self.idle?;
+        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        Some(self.started + last + idle)
+    }
+}
+
+/// One direction's input: the socket plus bytes already read from it.
+struct Inbound {
+    reader: OwnedReadHalf,
+    pending: BytesMut,
+}
+
+/// One side of the session as the relay receives it: the socket and the
+/// bytes earlier stages read from it but did not use.
+pub struct Leg {
+    pub stream: TcpStream,
+    pub pending: BytesMut,
+}
+
+/// Runs both directions to the end.
+pub async fn run(
+    client: Leg,
+    remote: Leg,
+    client_to_remote: impl Translator + 'static,
+    remote_to_client: impl Translator + 'static,
+    idle: Option<Duration>,
+    shutdown: CancellationToken,
+) -> RelayReport {
+    let (client_pending, remote_pending) = (client.pending, remote.pending);
+    let (client, remote) = (client.stream, remote.stream);
+    let (client_read, client_write) = client.into_split();
+    let (remote_read, remote_write) = remote.into_split();
+    let shared = Arc::new(Shared {
+        cancel: shutdown.child_token(),
+        started: Instant::now(),
+        last_activity_ms: AtomicU64::new(0),
+        idle,
+    });
+    let up = pump(
+        Inbound { reader: client_read, pending: client_pending },
+        remote_write,
+        client_to_remote,
+        Side::Client,
+        shared.clone(),
+        shutdown.clone(),
+    );
+    let down = pump(
+        Inbound { reader: remote_read, pending: remote_pending },
+        client_write,
+        remote_to_client,
+        Side::Remote,
+        shared.clone(),
+        shutdown.clone(),
+    );
+    let ((up_stats, up_end), (down_stats, down_end)) = tokio::join!(up, down);
+    // The first real failure explains the close; plain ends of stream only
+    // when nothing else happened.
+    let reason = match (up_end, down_end) {
+        (None, None) => CloseReason::BothClosed,
+        (Some(reason), None) | (None, Some(reason)) => reason,
+        (Some(first), Some(second)) => {
+            if matches!(first, CloseReason::Aborted) {
+                second
+            } else {
+                first
+            }
+        }
+    };
+    RelayReport { client_to_remote: up_stats, remote_to_client: down_stats, reason }
+}
+
+/// One direction. Returns its counters and, unless it ended by a clean end of
+/// stream, why it stopped.
+async fn pump(
+    mut inbound: Inbound,
+    mut writer: OwnedWriteHalf,
+    mut translator: impl Translator,
+    from: Side,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> (DirectionStats, Option<CloseReason>) {
+    let to = match from {
+        Side::Client => Side::Remote,
+        Side::Remote => Side::Client,
+    };
+    let mut stats = DirectionStats { bytes_in: inbound.pending.len() as u64, ..Default::default() };
+    let mut output = BytesMut::new();
+    let end = loop {
+        let need = match translator.translate(&mut inbound.pending, &mut output, &mut stats) {
+            Ok(need) => need,
+            Err(reason) => break Some(reason),
+        };
+        if !output.is_empty() {
+            let write = writer.write_all(&output);
+            let result = tokio::select! {
+                result = write => result,
+                _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+            };
+            if let Err(e) = result {
+                break Some(CloseReason::Io(to, e));
+            }
+            stats.bytes_out += output.len() as u64;
+            if output.capacity() > KEEP_OUTPUT_CAPACITY {
+                output = BytesMut::new();
+            } else {
+                output.clear();
+            }
+        }
+
+        // Hold no buffer while waiting for an idle socket.
+        if inbound.pending.is_empty() && inbound.pending.capacity() > 0 {
+            inbound.pending = BytesMut::new();
+        }
+        let ready = tokio::select! {
+            ready = inbound.reader.readable() => ready,
+            _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+            _ = sleep_until_idle(&shared) => {
+                match shared.idle_deadline() {
+                    Some(deadline) if Instant::now() >= deadline => {
+                        break Some(CloseReason::Idle(shared.idle.unwrap_or_default()));
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        if let Err(e) = ready {
+            break Some(CloseReason::Io(from, e));
+        }
+        let want = need.saturating_sub(inbound.pending.len()).max(READ_CHUNK);
+        inbound.pending.reserve(want);
+        match inbound.reader.try_read_buf(&mut inbound.pending) {
+            Ok(0) => {
+                if !inbound.pending.is_empty() {
+                    break Some(CloseReason::Truncated { side: from, pending: inbound.pending.len() });
+                }
+                // Half-close: the other side sees our end of stream; the
+                // opposite direction keeps running until it ends too.
+                let _ = writer.shutdown().await;
+                break None;
+            }
+            Ok(n) => {
+                stats.bytes_in += n as u64;
+                shared.touch();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => break Some(CloseReason::Io(from, e)),
+        }
+    };
+    if end.is_some() {
+        // A failure ends the whole session, not just this direction.
+        shared.cancel.cancel();
+    }
+    (stats, end)
+}
+
+fn cancel_reason(shutdown: &CancellationToken) -> CloseReason {
+    if shutdown.is_cancelled() { CloseReason::Shutdown } else { CloseReason::Aborted }
+}
+
+async fn sleep_until_idle(shared: &Shared) {
+    match shared.idle_deadline() {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

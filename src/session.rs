@@ -1,0 +1,501 @@
+//! One session from accept to close, in stage order:
+//! accept (SOCKS5) -> destination -> dial -> sniff -> upgrade -> relay.
+//!
+//! This is the only module that decides policy: which SOCKS5 method and
+//! reply, whether to pass a v2 client through, whether to fall back to v1.
+//! It writes the session's close line; `server.rs` owns the span.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::{Span, info};
+
+use crate::config::{Config, Fallback};
+use crate::network::Network;
+use crate::outbound::{self, DialError};
+use crate::relay::{self, Leg, Passthrough, RelayReport, Side, V1ToV1, V1ToV2, V2ToV1};
+use crate::socks5::{self, Command, ReplyCode, Target};
+use crate::translate;
+use crate::upgrade::{self, UpgradeError};
+use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, V1_PREFIX_LEN, V1Error};
+
+/// Everything a session failed on before its relay started.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client closed during SOCKS5 negotiation")]
+    ClientGone,
+    #[error("SOCKS5 negotiation timed out")]
+    SocksTimeout,
+    #[error("bad SOCKS5 request: {0}")]
+    Socks(#[from] socks5::Socks5Error),
+    #[error("client offered no acceptable SOCKS5 method")]
+    NoAcceptableMethod,
+    #[error("SOCKS5 authentication failed")]
+    AuthFailed,
+    #[error("SOCKS5 command {0:?} is not supported")]
+    CommandNotSupported(Command),
+    #[error("{0}")]
+    Dial(#[from] DialError),
+    #[error("client sent no first message within {0:?}")]
+    FirstMessageTimeout(Duration),
+    #[error("client closed before its first message")]
+    ClientClosedEarly,
+    #[error("client's first message is for network magic {0}, which is not allowed")]
+    NetworkNotAllowed(String),
+    #[error("client's first v1 message is not VERSION")]
+    FirstMessageNotVersion,
+    #[error("client sent plaintext that is not a Bitcoin v1 message (first bytes {0})")]
+    NotBitcoin(String),
+    #[error("client speaks v2 itself and passthrough is disabled")]
+    PassthroughDisabled,
+    #[error("client's first message: {0}")]
+    BadFirstMessage(V1Error),
+    #[error("{0}")]
+    Upgrade(#[from] UpgradeError),
+    #[error("{0}; v1 fallback dial failed: {1}")]
+    FallbackDial(UpgradeError, DialError),
+    #[error("client I/O: {0}")]
+    ClientIo(std::io::Error),
+}
+
+impl SessionError {
+    /// The stage a failure belongs to, for the close line.
+    pub fn stage(&self) -> &'static str {
+        use SessionError::*;
+        match self {
+            ClientGone | SocksTimeout | Socks(_) | NoAcceptableMethod | AuthFailed | CommandNotSupported(_) => "accept",
+            Dial(_) => "dial",
+            FirstMessageTimeout(_)
+            | ClientClosedEarly
+            | NetworkNotAllowed(_)
+            | FirstMessageNotVersion
+            | NotBitcoin(_)
+            | PassthroughDisabled
+            | BadFirstMessage(_) => "sniff",
+            Upgrade(_) | FallbackDial(..) => "upgrade",
+            ClientIo(_) => "relay",
+        }
+    }
+}
+
+/// The one place failures become SOCKS5 reply codes (RFC 1928 section 6).
+/// `None`: no reply is due (the client is gone, or the stage is past the reply).
+pub fn reply_code(error: &SessionError) -> Option<ReplyCode> {
+    use std::io::ErrorKind;
+    match error {
+        SessionError::Socks(socks5::Socks5Error::AddressTypeNotSupported(_)) => {
+            Some(ReplyCode::ADDRESS_TYPE_NOT_SUPPORTED)
+        }
+        SessionError::Socks(_) => Some(ReplyCode::GENERAL_FAILURE),
+        SessionError::CommandNotSupported(_) => Some(ReplyCode::COMMAND_NOT_SUPPORTED),
+        SessionError::Dial(dial) => Some(match dial {
+            DialError::OnionNeedsUpstream(_) | DialError::Resolve { .. } | DialError::NoAddresses(_) => {
+                ReplyCode::HOST_UNREACHABLE
+            }
+            DialError::ConnectTimeout { .. } => ReplyCode::TTL_EXPIRED,
+            DialError::Connect { source, .. } => match source.kind() {
+                ErrorKind::ConnectionRefused => ReplyCode::CONNECTION_REFUSED,
+                ErrorKind::NetworkUnreachable => ReplyCode::NETWORK_UNREACHABLE,
+                ErrorKind::HostUnreachable | ErrorKind::AddrNotAvailable => ReplyCode::HOST_UNREACHABLE,
+                ErrorKind::TimedOut => ReplyCode::TTL_EXPIRED,
+                _ => ReplyCode::GENERAL_FAILURE,
+            },
+        }),
+        _ => None,
+    }
+}
+
+/// How the session ended up carrying traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    V2,
+    V1Fallback,
+    Passthrough,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::V2 => "v2",
+            Transport::V1Fallback => "v1-fallback",
+            Transport::Passthrough => "passthrough",
+        })
+    }
+}
+
+/// Runs one accepted connection to its end and writes its close line.
+pub async fn run(client: TcpStream, config: Arc<Config>, shutdown: CancellationToken) {
+    let started = Instant::now();
+    let _ = client.set_nodelay(true);
+    match serve(client, &config, shutdown).await {
+        Ok((transport, report)) => {
+            info!(
+                %transport,
+                reason = %report.reason,
+                bytes_client_to_remote = report.client_to_remote.bytes_in,
+                bytes_remote_to_client = report.remote_to_client.bytes_in,
+                messages_client_to_remote = report.client_to_remote.messages,
+                messages_remote_to_client = report.remote_to_client.messages,
+                secs = started.elapsed().as_secs_f32(),
+                "session closed"
+            );
+        }
+        Err(error) => {
+            info!(stage = error.stage(), reason = %error, secs = started.elapsed().as_secs_f32(), "session closed");
+        }
+    }
+}
+
+async fn serve(
+    mut client: TcpStream,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<(Transport, RelayReport), SessionError> {
+    // Bytes read from the client and not yet used; each stage hands them on.
+    let mut pending = BytesMut::new();
+
+    // accept + destination
+    let negotiated = timeout(config.timeouts.socks, negotiate(&mut client, &mut pending, config)).await;
+    let target = match negotiated {
+        Ok(Ok(target)) => target,
+        Ok(Err(error)) => return Err(refuse(&mut client, error).await),
+        Err(_) => return Err(SessionError::SocksTimeout),
+    };
+    Span::current().record("target", tracing::field::display(&target));
+
+    // dial
+    let remote = match outbound::dial(&target, config.timeouts.connect).await {
+        Ok(remote) => remote,
+        Err(error) => {
+            if let DialError::OnionNeedsUpstream(_) = &error {
+                info!(%target, "onion targets need an upstream SOCKS5 proxy such as Tor; none is configured");
+            }
+            return Err(refuse(&mut client, SessionError::Dial(error)).await);
+        }
+    };
+    let bound = Target { host: socks5::Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
+    send_reply(&mut client, ReplyCode::SUCCEEDED, &bound).await.map_err(SessionError::ClientIo)?;
+
+    // sniff
+    let first = sniff(&mut client, &mut pending, config).await?;
+    let network = match first {
+        FirstBytes::V1(network) => network,
+        FirstBytes::V2 => {
+            Span::current().record("transport", "passthrough");
+            info!(transport = "passthrough", "session open");
+            let report = relay::run(
+                Leg { stream: client, pending },
+                Leg { stream: remote, pending: BytesMut::new() },
+                Passthrough,
+                Passthrough,
+                config.timeouts.idle,
+                shutdown,
+            )
+            .await;
+            return Ok((Transport::Passthrough, report));
+        }
+    };
+    Span::current().record("network", network.name.as_str());
+
+    // The whole VERSION message, so it can ride in the handshake's first flight.
+    let version_len = read_first_message(&mut client, &mut pending, &network, config.timeouts.first_message).await?;
+
+    // upgrade
+    let mut remote = remote;
+    let payload = &pending[HEADER_LEN..version_len];
+    let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
+    let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
+    match upgrade::upgrade(&mut remote, network.magic, &message_type[..type_len], payload, config.timeouts.handshake)
+        .await
+    {
+        Ok(channel) => {
+            let session_id = hex::encode(channel.session_id);
+            let span = Span::current();
+            span.record("transport", "v2");
+            span.record("session_id", session_id.as_str());
+            info!(transport = "v2", %session_id, "session open");
+            pending.advance(version_len);
+            let report = relay::run(
+                Leg { stream: client, pending },
+                Leg { stream: remote, pending: channel.leftover },
+                V1ToV2 { decoder: FrameDecoder::new(network.magic, true), encoder: channel.encoder },
+                V2ToV1 { decoder: channel.decoder, magic: network.magic },
+                config.timeouts.idle,
+                shutdown,
+            )
+            .await;
+            Ok((Transport::V2, report))
+        }
+        Err(error) if error.remote_is_v1_only() && config.fallback == Fallback::V1 => {
+            drop(remote);
+            let remote = outbound::dial(&target, config.timeouts.connect)
+                .await
+                .map_err(|dial| SessionError::FallbackDial(error, dial))?;
+            Span::current().record("transport", "v1-fallback");
+            info!(transport = "v1-fallback", "session open");
+            // The client's bytes so far, VERSION first, are replayed in v1.
+            let report = relay::run(
+                Leg { stream: client, pending },
+                Leg { stream: remote, pending: BytesMut::new() },
+                V1ToV1 { decoder: FrameDecoder::new(network.magic, true), side: Side::Client },
+                V1ToV1 { decoder: FrameDecoder::new(network.magic, false), side: Side::Remote },
+                config.timeouts.idle,
+                shutdown,
+            )
+            .await;
+            Ok((Transport::V1Fallback, report))
+        }
+        Err(error) => Err(SessionError::Upgrade(error)),
+    }
+}
+
+/// Sends the reply `error` calls for, if any, and hands the error back.
+async fn refuse(client: &mut TcpStream, error: SessionError) -> SessionError {
+    if let Some(code) = reply_code(&error) {
+        let bound = Target { host: socks5::Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
+        let _ = send_reply(client, code, &bound).await;
+    }
+    error
+}
+
+async fn send_reply(client: &mut TcpStream, code: ReplyCode, bound: &Target) -> std::io::Result<()> {
+    let mut reply = Vec::with_capacity(22);
+    socks5::encode_reply(code, bound, &mut reply).map_err(std::io::Error::other)?;
+    client.write_all(&reply).await
+}
+
+/// Reads more client bytes into `pending`; end of stream is `gone`.
+async fn read_more(client: &mut TcpStream, pending: &mut BytesMut, gone: SessionError) -> Result<(), SessionError> {
+    pending.reserve(512);
+    match client.read_buf(pending).await {
+        Ok(0) => Err(gone),
+        Ok(_) => Ok(()),
+        Err(e) => Err(SessionError::ClientIo(e)),
+    }
+}
+
+/// SOCKS5 greeting, optional authentication and the request.
+async fn negotiate(client: &mut TcpStream, pending: &mut BytesMut, config: &Config) -> Result<Target, SessionError> {
+    let greeting = loop {
+        if let Some((greeting, used)) = socks5::decode_greeting(pending)? {
+            pending.advance(used);
+            break greeting;
+        }
+        read_more(client, pending, SessionError::ClientGone).await?;
+    };
+
+    // Method choice: credentials only when we need them (configured client
+    // authentication); any credentials are accepted otherwise.
+    let method = if config.client_auth.is_some() {
+        greeting.offers(socks5::METHOD_USER_PASS).then_some(socks5::METHOD_USER_PASS)
+    } else if greeting.offers(socks5::METHOD_NO_AUTH) {
+        Some(socks5::METHOD_NO_AUTH)
+    } else if greeting.offers(socks5::METHOD_USER_PASS) {
+        Some(socks5::METHOD_USER_PASS)
+    } else {
+        None
+    };
+    let Some(method) = method else {
+        let _ = client.write_all(&socks5::encode_method_choice(socks5::METHOD_NO_ACCEPTABLE)).await;
+        return Err(SessionError::NoAcceptableMethod);
+    };
+    client.write_all(&socks5::encode_method_choice(method)).await.map_err(SessionError::ClientIo)?;
+
+    if method == socks5::METHOD_USER_PASS {
+        let credentials = loop {
+            if let Some((credentials, used)) = socks5::decode_auth(pending)? {
+                pending.advance(used);
+                break credentials;
+            }
+            read_more(client, pending, SessionError::ClientGone).await?;
+        };
+        let accepted = match &config.client_auth {
+            None => true,
+            Some(auth) => {
+                constant_time_eq(&credentials.username, auth.username.as_bytes())
+                    & constant_time_eq(&credentials.password, auth.password.as_bytes())
+            }
+        };
+        client.write_all(&socks5::encode_auth_status(accepted)).await.map_err(SessionError::ClientIo)?;
+        if !accepted {
+            return Err(SessionError::AuthFailed);
+        }
+    }
+
+    let request = loop {
+        if let Some((request, used)) = socks5::decode_request(pending)? {
+            pending.advance(used);
+            break request;
+        }
+        read_more(client, pending, SessionError::ClientGone).await?;
+    };
+    match request.command {
+        Command::Connect => Ok(request.target),
+        other => Err(SessionError::CommandNotSupported(other)),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What the client's first bytes say it speaks.
+enum FirstBytes {
+    /// A v1 VERSION for an allowed network.
+    V1(Network),
+    /// Not v1: a client that runs BIP324 itself.
+    V2,
+}
+
+async fn sniff(client: &mut TcpStream, pending: &mut BytesMut, config: &Config) -> Result<FirstBytes, SessionError> {
+    let wait = config.timeouts.first_message;
+    let deadline = Instant::now() + wait;
+    while pending.len() < V1_PREFIX_LEN {
+        match timeout_at(deadline, read_more(client, pending, SessionError::ClientClosedEarly)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(SessionError::FirstMessageTimeout(wait)),
+        }
+    }
+    let mut prefix = [0u8; V1_PREFIX_LEN];
+    prefix.copy_from_slice(&pending[..V1_PREFIX_LEN]);
+    classify(&prefix, config)
+}
+
+/// The sniff decision, on the first 16 bytes.
+fn classify(prefix: &[u8; V1_PREFIX_LEN], config: &Config) -> Result<FirstBytes, SessionError> {
+    let mut magic = [0u8; 4];
+    magic.copy_from_slice(&prefix[..4]);
+    let is_version = prefix[4..] == v1::VERSION_COMMAND;
+    if let Some(network) = config.networks.by_magic(&magic) {
+        return if is_version {
+            Ok(FirstBytes::V1(network.clone()))
+        } else {
+            Err(SessionError::FirstMessageNotVersion)
+        };
+    }
+    if is_version || config.known_networks.by_magic(&magic).is_some() {
+        // A v1 client of a network we do not carry; never pass it through.
+        return Err(SessionError::NetworkNotAllowed(hex::encode(magic)));
+    }
+    if looks_like_plaintext(prefix) {
+        return Err(SessionError::NotBitcoin(hex::encode(prefix)));
+    }
+    if config.passthrough { Ok(FirstBytes::V2) } else { Err(SessionError::PassthroughDisabled) }
+}
+
+/// A BIP324 initiator starts with 64 bytes indistinguishable from random.
+/// Printable text (HTTP, SMTP, SSH banners) or a TLS record header are not
+/// that, and must not turn the proxy into a generic tunnel.
+fn looks_like_plaintext(prefix: &[u8; V1_PREFIX_LEN]) -> bool {
+    let text = prefix.iter().all(|&b| b == b'\r' || b == b'\n' || b == b'\t' || (0x20..0x7f).contains(&b));
+    let tls = prefix[0] == 0x16 && prefix[1] == 0x03 && prefix[2] <= 0x04;
+    text || tls
+}
+
+/// Reads until `pending` starts with a whole, valid VERSION message; returns its length.
+async fn read_first_message(
+    client: &mut TcpStream,
+    pending: &mut BytesMut,
+    network: &Network,
+    wait: Duration,
+) -> Result<usize, SessionError> {
+    let decoder = FrameDecoder::new(network.magic, true);
+    let deadline = Instant::now() + wait;
+    loop {
+        match decoder.decode(pending).map_err(SessionError::BadFirstMessage)? {
+            Decoded::Frame { len, .. } => return Ok(len),
+            Decoded::NeedMore { .. } => {
+                match timeout_at(deadline, read_more(client, pending, SessionError::ClientClosedEarly)).await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(SessionError::FirstMessageTimeout(wait)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn prefix(magic: [u8; 4], command: &[u8]) -> [u8; 16] {
+        let mut p = [0u8; 16];
+        p[..4].copy_from_slice(&magic);
+        p[4..4 + command.len()].copy_from_slice(command);
+        p
+    }
+
+    #[test]
+    fn classify_first_bytes() {
+        let config = Config::default();
+        let mainnet = [0xf9, 0xbe, 0xb4, 0xd9];
+        assert!(
+            matches!(classify(&prefix(mainnet, b"version"), &config), Ok(FirstBytes::V1(n)) if n.name == "mainnet")
+        );
+        assert!(matches!(classify(&prefix(mainnet, b"verack"), &config), Err(SessionError::FirstMessageNotVersion)));
+        // Another coin's v1 VERSION is not passed through.
+        assert!(matches!(
+            classify(&prefix([0xfb, 0xc0, 0xb6, 0xdb], b"version"), &config),
+            Err(SessionError::NetworkNotAllowed(_))
+        ));
+        assert!(matches!(classify(b"GET / HTTP/1.1\r\n", &config), Err(SessionError::NotBitcoin(_))));
+        let mut tls = [0x5au8; 16];
+        tls[..3].copy_from_slice(&[0x16, 0x03, 0x01]);
+        assert!(matches!(classify(&tls, &config), Err(SessionError::NotBitcoin(_))));
+        let random = [0x8f, 0x01, 0xee, 0x42, 0x10, 0x99, 0xfe, 0x00, 0x31, 0xc4, 0x77, 0x05, 0xaa, 0x3b, 0x60, 0xd2];
+        assert!(matches!(classify(&random, &config), Ok(FirstBytes::V2)));
+    }
+
+    #[test]
+    fn disallowed_network_is_refused_not_passed_through() {
+        let cli = crate::config::Cli { network: vec!["regtest".into()], ..Default::default() };
+        let config = Config::load(&cli).unwrap();
+        let mainnet = [0xf9, 0xbe, 0xb4, 0xd9];
+        assert!(matches!(classify(&prefix(mainnet, b"version"), &config), Err(SessionError::NetworkNotAllowed(_))));
+        assert!(matches!(classify(&prefix(mainnet, b"ping"), &config), Err(SessionError::NetworkNotAllowed(_))));
+    }
+
+    #[test]
+    fn passthrough_can_be_disabled() {
+        let cli = crate::config::Cli { passthrough: Some(false), ..Default::default() };
+        let config = Config::load(&cli).unwrap();
+        let random = [0x8f; 16];
+        assert!(matches!(classify(&random, &config), Err(SessionError::PassthroughDisabled)));
+    }
+
+    #[test]
+    fn reply_codes() {
+        use std::io::{Error, ErrorKind};
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let connect = |kind| SessionError::Dial(DialError::Connect { addr, source: Error::from(kind) });
+        assert_eq!(reply_code(&connect(ErrorKind::ConnectionRefused)), Some(ReplyCode::CONNECTION_REFUSED));
+        assert_eq!(reply_code(&connect(ErrorKind::HostUnreachable)), Some(ReplyCode::HOST_UNREACHABLE));
+        assert_eq!(reply_code(&connect(ErrorKind::NetworkUnreachable)), Some(ReplyCode::NETWORK_UNREACHABLE));
+        assert_eq!(reply_code(&connect(ErrorKind::Other)), Some(ReplyCode::GENERAL_FAILURE));
+        assert_eq!(reply_code(&SessionError::Dial(DialError::ConnectTimeout { addr })), Some(ReplyCode::TTL_EXPIRED));
+        assert_eq!(
+            reply_code(&SessionError::Dial(DialError::OnionNeedsUpstream("x.onion:8333".into()))),
+            Some(ReplyCode::HOST_UNREACHABLE)
+        );
+        assert_eq!(
+            reply_code(&SessionError::CommandNotSupported(Command::Bind)),
+            Some(ReplyCode::COMMAND_NOT_SUPPORTED)
+        );
+        assert_eq!(
+            reply_code(&SessionError::Socks(socks5::Socks5Error::AddressTypeNotSupported(9))),
+            Some(ReplyCode::ADDRESS_TYPE_NOT_SUPPORTED)
+        );
+        assert_eq!(reply_code(&SessionError::ClientClosedEarly), None);
+    }
+}

@@ -1,0 +1,260 @@
+//! The BIP324 handshake as initiator, the way Bitcoin Core runs it: our key
+//! and 0..=4095 random garbage bytes; the responder's key; our garbage
+//! terminator, our (empty) version packet and, in the same write, the
+//! client's first message; then the responder's garbage, terminator, decoys
+//! and version packet, whose contents are ignored.
+//!
+//! The `bip324` crate drives the handshake state machine. Its packet ciphers
+//! stay private to it, so this module also derives the session keys itself
+//! (from the secret key it hands the crate) and continues the packet stream
+//! with `v2.rs`; the session ids of both must agree. That is also what lets
+//! the client's first message go out right after our version packet, before
+//! the crate considers the handshake complete.
+
+use std::io;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bip324::{FillBytes, GarbageResult, Handshake, Initialized, ReceivedKey, Role, VersionResult};
+use bytes::{Buf, BytesMut};
+use rand::{Rng, RngCore};
+use secp256k1::{Secp256k1, SecretKey, SignOnly};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+
+use crate::v1::Magic;
+use crate::v2::{
+    ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, HEADER_LEN, LENGTH_LEN, MAX_CONTENTS_BYTES, PacketDecoder, PacketEncoder,
+    SessionKeys, TAG_LEN, V2Error,
+};
+
+/// BIP324: at most 4095 bytes of garbage precede the garbage terminator.
+pub const MAX_GARBAGE_LEN: usize = 4095;
+
+static SECP: LazyLock<Secp256k1<SignOnly>> = LazyLock::new(Secp256k1::signing_only);
+
+/// A finished handshake: the packet stream in both directions.
+pub struct V2Channel {
+    pub session_id: [u8; 32],
+    pub encoder: PacketEncoder,
+    pub decoder: PacketDecoder,
+    /// Bytes the remote sent after its version packet.
+    pub leftover: BytesMut,
+}
+
+/// How a remote that never answered went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    Closed,
+    Reset,
+    TimedOut,
+}
+
+/// Why the handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// Bitcoin Core's sign of a v1-only peer: not one byte after our key.
+    #[error("remote does not speak v2: it {} without sending a byte after our key", describe_silence(*.0))]
+    NoResponse(Silence),
+    #[error("remote closed the connection during the handshake after {received} bytes")]
+    ClosedMidway { received: usize },
+    #[error("handshake timed out after {received} bytes from the remote")]
+    TimedOut { received: usize },
+    #[error("no garbage terminator within {} bytes", MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN)]
+    NoGarbageTerminator,
+    #[error("handshake packet of {len} bytes exceeds the {max}-byte limit")]
+    PacketTooLarge { len: usize, max: usize },
+    #[error("handshake: {0}")]
+    Protocol(bip324::Error),
+    #[error("handshake: {0}")]
+    Packet(#[from] V2Error),
+    #[error("handshake I/O: {0}")]
+    Io(io::Error),
+    #[error("internal: derived session id differs from the bip324 crate's")]
+    SessionIdMismatch,
+}
+
+fn describe_silence(silence: Silence) -> &'static str {
+    match silence {
+        Silence::Closed => "closed the connection",
+        Silence::Reset => "reset the connection",
+        Silence::TimedOut => "timed out",
+    }
+}
+
+impl UpgradeError {
+    /// True when Bitcoin Core would retry this peer with v1.
+    pub fn remote_is_v1_only(&self) -> bool {
+        matches!(self, UpgradeError::NoResponse(_))
+    }
+}
+
+/// Hands the crate the secret key we generated, so we know it too.
+struct KnownSecret([u8; 32]);
+
+impl FillBytes for KnownSecret {
+    fn fill_bytes(&mut self, dest: &mut [u8; 32]) {
+        dest.copy_from_slice(&self.0);
+    }
+}
+
+impl Drop for KnownSecret {
+    fn drop(&mut self) {
+        self.0.fill(0);
+        std::hint::black_box(&mut self.0);
+    }
+}
+
+fn fresh_secret() -> (KnownSecret, SecretKey) {
+    let mut rng = rand::thread_rng();
+    loop {
+        let mut bytes = [0u8; 32];
+        RngCore::fill_bytes(&mut rng, &mut bytes);
+        // Fails only for zero or values >= the curve order (probability ~2^-128).
+        if let Ok(key) = SecretKey::from_slice(&bytes) {
+            return (KnownSecret(bytes), key);
+        }
+    }
+}
+
+/// Reads from the remote, classifying failures by how many bytes came so far.
+struct Reader<'s> {
+    stream: &'s mut TcpStream,
+    deadline: Instant,
+    received: usize,
+}
+
+impl Reader<'_> {
+    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), UpgradeError> {
+        buf.reserve(want.max(4096));
+        let result = timeout_at(self.deadline, self.stream.read_buf(buf)).await;
+        match result {
+            Err(_) if self.received == 0 => Err(UpgradeError::NoResponse(Silence::TimedOut)),
+            Err(_) => Err(UpgradeError::TimedOut { received: self.received }),
+            Ok(Ok(0)) if self.received == 0 => Err(UpgradeError::NoResponse(Silence::Closed)),
+            Ok(Ok(0)) => Err(UpgradeError::ClosedMidway { received: self.received }),
+            Ok(Ok(n)) => {
+                self.received += n;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(self.io_error(e)),
+        }
+    }
+
+    async fn read_at_least(&mut self, buf: &mut BytesMut, len: usize) -> Result<(), UpgradeError> {
+        while buf.len() < len {
+            self.read_into(buf, len - buf.len()).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> Result<(), UpgradeError> {
+        match timeout_at(self.deadline, self.stream.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.io_error(e)),
+            Err(_) if self.received == 0 => Err(UpgradeError::NoResponse(Silence::TimedOut)),
+            Err(_) => Err(UpgradeError::TimedOut { received: self.received }),
+        }
+    }
+
+    fn io_error(&self, e: io::Error) -> UpgradeError {
+        let reset = matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+        );
+        if reset && self.received == 0 { UpgradeError::NoResponse(Silence::Reset) } else { UpgradeError::Io(e) }
+    }
+}
+
+/// Runs the handshake on `remote` for the network `magic`, sending the
+/// client's first message (`message_type` + `payload`, the v2 contents) as
+/// the first application packet.
+pub async fn upgrade(
+    remote: &mut TcpStream,
+    magic: Magic,
+    message_type: &[u8],
+    payload: &[u8],
+    handshake_timeout: Duration,
+) -> Result<V2Channel, UpgradeError> {
+    let mut io = Reader { stream: remote, deadline: Instant::now() + handshake_timeout, received: 0 };
+
+    // Our key and garbage (Core: a random length in 0..=MAX_GARBAGE_LEN).
+    let (mut known, secret) = fresh_secret();
+    let handshake = Handshake::<Initialized>::new_with_rng(magic, Role::Initiator, &mut known, &*SECP)
+        .map_err(UpgradeError::Protocol)?;
+    drop(known);
+    let mut garbage = vec![0u8; rand::thread_rng().gen_range(0..=MAX_GARBAGE_LEN)];
+    RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
+    let mut first_flight = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
+    let handshake = handshake.send_key(Some(&garbage), &mut first_flight).map_err(UpgradeError::Protocol)?;
+    let mut ours = [0u8; ELLSWIFT_LEN];
+    ours.copy_from_slice(&first_flight[..ELLSWIFT_LEN]);
+    io.write_all(&first_flight).await?;
+
+    // The responder's key.
+    let mut inbound = BytesMut::new();
+    io.read_at_least(&mut inbound, ELLSWIFT_LEN).await?;
+    let mut theirs = [0u8; ELLSWIFT_LEN];
+    theirs.copy_from_slice(&inbound[..ELLSWIFT_LEN]);
+    inbound.advance(ELLSWIFT_LEN);
+    let handshake = handshake.receive_key(theirs).map_err(UpgradeError::Protocol)?;
+    let keys = SessionKeys::derive(&secret, &ours, &theirs, true, &magic);
+
+    // Garbage terminator + version packet from the crate, then the client's
+    // first message under our own cipher (packet number 1), in one write.
+    let mut second_flight = vec![0u8; Handshake::<ReceivedKey>::send_version_len(None)];
+    let handshake = handshake.send_version(&mut second_flight, None).map_err(UpgradeError::Protocol)?;
+    if second_flight[..GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator {
+        return Err(UpgradeError::SessionIdMismatch);
+    }
+    let mut encoder = keys.encoder(1);
+    let mut flight = BytesMut::from(&second_flight[..]);
+    encoder.encode(message_type, payload, &mut flight)?;
+    io.write_all(&flight).await?;
+
+    // The responder's garbage, up to its terminator.
+    let search_limit = MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN;
+    let terminator_end = loop {
+        let window = &inbound[..inbound.len().min(search_limit)];
+        if let Some(pos) = window.windows(GARBAGE_TERMINATOR_LEN).position(|w| w == keys.recv_garbage_terminator) {
+            break pos + GARBAGE_TERMINATOR_LEN;
+        }
+        if inbound.len() >= search_limit {
+            return Err(UpgradeError::NoGarbageTerminator);
+        }
+        io.read_into(&mut inbound, 1).await?;
+    };
+    let garbage_and_terminator = inbound.split_to(terminator_end);
+    let mut handshake = match handshake.receive_garbage(&garbage_and_terminator).map_err(UpgradeError::Protocol)? {
+        GarbageResult::FoundGarbage { handshake, .. } => handshake,
+        GarbageResult::NeedMoreData(_) => return Err(UpgradeError::NoGarbageTerminator),
+    };
+
+    // Decoys, then the version packet (its contents are ignored).
+    let mut packets_received = 0u64;
+    loop {
+        io.read_at_least(&mut inbound, LENGTH_LEN).await?;
+        let mut length = [0u8; LENGTH_LEN];
+        length.copy_from_slice(&inbound[..LENGTH_LEN]);
+        let rest = handshake.decrypt_packet_len(length).map_err(UpgradeError::Protocol)?;
+        let contents_len = rest.saturating_sub(HEADER_LEN + TAG_LEN);
+        if contents_len > MAX_CONTENTS_BYTES {
+            return Err(UpgradeError::PacketTooLarge { len: contents_len, max: MAX_CONTENTS_BYTES });
+        }
+        io.read_at_least(&mut inbound, LENGTH_LEN + rest).await?;
+        let mut packet = inbound.split_to(LENGTH_LEN + rest);
+        packets_received += 1;
+        match handshake.receive_version(&mut packet[LENGTH_LEN..]).map_err(UpgradeError::Protocol)? {
+            VersionResult::Complete { cipher } => {
+                if cipher.id() != &keys.session_id {
+                    return Err(UpgradeError::SessionIdMismatch);
+                }
+                break;
+            }
+            VersionResult::Decoy(next) => handshake = next,
+        }
+    }
+
+    Ok(V2Channel { session_id: keys.session_id, encoder, decoder: keys.decoder(packets_received), leftover: inbound })
+}
