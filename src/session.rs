@@ -142,12 +142,12 @@ pub async fn run(client: TcpStream, config: Arc<Config>, shutdown: CancellationT
                 bytes_remote_to_client = report.remote_to_client.bytes_in,
                 messages_client_to_remote = report.client_to_remote.messages,
                 messages_remote_to_client = report.remote_to_client.messages,
-                secs = started.elapsed().as_secs_f32(),
+                ms = started.elapsed().as_millis() as u64,
                 "session closed"
             );
         }
         Err(error) => {
-            info!(stage = error.stage(), reason = %error, secs = started.elapsed().as_secs_f32(), "session closed");
+            info!(stage = %error.stage(), reason = %error, ms = started.elapsed().as_millis() as u64, "session closed");
         }
     }
 }
@@ -187,8 +187,7 @@ async fn serve(
     let network = match first {
         FirstBytes::V1(network) => network,
         FirstBytes::V2 => {
-            Span::current().record("transport", "passthrough");
-            info!(transport = "passthrough", "session open");
+            open_line(Transport::Passthrough, None);
             let report = relay::run(
                 Leg { stream: client, pending },
                 Leg { stream: remote, pending: BytesMut::new() },
@@ -201,7 +200,7 @@ async fn serve(
             return Ok((Transport::Passthrough, report));
         }
     };
-    Span::current().record("network", network.name.as_str());
+    Span::current().record("network", tracing::field::display(&network));
 
     // The whole VERSION message, so it can ride in the handshake's first flight.
     let version_len = read_first_message(&mut client, &mut pending, &network, config.timeouts.first_message).await?;
@@ -215,11 +214,7 @@ async fn serve(
         .await
     {
         Ok(channel) => {
-            let session_id = hex::encode(channel.session_id);
-            let span = Span::current();
-            span.record("transport", "v2");
-            span.record("session_id", session_id.as_str());
-            info!(transport = "v2", %session_id, "session open");
+            open_line(Transport::V2, Some(&channel.session_id));
             pending.advance(version_len);
             let report = relay::run(
                 Leg { stream: client, pending },
@@ -237,8 +232,7 @@ async fn serve(
             let remote = outbound::dial(&target, config.timeouts.connect)
                 .await
                 .map_err(|dial| SessionError::FallbackDial(error, dial))?;
-            Span::current().record("transport", "v1-fallback");
-            info!(transport = "v1-fallback", "session open");
+            open_line(Transport::V1Fallback, None);
             // The client's bytes so far, VERSION first, are replayed in v1.
             let report = relay::run(
                 Leg { stream: client, pending },
@@ -252,6 +246,21 @@ async fn serve(
             Ok((Transport::V1Fallback, report))
         }
         Err(error) => Err(SessionError::Upgrade(error)),
+    }
+}
+
+/// Records the transport (and BIP324 session id, in hex as Bitcoin Core's
+/// `getpeerinfo` shows it) on the span and writes the open line.
+fn open_line(transport: Transport, session_id: Option<&[u8; 32]>) {
+    let span = Span::current();
+    span.record("transport", tracing::field::display(transport));
+    match session_id {
+        Some(id) => {
+            let session_id = hex::encode(id);
+            span.record("session_id", tracing::field::display(&session_id));
+            info!(%transport, %session_id, "session open");
+        }
+        None => info!(%transport, "session open"),
     }
 }
 
