@@ -121,3 +121,22 @@ async fn credentials_never_reach_the_log() {
         assert!(!log.contains(secret), "`{secret}` appears in the log:\n{log}");
     }
 }
+
+#[tokio::test]
+async fn environment_variables_configure_the_binary() {
+    // The variables are set in the child's environment only.
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bip324-proxy"));
+    command
+        .args(["--listen", "127.0.0.1:0"])
+        .env("BIP324_PROXY_FALLBACK", "v1")
+        .env("BIP324_PROXY_NETWORKS", "signet,regtest")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
+    assert!(line.contains("fallback=v1") && line.contains("networks=signet,regtest"), "{line}");
+}

@@ -411,3 +411,41 @@ async fn graceful_shutdown_drains_open_sessions() {
     let result = tokio::time::timeout(WAIT, proxy.task).await.expect("server stops after drain");
     result.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn idle_timeout_closes_a_silent_session() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let proxy = spawn_proxy(&["--idle-timeout", "1200"]).await;
+    let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    expect_frame(&mut client).await;
+    // Virtual time from here: the runtime jumps to the next timer when idle.
+    tokio::time::pause();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(3600), client.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "session should close after 1200 s idle: {read:?}");
+}
+
+#[tokio::test]
+async fn session_limit_refuses_excess_connections_at_once() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let proxy = spawn_proxy(&["--max-sessions", "1"]).await;
+    let mut first = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    expect_frame(&mut first).await;
+    let mut second = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    second.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
+    expect_closed(&mut second).await;
+    drop(first);
+    // The permit comes back when the first session ends.
+    let mut third = None;
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
+        let mut choice = [0u8; 2];
+        if s.read_exact(&mut choice).await.is_ok() {
+            third = Some(choice);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(third, Some([0x05, 0x00]));
+}
