@@ -22,6 +22,7 @@ pub mod server;
 pub mod session;
 pub mod socks5;
 pub mod translate;
+pub mod transparent;
 pub mod upgrade;
 pub mod v1;
 pub mod v2;
