@@ -1,0 +1,64 @@
+//! Fuzzes the server half of the SOCKS5 codec: `decode_greeting`, `decode_auth` and
+//! `decode_request`, each on the whole input and then chained as a client would send them
+//! (greeting -> auth -> request, each stage starting where the previous one stopped).
+//!
+//! Invariants: no panic; `used <= input.len()`; every strict prefix of a decoded message is
+//! `Ok(None)` (checked on a few prefixes, not all, to keep executions fast); a decoded request
+//! whose target encodes re-encodes with `encode_request` and decodes to the same request.
+#![no_main]
+
+use bip324_proxy::socks5::{self, Socks5Error};
+use libfuzzer_sys::fuzz_target;
+
+type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, Socks5Error>;
+
+fuzz_target!(|input: &[u8]| {
+    check(socks5::decode_greeting, input);
+    check(socks5::decode_auth, input);
+    if let Some((request, _)) = check(socks5::decode_request, input) {
+        round_trip(&request);
+    }
+
+    // The same bytes as one client's stream: each stage hands its leftover bytes to the next.
+    let Some((_, used)) = check(socks5::decode_greeting, input) else {
+        return;
+    };
+    let rest = &input[used..];
+    // A client that did not offer username/password goes straight to the request; try both.
+    if let Some((request, _)) = check(socks5::decode_request, rest) {
+        round_trip(&request);
+    }
+    let Some((_, used)) = check(socks5::decode_auth, rest) else {
+        return;
+    };
+    if let Some((request, _)) = check(socks5::decode_request, &rest[used..]) {
+        round_trip(&request);
+    }
+});
+
+/// Runs `decode` on `buf`, checks the shared decoder invariants, and returns the message and
+/// the bytes it used.
+fn check<T: std::fmt::Debug + PartialEq>(decode: Decoder<T>, buf: &[u8]) -> Option<(T, usize)> {
+    let (value, used) = decode(buf).ok()??;
+    assert!(used <= buf.len(), "used {used} of {} bytes", buf.len());
+    assert!(used > 0, "a whole message is never empty");
+    // Strict prefixes ask for more bytes: the empty one, the last one, and a middle one.
+    for len in [0, used / 2, used - 1] {
+        assert_eq!(decode(&buf[..len]), Ok(None), "prefix of {len} bytes of a {used}-byte message");
+    }
+    // The message alone decodes the same: bytes after it are never looked at.
+    let alone = decode(&buf[..used]);
+    assert_eq!(alone, Ok(Some((value, used))));
+    alone.ok().flatten()
+}
+
+/// A decoded request encodes again (the decoder only produces valid hosts) and decodes to the
+/// same command and target.
+fn round_trip(request: &socks5::Request) {
+    let mut wire = Vec::new();
+    socks5::encode_request(request.command, &request.target, &mut wire)
+        .unwrap_or_else(|e| panic!("decoded request {request:?} does not encode: {e}"));
+    let (again, used) = socks5::decode_request(&wire).expect("re-encoded request decodes").expect("whole request");
+    assert_eq!(used, wire.len());
+    assert_eq!(&again, request);
+}
