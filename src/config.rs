@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::network::{self, Network, NetworkSet};
+use crate::socks5::Target;
 
 /// Default listen address: loopback only, the port of the product.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1324";
@@ -89,6 +90,80 @@ pub struct Config {
     pub client_auth: Option<ClientAuth>,
     /// Client addresses allowed to connect; empty means any.
     pub allow: Vec<IpNet>,
+    /// Front ends served on `listen`, told apart by the first byte.
+    pub socks5: bool,
+    pub transparent: bool,
+    /// An extra listener that serves transparent mode only.
+    pub transparent_listen: Option<SocketAddr>,
+    /// Transparent mode may dial loopback, private and other unroutable addresses.
+    pub allow_private_targets: bool,
+    pub upstream: Option<Upstream>,
+    pub routes: Vec<Route>,
+}
+
+/// Which targets go through the upstream proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamRoute {
+    /// Every target.
+    #[default]
+    All,
+    /// Only `.onion` targets; the rest are dialed directly.
+    Onion,
+}
+
+/// Credentials sent to the upstream proxy. Tor puts streams with different
+/// SOCKS credentials on different circuits (IsolateSOCKSAuth, on by default).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// Forward the client's own username/password (keeps Bitcoin Core's
+    /// `-proxyrandomize` isolation intact); none if the client sent none.
+    #[default]
+    Client,
+    /// Fresh random credentials for every session.
+    Session,
+    /// No credentials.
+    None,
+    /// The same credentials for every session.
+    Fixed { username: String, password: String },
+}
+
+impl fmt::Debug for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Isolation::Client => "Client",
+            Isolation::Session => "Session",
+            Isolation::None => "None",
+            Isolation::Fixed { .. } => "Fixed { .. }",
+        })
+    }
+}
+
+/// An upstream SOCKS5 proxy such as Tor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host and port of the upstream; a name is resolved locally (it is the
+    /// proxy's own address, e.g. `tor:9050` in a compose file, not a target).
+    pub addr: Target,
+    pub route: UpstreamRoute,
+    pub isolation: Isolation,
+}
+
+impl Upstream {
+    /// Whether `target` goes through the upstream.
+    pub fn carries(&self, target: &Target) -> bool {
+        match self.route {
+            UpstreamRoute::All => true,
+            UpstreamRoute::Onion => target.is_onion(),
+        }
+    }
+}
+
+/// A static route: every connection to `listen` is a session to `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub listen: SocketAddr,
+    pub target: Target,
 }
 
 impl Default for Config {
@@ -110,6 +185,21 @@ impl Config {
             None => FileConfig::default(),
         };
         Config::from_parts(file, cli)
+    }
+
+    /// Every address the proxy listens on, with the key that set it.
+    pub fn listen_addresses(&self) -> Vec<(String, SocketAddr)> {
+        let mut all = Vec::new();
+        if self.socks5 || self.transparent {
+            all.push(("listen".to_owned(), self.listen));
+        }
+        if let Some(addr) = self.transparent_listen {
+            all.push(("transparent_listen".to_owned(), addr));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            all.push((format!("route[{i}].listen"), route.listen));
+        }
+        all
     }
 
     /// True when a client must prove who it is or where it comes from.
@@ -218,6 +308,66 @@ impl Config {
             allow.push(net);
         }
 
+        let transparent_listen = match &file.transparent_listen {
+            None => None,
+            Some(text) => Some(
+                text.parse::<SocketAddr>()
+                    .map_err(|_| ConfigError(format!("transparent_listen: `{text}` is not an IP:port address")))?,
+            ),
+        };
+
+        let upstream_text = cli.upstream.clone().or(file.upstream.as_ref().and_then(|u| u.socks5.clone()));
+        let upstream = match upstream_text {
+            None => {
+                if file.upstream.is_some() {
+                    return Err(ConfigError("upstream: `socks5 = \"HOST:PORT\"` is required".into()));
+                }
+                None
+            }
+            Some(text) => {
+                let addr = Target::parse(&text)
+                    .map_err(|e| ConfigError(format!("upstream.socks5: `{text}` is not HOST:PORT ({e})")))?;
+                let section = file.upstream.as_ref();
+                let route = cli.upstream_route.or(section.map(|u| u.route)).unwrap_or_default();
+                let isolation = match section.map(|u| (u.isolation, u.username.clone(), u.password.clone())) {
+                    None => Isolation::Client,
+                    Some((FileIsolation::Client, None, None)) => Isolation::Client,
+                    Some((FileIsolation::Session, None, None)) => Isolation::Session,
+                    Some((FileIsolation::None, None, None)) => Isolation::None,
+                    Some((FileIsolation::Fixed, Some(username), Some(password))) => {
+                        if username.is_empty() || username.len() > 255 || password.len() > 255 {
+                            return Err(ConfigError(
+                                "upstream: username must be 1..=255 bytes and password at most 255 bytes".into(),
+                            ));
+                        }
+                        Isolation::Fixed { username, password }
+                    }
+                    Some((FileIsolation::Fixed, _, _)) => {
+                        return Err(ConfigError(
+                            "upstream: isolation = \"fixed\" needs both username and password".into(),
+                        ));
+                    }
+                    Some(_) => {
+                        return Err(ConfigError(
+                            "upstream: username and password go with isolation = \"fixed\" only".into(),
+                        ));
+                    }
+                };
+                Some(Upstream { addr, route, isolation })
+            }
+        };
+
+        let mut routes = Vec::new();
+        for (i, route) in file.route.iter().enumerate() {
+            let listen = route
+                .listen
+                .parse::<SocketAddr>()
+                .map_err(|_| ConfigError(format!("route[{i}].listen: `{}` is not an IP:port address", route.listen)))?;
+            let target = Target::parse(&route.target)
+                .map_err(|e| ConfigError(format!("route[{i}].target: `{}` is not HOST:PORT ({e})", route.target)))?;
+            routes.push(Route { listen, target });
+        }
+
         let config = Config {
             listen,
             fallback: cli.fallback.unwrap_or(file.fallback),
@@ -228,13 +378,23 @@ impl Config {
             timeouts,
             client_auth,
             allow,
+            socks5: file.socks5,
+            transparent: file.transparent,
+            transparent_listen,
+            allow_private_targets: cli.allow_private_targets || file.allow_private_targets,
+            upstream,
+            routes,
         };
-        if !config.listen.ip().is_loopback() && !config.restricts_clients() {
-            return Err(ConfigError(format!(
-                "listen: {} is not a loopback address; refusing to serve it without client \
-                 authentication ([client_auth]) or a client allow-list (allow = [...])",
-                config.listen
-            )));
+        for (key, addr) in config.listen_addresses() {
+            if !addr.ip().is_loopback() && !config.restricts_clients() {
+                return Err(ConfigError(format!(
+                    "{key}: {addr} is not a loopback address; refusing to serve it without client \
+                     authentication ([client_auth]) or a client allow-list (allow = [...])"
+                )));
+            }
+        }
+        if !config.socks5 && !config.transparent && config.transparent_listen.is_none() && config.routes.is_empty() {
+            return Err(ConfigError("nothing to serve: socks5, transparent and every route are off".into()));
         }
         Ok(config)
     }
@@ -258,6 +418,41 @@ pub struct FileConfig {
     allow: Vec<String>,
     timeouts: FileTimeouts,
     client_auth: Option<FileClientAuth>,
+    socks5: bool,
+    transparent: bool,
+    transparent_listen: Option<String>,
+    allow_private_targets: bool,
+    upstream: Option<FileUpstream>,
+    route: Vec<FileRoute>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum FileIsolation {
+    #[default]
+    Client,
+    Session,
+    None,
+    Fixed,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    socks5: Option<String>,
+    #[serde(default)]
+    route: UpstreamRoute,
+    #[serde(default)]
+    isolation: FileIsolation,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    listen: String,
+    target: String,
 }
 
 impl Default for FileConfig {
@@ -272,6 +467,12 @@ impl Default for FileConfig {
             allow: Vec::new(),
             timeouts: FileTimeouts::default(),
             client_auth: None,
+            socks5: true,
+            transparent: true,
+            transparent_listen: None,
+            allow_private_targets: false,
+            upstream: None,
+            route: Vec::new(),
         }
     }
 }
@@ -349,6 +550,15 @@ pub struct Cli {
     /// Seconds without traffic before a session is closed; 0 = off, else at least 1200 [default: 0].
     #[arg(long, env = "BIP324_PROXY_IDLE_TIMEOUT", value_name = "SECS")]
     pub idle_timeout: Option<u64>,
+    /// Upstream SOCKS5 proxy (e.g. Tor at 127.0.0.1:9050).
+    #[arg(long, env = "BIP324_PROXY_UPSTREAM", value_name = "HOST:PORT")]
+    pub upstream: Option<String>,
+    /// Which targets go upstream: all, or only .onion [default: all].
+    #[arg(long, env = "BIP324_PROXY_UPSTREAM_ROUTE", value_enum)]
+    pub upstream_route: Option<UpstreamRoute>,
+    /// Transparent mode may dial loopback and private addresses (tests, regtest).
+    #[arg(long, env = "BIP324_PROXY_ALLOW_PRIVATE_TARGETS")]
+    pub allow_private_targets: bool,
 }
 
 #[cfg(test)]

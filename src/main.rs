@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bip324_proxy::config::{Cli, Config};
+use bip324_proxy::session::FrontEnd;
 use clap::Parser;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
@@ -21,19 +21,28 @@ async fn main() -> anyhow::Result<()> {
         .init();
 
     let config = Config::load(&cli).context("configuration")?;
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-    let local = listener.local_addr().context("reading the bound address")?;
-    info!(
-        listen = %local,
-        fallback = %config.fallback,
-        passthrough = config.passthrough,
-        networks = %config.networks.names().join(","),
-        "listening"
-    );
+    let bound = bip324_proxy::server::bind_all(&config).await?;
+    for b in &bound {
+        let local = b.listener.local_addr().context("reading the bound address")?;
+        match &b.front {
+            FrontEnd::Main => info!(
+                listen = %local,
+                socks5 = config.socks5,
+                transparent = config.transparent,
+                fallback = %config.fallback,
+                passthrough = config.passthrough,
+                networks = %config.networks.names().join(","),
+                upstream = %config.upstream.as_ref().map_or_else(|| "none".to_owned(), |u| u.addr.to_string()),
+                "listening"
+            ),
+            FrontEnd::Transparent => info!(listen = %local, "listening (transparent only)"),
+            FrontEnd::Route(target) => info!(listen = %local, %target, "listening (static route)"),
+        }
+    }
 
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    bip324_proxy::server::run(listener, Arc::new(config), shutdown).await.context("serving")
+    bip324_proxy::server::serve(bound, Arc::new(config), shutdown).await.context("serving")
 }
 
 async fn watch_signals(shutdown: CancellationToken) {

@@ -1,19 +1,41 @@
-//! Dial a [`Target`]: resolve a hostname to every A/AAAA record and try them
-//! in turn, each attempt bounded by the connect timeout. `.onion` names are
-//! never handed to the system resolver.
+//! Dial a [`Destination`]: directly (every A/AAAA record of a hostname tried
+//! in turn, each attempt bounded by the connect timeout) or through an
+//! upstream SOCKS5 proxy such as Tor, by name, with the session's
+//! credentials. `.onion` names and targets that go upstream are never handed
+//! to the system resolver. Also answers Tor's RESOLVE extension.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 
-use crate::socks5::{Host, Target};
+use crate::config::{Config, Upstream};
+use crate::socks5::{self, Command, Credentials, Host, ReplyCode, Socks5Error, Target};
 
 /// Bitcoin Core waits 20 s for a SOCKS5 reply; a dial that has not finished
 /// by then helps nobody, however many addresses are left to try.
 pub const DIAL_DEADLINE: Duration = Duration::from_secs(19);
+
+/// Where a session goes, and how it identifies itself upstream.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub target: Target,
+    /// The client's DOMAINNAME as sent, when it sent one (even an IP
+    /// literal): upstream targets go by name, exactly as given.
+    pub name: Option<String>,
+    /// Credentials for the upstream proxy (stream isolation).
+    pub upstream_credentials: Option<Credentials>,
+}
+
+impl Destination {
+    pub fn new(target: Target) -> Self {
+        Destination { target, name: None, upstream_credentials: None }
+    }
+}
 
 /// Why a dial failed; `session.rs` maps each to a SOCKS5 reply code.
 #[derive(Debug, thiserror::Error)]
@@ -28,13 +50,63 @@ pub enum DialError {
     Connect { addr: SocketAddr, source: io::Error },
     #[error("connecting to {addr}: timed out")]
     ConnectTimeout { addr: SocketAddr },
+    #[error("upstream proxy {upstream} unreachable: {reason}")]
+    UpstreamUnreachable { upstream: String, reason: Box<DialError> },
+    #[error("upstream proxy {upstream} refused `{target}`: {code}")]
+    UpstreamRefused { upstream: String, target: String, code: ReplyCode },
+    #[error("upstream proxy {upstream}: {reason}")]
+    UpstreamProtocol { upstream: String, reason: String },
+    #[error("upstream proxy {upstream} timed out")]
+    UpstreamTimeout { upstream: String },
 }
 
-/// Connects to `target`, with TCP_NODELAY set (without it every handshake
-/// round trip can stall on delayed ACKs).
-pub async fn dial(target: &Target, connect_timeout: Duration) -> Result<TcpStream, DialError> {
+/// Connects to the destination, through the upstream when the configuration
+/// routes it there. TCP_NODELAY is set (without it every handshake round
+/// trip can stall on delayed ACKs).
+pub async fn dial(destination: &Destination, config: &Config) -> Result<TcpStream, DialError> {
+    match &config.upstream {
+        Some(upstream) if upstream.carries(&destination.target) => {
+            let request = UpstreamRequest::new(Command::Connect, destination);
+            let (stream, _) = through_upstream(upstream, &request, config.timeouts.connect).await?;
+            Ok(stream)
+        }
+        _ => dial_direct(&destination.target, config.timeouts.connect).await,
+    }
+}
+
+/// Tor's RESOLVE (command 0xF0), as btcd and lnd use it for DNS seeds:
+/// forwarded to the upstream when one carries the name, else resolved here.
+pub async fn resolve(destination: &Destination, config: &Config) -> Result<IpAddr, DialError> {
+    match &config.upstream {
+        Some(upstream) if upstream.carries(&destination.target) => {
+            let request = UpstreamRequest::new(Command::Resolve, destination);
+            let (_, reply) = through_upstream(upstream, &request, config.timeouts.connect).await?;
+            match reply.bound.host {
+                Host::Ip(ip) => Ok(ip),
+                Host::Name(_) => Err(DialError::UpstreamProtocol {
+                    upstream: upstream.addr.to_string(),
+                    reason: "RESOLVE reply carries a name, not an address".into(),
+                }),
+            }
+        }
+        _ => {
+            let deadline = Instant::now() + DIAL_DEADLINE;
+            let addrs = resolve_locally(&destination.target, deadline).await?;
+            // One IPv4 address, as Tor answers; IPv6 only when there is none.
+            addrs
+                .iter()
+                .map(SocketAddr::ip)
+                .find(IpAddr::is_ipv4)
+                .or_else(|| addrs.first().map(SocketAddr::ip))
+                .ok_or_else(|| DialError::NoAddresses(destination.target.to_string()))
+        }
+    }
+}
+
+/// Direct TCP to every address of `target` in turn.
+pub async fn dial_direct(target: &Target, connect_timeout: Duration) -> Result<TcpStream, DialError> {
     let deadline = Instant::now() + DIAL_DEADLINE;
-    let addrs = resolve(target, deadline).await?;
+    let addrs = resolve_locally(target, deadline).await?;
     let mut last_error = None;
     for addr in addrs {
         let attempt_deadline = deadline.min(Instant::now() + connect_timeout);
@@ -54,7 +126,7 @@ pub async fn dial(target: &Target, connect_timeout: Duration) -> Result<TcpStrea
     Err(last_error.unwrap_or_else(|| DialError::NoAddresses(target.to_string())))
 }
 
-async fn resolve(target: &Target, deadline: Instant) -> Result<Vec<SocketAddr>, DialError> {
+async fn resolve_locally(target: &Target, deadline: Instant) -> Result<Vec<SocketAddr>, DialError> {
     match &target.host {
         Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, target.port)]),
         Host::Name(_) if target.is_onion() => Err(DialError::OnionNeedsUpstream(target.to_string())),
@@ -75,6 +147,108 @@ async fn resolve(target: &Target, deadline: Instant) -> Result<Vec<SocketAddr>, 
                 return Err(DialError::NoAddresses(name.clone()));
             }
             Ok(addrs)
+        }
+    }
+}
+
+/// What to ask the upstream for.
+struct UpstreamRequest<'a> {
+    command: Command,
+    destination: &'a Destination,
+}
+
+impl<'a> UpstreamRequest<'a> {
+    fn new(command: Command, destination: &'a Destination) -> Self {
+        UpstreamRequest { command, destination }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), Socks5Error> {
+        let target = &self.destination.target;
+        match &self.destination.name {
+            Some(name) => socks5::encode_request_by_name(self.command, name, target.port, out),
+            None => socks5::encode_request(self.command, target, out),
+        }
+    }
+}
+
+/// Connects to the upstream, negotiates, sends the request and reads the
+/// reply; the whole exchange is bounded by [`DIAL_DEADLINE`].
+async fn through_upstream(
+    upstream: &Upstream,
+    request: &UpstreamRequest<'_>,
+    connect_timeout: Duration,
+) -> Result<(TcpStream, socks5::Reply), DialError> {
+    let name = upstream.addr.to_string();
+    let mut stream = dial_direct(&upstream.addr, connect_timeout)
+        .await
+        .map_err(|reason| DialError::UpstreamUnreachable { upstream: name.clone(), reason: Box::new(reason) })?;
+    let exchange = negotiate_upstream(&mut stream, &name, request);
+    match timeout(DIAL_DEADLINE, exchange).await {
+        Ok(Ok(reply)) => Ok((stream, reply)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(DialError::UpstreamTimeout { upstream: name }),
+    }
+}
+
+async fn negotiate_upstream(
+    stream: &mut TcpStream,
+    upstream: &str,
+    request: &UpstreamRequest<'_>,
+) -> Result<socks5::Reply, DialError> {
+    let protocol = |reason: String| DialError::UpstreamProtocol { upstream: upstream.to_owned(), reason };
+    let io_error = |e: io::Error| protocol(format!("connection failed: {e}"));
+    let mut out = Vec::with_capacity(600);
+    let mut input = BytesMut::with_capacity(512);
+
+    // Offer exactly one method: credentials when the session has them, so
+    // Tor cannot pick no-auth and merge this stream with others.
+    let credentials = request.destination.upstream_credentials.as_ref();
+    let method = if credentials.is_some() { socks5::METHOD_USER_PASS } else { socks5::METHOD_NO_AUTH };
+    socks5::encode_greeting(&[method], &mut out);
+    stream.write_all(&out).await.map_err(io_error)?;
+    let chosen = read_decoded(stream, &mut input, socks5::decode_method_choice).await.map_err(&protocol)?;
+    if chosen != method {
+        return Err(protocol(format!("chose SOCKS5 method {chosen:#04x}, we offered {method:#04x}")));
+    }
+    if let Some(credentials) = credentials {
+        out.clear();
+        socks5::encode_auth(credentials, &mut out).map_err(|e| protocol(e.to_string()))?;
+        stream.write_all(&out).await.map_err(io_error)?;
+        let accepted = read_decoded(stream, &mut input, socks5::decode_auth_status).await.map_err(&protocol)?;
+        if !accepted {
+            return Err(protocol("rejected our credentials".into()));
+        }
+    }
+
+    out.clear();
+    request.encode(&mut out).map_err(|e| protocol(e.to_string()))?;
+    stream.write_all(&out).await.map_err(io_error)?;
+    let reply = read_decoded(stream, &mut input, socks5::decode_reply).await.map_err(&protocol)?;
+    if !input.is_empty() {
+        return Err(protocol("sent data after its reply, before the remote could".into()));
+    }
+    if reply.code != ReplyCode::SUCCEEDED {
+        let target = request.destination.name.clone().unwrap_or_else(|| request.destination.target.to_string());
+        return Err(DialError::UpstreamRefused { upstream: upstream.to_owned(), target, code: reply.code });
+    }
+    Ok(reply)
+}
+
+/// A `socks5::decode_*` function: a value and the bytes it used, or "need more".
+type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, Socks5Error>;
+
+/// Reads until `decode` yields a value; consumes exactly its bytes.
+async fn read_decoded<T>(stream: &mut TcpStream, input: &mut BytesMut, decode: Decoder<T>) -> Result<T, String> {
+    loop {
+        if let Some((value, used)) = decode(input).map_err(|e| e.to_string())? {
+            input.advance(used);
+            return Ok(value);
+        }
+        input.reserve(512);
+        match stream.read_buf(input).await {
+            Ok(0) => return Err("closed the connection during negotiation".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("connection failed: {e}")),
         }
     }
 }

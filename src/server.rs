@@ -1,37 +1,110 @@
-//! The accept loop: one task and one tracing span per session, a semaphore
-//! permit per session for the concurrency cap, and graceful shutdown (stop
-//! accepting, let sessions drain until the deadline, then close them).
+//! The accept loops: one per listener (the main SOCKS5/transparent port, a
+//! transparent-only port, each static route), one task and one tracing span
+//! per session, a semaphore permit per session for the concurrency cap, and
+//! graceful shutdown (stop accepting, let sessions drain until the deadline,
+//! then close them).
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field, info, info_span, warn};
 
 use crate::config::Config;
-use crate::session;
+use crate::session::{self, FrontEnd};
 
 /// After the drain deadline, sessions are cancelled; this is how long their
 /// tasks get to write their close lines.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
-/// Serves `listener` until `shutdown` is cancelled, then drains.
-pub async fn run(listener: TcpListener, config: Arc<Config>, shutdown: CancellationToken) -> io::Result<()> {
-    let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(config.max_sessions));
-    // Cancelled only when the drain deadline passes.
-    let sessions_cancel = CancellationToken::new();
-    let next_id = AtomicU64::new(1);
+/// A bound listener and what it serves.
+pub struct Bound {
+    pub listener: TcpListener,
+    pub front: FrontEnd,
+}
 
+/// Binds every listener the configuration asks for.
+pub async fn bind_all(config: &Config) -> io::Result<Vec<Bound>> {
+    let mut bound = Vec::new();
+    let bind = |addr: SocketAddr, front: FrontEnd| async move {
+        let listener =
+            TcpListener::bind(addr).await.map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+        Ok::<_, io::Error>(Bound { listener, front })
+    };
+    if config.socks5 || config.transparent {
+        bound.push(bind(config.listen, FrontEnd::Main).await?);
+    }
+    if let Some(addr) = config.transparent_listen {
+        bound.push(bind(addr, FrontEnd::Transparent).await?);
+    }
+    for route in &config.routes {
+        bound.push(bind(route.listen, FrontEnd::Route(route.target.clone())).await?);
+    }
+    Ok(bound)
+}
+
+/// Serves one main listener until `shutdown` is cancelled, then drains.
+pub async fn run(listener: TcpListener, config: Arc<Config>, shutdown: CancellationToken) -> io::Result<()> {
+    serve(vec![Bound { listener, front: FrontEnd::Main }], config, shutdown).await
+}
+
+/// State the accept loops share.
+struct Shared {
+    config: Arc<Config>,
+    tracker: TaskTracker,
+    permits: Arc<Semaphore>,
+    /// Cancelled only when the drain deadline passes.
+    sessions_cancel: CancellationToken,
+    next_id: AtomicU64,
+}
+
+/// Serves every listener until `shutdown` is cancelled, then drains.
+pub async fn serve(bound: Vec<Bound>, config: Arc<Config>, shutdown: CancellationToken) -> io::Result<()> {
+    let shared = Arc::new(Shared {
+        permits: Arc::new(Semaphore::new(config.max_sessions)),
+        config: config.clone(),
+        tracker: TaskTracker::new(),
+        sessions_cancel: CancellationToken::new(),
+        next_id: AtomicU64::new(1),
+    });
+    let mut loops = JoinSet::new();
+    for Bound { listener, front } in bound {
+        loops.spawn(accept_loop(listener, front, shared.clone(), shutdown.clone()));
+    }
+    loops.join_all().await;
+
+    let tracker = &shared.tracker;
+    tracker.close();
+    let open = tracker.len();
+    if open > 0 {
+        info!(
+            open_sessions = open,
+            deadline_secs = config.timeouts.shutdown.as_secs(),
+            "shutting down: draining sessions"
+        );
+    }
+    if tokio::time::timeout(config.timeouts.shutdown, tracker.wait()).await.is_err() {
+        info!(open_sessions = tracker.len(), "drain deadline passed: closing remaining sessions");
+        shared.sessions_cancel.cancel();
+        let _ = tokio::time::timeout(CANCEL_GRACE, tracker.wait()).await;
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let config = &shared.config;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return,
         };
         let (stream, client) = match accepted {
             Ok(pair) => pair,
@@ -42,12 +115,12 @@ pub async fn run(listener: TcpListener, config: Arc<Config>, shutdown: Cancellat
                 continue;
             }
         };
-        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         if !config.allows(&client) {
             info!(session = id, %client, "connection refused: client address not in the allow-list");
             continue;
         }
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
             warn!(session = id, %client, max_sessions = config.max_sessions, "connection refused: session limit reached");
             continue;
         };
@@ -60,32 +133,13 @@ pub async fn run(listener: TcpListener, config: Arc<Config>, shutdown: Cancellat
             transport = field::Empty,
             session_id = field::Empty,
         );
-        let config = config.clone();
-        let cancel = sessions_cancel.clone();
-        tracker.spawn(
+        let (config, cancel, front) = (config.clone(), shared.sessions_cancel.clone(), front.clone());
+        shared.tracker.spawn(
             async move {
-                session::run(stream, config, cancel).await;
+                session::run(stream, front, config, cancel).await;
                 drop(permit);
             }
             .instrument(span),
         );
     }
-
-    drop(listener);
-    tracker.close();
-    let open = tracker.len();
-    if open > 0 {
-        info!(
-            open_sessions = open,
-            deadline_secs = config.timeouts.shutdown.as_secs(),
-            "shutting down: draining sessions"
-        );
-    }
-    if tokio::time::timeout(config.timeouts.shutdown, tracker.wait()).await.is_err() {
-        info!(open_sessions = tracker.len(), "drain deadline passed: closing remaining sessions");
-        sessions_cancel.cancel();
-        let _ = tokio::time::timeout(CANCEL_GRACE, tracker.wait()).await;
-    }
-    info!("stopped");
-    Ok(())
 }

@@ -1,11 +1,17 @@
 //! One session from accept to close, in stage order:
-//! accept (SOCKS5) -> destination -> dial -> sniff -> upgrade -> relay.
+//! accept -> destination -> dial -> sniff -> upgrade -> relay.
+//!
+//! Three front ends feed the same pipeline: SOCKS5 (the destination comes
+//! from CONNECT), transparent mode (from `addr_recv` of the client's VERSION)
+//! and static routes (fixed in the configuration). The main listener tells
+//! SOCKS5 from transparent clients by the first byte.
 //!
 //! This is the only module that decides policy: which SOCKS5 method and
-//! reply, whether to pass a v2 client through, whether to fall back to v1.
-//! It writes the session's close line; `server.rs` owns the span.
+//! reply, which credentials go upstream, whether to pass a v2 client
+//! through, whether to fall back to v1. It writes the session's close line;
+//! `server.rs` owns the span.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,22 +22,36 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, info};
 
-use crate::config::{Config, Fallback};
+use crate::config::{Config, Fallback, Isolation};
 use crate::network::Network;
-use crate::outbound::{self, DialError};
+use crate::outbound::{self, Destination, DialError};
 use crate::relay::{self, Leg, Passthrough, RelayReport, Side, V1ToV1, V1ToV2, V2ToV1};
-use crate::socks5::{self, Command, ReplyCode, Target};
+use crate::socks5::{self, Command, Credentials, Host, ReplyCode, Target};
 use crate::translate;
+use crate::transparent::{self, AddrRecvError};
 use crate::upgrade::{self, UpgradeError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, V1_PREFIX_LEN, V1Error};
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone)]
+pub enum FrontEnd {
+    /// The main port: SOCKS5 or transparent, by the first byte.
+    Main,
+    /// A transparent-only listener.
+    Transparent,
+    /// A static route to this target.
+    Route(Target),
+}
 
 /// Everything a session failed on before its relay started.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("client closed during SOCKS5 negotiation")]
+    #[error("client closed before sending anything useful")]
     ClientGone,
     #[error("SOCKS5 negotiation timed out")]
     SocksTimeout,
+    #[error("first byte {0:#04x} is neither a SOCKS5 greeting nor a v1 message of an allowed network")]
+    UnknownProtocol(u8),
     #[error("bad SOCKS5 request: {0}")]
     Socks(#[from] socks5::Socks5Error),
     #[error("client offered no acceptable SOCKS5 method")]
@@ -42,6 +62,8 @@ pub enum SessionError {
     CommandNotSupported(Command),
     #[error("{0}")]
     Dial(#[from] DialError),
+    #[error("target {0} is this proxy itself")]
+    TargetIsSelf(SocketAddr),
     #[error("client sent no first message within {0:?}")]
     FirstMessageTimeout(Duration),
     #[error("client closed before its first message")]
@@ -54,6 +76,10 @@ pub enum SessionError {
     NotBitcoin(String),
     #[error("client speaks v2 itself and passthrough is disabled")]
     PassthroughDisabled,
+    #[error("transparent mode needs a v1 VERSION to learn the destination; v2 clients must use SOCKS5")]
+    TransparentNeedsV1,
+    #[error("transparent destination: {0}")]
+    AddrRecv(#[from] AddrRecvError),
     #[error("client's first message: {0}")]
     BadFirstMessage(V1Error),
     #[error("{0}")]
@@ -69,7 +95,14 @@ impl SessionError {
     pub fn stage(&self) -> &'static str {
         use SessionError::*;
         match self {
-            ClientGone | SocksTimeout | Socks(_) | NoAcceptableMethod | AuthFailed | CommandNotSupported(_) => "accept",
+            ClientGone
+            | SocksTimeout
+            | UnknownProtocol(_)
+            | Socks(_)
+            | NoAcceptableMethod
+            | AuthFailed
+            | CommandNotSupported(_) => "accept",
+            TargetIsSelf(_) | AddrRecv(_) | TransparentNeedsV1 => "destination",
             Dial(_) => "dial",
             FirstMessageTimeout(_)
             | ClientClosedEarly
@@ -94,11 +127,12 @@ pub fn reply_code(error: &SessionError) -> Option<ReplyCode> {
         }
         SessionError::Socks(_) => Some(ReplyCode::GENERAL_FAILURE),
         SessionError::CommandNotSupported(_) => Some(ReplyCode::COMMAND_NOT_SUPPORTED),
+        SessionError::TargetIsSelf(_) => Some(ReplyCode::NOT_ALLOWED),
         SessionError::Dial(dial) => Some(match dial {
             DialError::OnionNeedsUpstream(_) | DialError::Resolve { .. } | DialError::NoAddresses(_) => {
                 ReplyCode::HOST_UNREACHABLE
             }
-            DialError::ConnectTimeout { .. } => ReplyCode::TTL_EXPIRED,
+            DialError::ConnectTimeout { .. } | DialError::UpstreamTimeout { .. } => ReplyCode::TTL_EXPIRED,
             DialError::Connect { source, .. } => match source.kind() {
                 ErrorKind::ConnectionRefused => ReplyCode::CONNECTION_REFUSED,
                 ErrorKind::NetworkUnreachable => ReplyCode::NETWORK_UNREACHABLE,
@@ -106,6 +140,9 @@ pub fn reply_code(error: &SessionError) -> Option<ReplyCode> {
                 ErrorKind::TimedOut => ReplyCode::TTL_EXPIRED,
                 _ => ReplyCode::GENERAL_FAILURE,
             },
+            // The upstream's own answer, Tor's extended codes included.
+            DialError::UpstreamRefused { code, .. } => *code,
+            DialError::UpstreamUnreachable { .. } | DialError::UpstreamProtocol { .. } => ReplyCode::GENERAL_FAILURE,
         }),
         _ => None,
     }
@@ -129,12 +166,20 @@ impl std::fmt::Display for Transport {
     }
 }
 
+/// How a session that did not fail ended.
+enum Ending {
+    Relayed(Transport, RelayReport),
+    /// A RESOLVE request, answered.
+    Resolved(IpAddr),
+}
+
 /// Runs one accepted connection to its end and writes its close line.
-pub async fn run(client: TcpStream, config: Arc<Config>, shutdown: CancellationToken) {
+pub async fn run(client: TcpStream, front: FrontEnd, config: Arc<Config>, shutdown: CancellationToken) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
-    match serve(client, &config, shutdown).await {
-        Ok((transport, report)) => {
+    let ms = || started.elapsed().as_millis() as u64;
+    match serve(client, front, &config, shutdown).await {
+        Ok(Ending::Relayed(transport, report)) => {
             info!(
                 %transport,
                 reason = %report.reason,
@@ -142,77 +187,227 @@ pub async fn run(client: TcpStream, config: Arc<Config>, shutdown: CancellationT
                 bytes_remote_to_client = report.remote_to_client.bytes_in,
                 messages_client_to_remote = report.client_to_remote.messages,
                 messages_remote_to_client = report.remote_to_client.messages,
-                ms = started.elapsed().as_millis() as u64,
+                ms = ms(),
                 "session closed"
             );
         }
-        Err(error) => {
-            info!(stage = %error.stage(), reason = %error, ms = started.elapsed().as_millis() as u64, "session closed");
-        }
+        Ok(Ending::Resolved(ip)) => info!(resolved = %ip, ms = ms(), "session closed"),
+        Err(error) => info!(stage = %error.stage(), reason = %error, ms = ms(), "session closed"),
     }
 }
 
 async fn serve(
     mut client: TcpStream,
+    front: FrontEnd,
     config: &Config,
     shutdown: CancellationToken,
-) -> Result<(Transport, RelayReport), SessionError> {
+) -> Result<Ending, SessionError> {
     // Bytes read from the client and not yet used; each stage hands them on.
     let mut pending = BytesMut::new();
+    match front {
+        FrontEnd::Main => {
+            match timeout(config.timeouts.socks, read_more(&mut client, &mut pending, SessionError::ClientGone)).await {
+                Ok(result) => result?,
+                Err(_) => return Err(SessionError::SocksTimeout),
+            }
+            let first = pending[0];
+            if first == socks5::SOCKS_VERSION && config.socks5 {
+                serve_socks(client, pending, config, shutdown).await
+            } else if config.transparent && config.networks.iter().any(|n| n.magic[0] == first) {
+                serve_transparent(client, pending, config, shutdown).await
+            } else {
+                Err(SessionError::UnknownProtocol(first))
+            }
+        }
+        FrontEnd::Transparent => serve_transparent(client, pending, config, shutdown).await,
+        FrontEnd::Route(target) => serve_route(client, pending, target, config, shutdown).await,
+    }
+}
 
+/// SOCKS5: negotiate, dial, reply, then sniff and carry.
+async fn serve_socks(
+    mut client: TcpStream,
+    mut pending: BytesMut,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<Ending, SessionError> {
     // accept + destination
     let negotiated = timeout(config.timeouts.socks, negotiate(&mut client, &mut pending, config)).await;
-    let target = match negotiated {
-        Ok(Ok(target)) => target,
+    let (command, destination) = match negotiated {
+        Ok(Ok(request)) => request,
         Ok(Err(error)) => return Err(refuse(&mut client, error).await),
         Err(_) => return Err(SessionError::SocksTimeout),
     };
-    Span::current().record("target", tracing::field::display(&target));
+    Span::current().record(
+        "target",
+        tracing::field::display(
+            destination
+                .name
+                .as_deref()
+                .map_or_else(|| destination.target.to_string(), |name| format!("{name}:{}", destination.target.port)),
+        ),
+    );
+
+    if command == Command::Resolve {
+        return match outbound::resolve(&destination, config).await {
+            Ok(ip) => {
+                let bound = Target { host: Host::Ip(ip), port: 0 };
+                send_reply(&mut client, ReplyCode::SUCCEEDED, &bound).await.map_err(SessionError::ClientIo)?;
+                Ok(Ending::Resolved(ip))
+            }
+            Err(error) => Err(refuse(&mut client, dial_failed(&destination, error)).await),
+        };
+    }
 
     // dial
-    let remote = match outbound::dial(&target, config.timeouts.connect).await {
+    if let Err(error) = check_not_self(&destination.target, config) {
+        return Err(refuse(&mut client, error).await);
+    }
+    let remote = match outbound::dial(&destination, config).await {
         Ok(remote) => remote,
-        Err(error) => {
-            if let DialError::OnionNeedsUpstream(_) = &error {
-                info!(%target, "onion targets need an upstream SOCKS5 proxy such as Tor; none is configured");
-            }
-            return Err(refuse(&mut client, SessionError::Dial(error)).await);
-        }
+        Err(error) => return Err(refuse(&mut client, dial_failed(&destination, error)).await),
     };
-    let bound = Target { host: socks5::Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
+    let bound = Target { host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
     send_reply(&mut client, ReplyCode::SUCCEEDED, &bound).await.map_err(SessionError::ClientIo)?;
 
     // sniff
-    let first = sniff(&mut client, &mut pending, config).await?;
-    let network = match first {
-        FirstBytes::V1(network) => network,
-        FirstBytes::V2 => {
-            open_line(Transport::Passthrough, None);
-            let report = relay::run(
-                Leg { stream: client, pending },
-                Leg { stream: remote, pending: BytesMut::new() },
-                Passthrough,
-                Passthrough,
-                config.timeouts.idle,
-                shutdown,
-            )
-            .await;
-            return Ok((Transport::Passthrough, report));
+    match sniff(&mut client, &mut pending, config).await? {
+        FirstBytes::V2 => Ok(passthrough(client, pending, remote, config, shutdown).await),
+        FirstBytes::V1(network) => {
+            let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
+            carry_v1(client, pending, remote, network, version_len, &destination, config, shutdown).await
         }
+    }
+}
+
+/// Transparent mode: the destination is addr_recv of the client's VERSION.
+async fn serve_transparent(
+    mut client: TcpStream,
+    mut pending: BytesMut,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<Ending, SessionError> {
+    // Anything but a v1 message of an allowed network is refused at its first byte.
+    if pending.is_empty() {
+        match timeout(config.timeouts.first_message, read_more(&mut client, &mut pending, SessionError::ClientGone))
+            .await
+        {
+            Ok(result) => result?,
+            Err(_) => return Err(SessionError::FirstMessageTimeout(config.timeouts.first_message)),
+        }
+    }
+    if !config.networks.iter().any(|n| n.magic[0] == pending[0]) {
+        return Err(SessionError::UnknownProtocol(pending[0]));
+    }
+    let network = match sniff(&mut client, &mut pending, config).await? {
+        FirstBytes::V1(network) => network,
+        FirstBytes::V2 => return Err(SessionError::TransparentNeedsV1),
     };
+    let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
+    let addr = transparent::addr_recv(&pending[HEADER_LEN..version_len], config.allow_private_targets)?;
+    let destination = Destination {
+        target: Target::from(addr),
+        name: None,
+        upstream_credentials: upstream_credentials(config, None),
+    };
+    Span::current().record("target", tracing::field::display(&destination.target));
+    check_not_self(&destination.target, config)?;
+    let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
+    carry_v1(client, pending, remote, network, version_len, &destination, config, shutdown).await
+}
+
+/// A static route: the destination is fixed; v1 clients are upgraded, v2
+/// clients passed through.
+async fn serve_route(
+    mut client: TcpStream,
+    mut pending: BytesMut,
+    target: Target,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<Ending, SessionError> {
+    Span::current().record("target", tracing::field::display(&target));
+    let name = match &target.host {
+        Host::Name(name) => Some(name.clone()),
+        Host::Ip(_) => None,
+    };
+    let destination = Destination { target, name, upstream_credentials: upstream_credentials(config, None) };
+    match sniff(&mut client, &mut pending, config).await? {
+        FirstBytes::V2 => {
+            let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
+            Ok(passthrough(client, pending, remote, config, shutdown).await)
+        }
+        FirstBytes::V1(network) => {
+            let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
+            let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
+            carry_v1(client, pending, remote, network, version_len, &destination, config, shutdown).await
+        }
+    }
+}
+
+/// A dial failure, with the operator hint an onion target needs.
+fn dial_failed(destination: &Destination, error: DialError) -> SessionError {
+    if let DialError::OnionNeedsUpstream(_) = &error {
+        info!(target = %destination.target, "onion targets need an upstream SOCKS5 proxy such as Tor; none is configured");
+    }
+    SessionError::Dial(error)
+}
+
+/// Refuses targets that would loop back into this proxy.
+fn check_not_self(target: &Target, config: &Config) -> Result<(), SessionError> {
+    let Host::Ip(ip) = target.host else { return Ok(()) };
+    let ip = ip.to_canonical();
+    for (_, listen) in config.listen_addresses() {
+        let same_host =
+            listen.ip() == ip || listen.ip().is_unspecified() || (listen.ip().is_loopback() && ip.is_loopback());
+        if listen.port() == target.port && same_host {
+            return Err(SessionError::TargetIsSelf(SocketAddr::new(ip, target.port)));
+        }
+    }
+    Ok(())
+}
+
+/// Relays a client that speaks v2 itself, untouched.
+async fn passthrough(
+    client: TcpStream,
+    pending: BytesMut,
+    remote: TcpStream,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Ending {
+    open_line(Transport::Passthrough, None);
+    let report = relay::run(
+        Leg { stream: client, pending },
+        Leg { stream: remote, pending: BytesMut::new() },
+        Passthrough,
+        Passthrough,
+        config.timeouts.idle,
+        shutdown,
+    )
+    .await;
+    Ending::Relayed(Transport::Passthrough, report)
+}
+
+/// Upgrade to v2 with the client's VERSION (the first `version_len` bytes of
+/// `pending`) in the first flight, or fall back to v1 under the policy; then relay.
+#[allow(clippy::too_many_arguments)]
+async fn carry_v1(
+    client: TcpStream,
+    mut pending: BytesMut,
+    mut remote: TcpStream,
+    network: Network,
+    version_len: usize,
+    destination: &Destination,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<Ending, SessionError> {
     Span::current().record("network", tracing::field::display(&network));
-
-    // The whole VERSION message, so it can ride in the handshake's first flight.
-    let version_len = read_first_message(&mut client, &mut pending, &network, config.timeouts.first_message).await?;
-
-    // upgrade
-    let mut remote = remote;
     let payload = &pending[HEADER_LEN..version_len];
     let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
     let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
-    match upgrade::upgrade(&mut remote, network.magic, &message_type[..type_len], payload, config.timeouts.handshake)
-        .await
-    {
+    let upgraded =
+        upgrade::upgrade(&mut remote, network.magic, &message_type[..type_len], payload, config.timeouts.handshake)
+            .await;
+    match upgraded {
         Ok(channel) => {
             open_line(Transport::V2, Some(&channel.session_id));
             pending.advance(version_len);
@@ -225,13 +420,12 @@ async fn serve(
                 shutdown,
             )
             .await;
-            Ok((Transport::V2, report))
+            Ok(Ending::Relayed(Transport::V2, report))
         }
         Err(error) if error.remote_is_v1_only() && config.fallback == Fallback::V1 => {
             drop(remote);
-            let remote = outbound::dial(&target, config.timeouts.connect)
-                .await
-                .map_err(|dial| SessionError::FallbackDial(error, dial))?;
+            let remote =
+                outbound::dial(destination, config).await.map_err(|dial| SessionError::FallbackDial(error, dial))?;
             open_line(Transport::V1Fallback, None);
             // The client's bytes so far, VERSION first, are replayed in v1.
             let report = relay::run(
@@ -243,7 +437,7 @@ async fn serve(
                 shutdown,
             )
             .await;
-            Ok((Transport::V1Fallback, report))
+            Ok(Ending::Relayed(Transport::V1Fallback, report))
         }
         Err(error) => Err(SessionError::Upgrade(error)),
     }
@@ -267,7 +461,7 @@ fn open_line(transport: Transport, session_id: Option<&[u8; 32]>) {
 /// Sends the reply `error` calls for, if any, and hands the error back.
 async fn refuse(client: &mut TcpStream, error: SessionError) -> SessionError {
     if let Some(code) = reply_code(&error) {
-        let bound = Target { host: socks5::Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
+        let bound = Target { host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
         let _ = send_reply(client, code, &bound).await;
     }
     error
@@ -289,8 +483,28 @@ async fn read_more(client: &mut TcpStream, pending: &mut BytesMut, gone: Session
     }
 }
 
+/// Credentials for the upstream under the isolation policy.
+fn upstream_credentials(config: &Config, from_client: Option<Credentials>) -> Option<Credentials> {
+    let upstream = config.upstream.as_ref()?;
+    match &upstream.isolation {
+        Isolation::Client => from_client,
+        Isolation::Session => {
+            let token = hex::encode(rand::random::<[u8; 8]>());
+            Some(Credentials { username: token.clone().into_bytes(), password: token.into_bytes() })
+        }
+        Isolation::None => None,
+        Isolation::Fixed { username, password } => {
+            Some(Credentials { username: username.clone().into_bytes(), password: password.clone().into_bytes() })
+        }
+    }
+}
+
 /// SOCKS5 greeting, optional authentication and the request.
-async fn negotiate(client: &mut TcpStream, pending: &mut BytesMut, config: &Config) -> Result<Target, SessionError> {
+async fn negotiate(
+    client: &mut TcpStream,
+    pending: &mut BytesMut,
+    config: &Config,
+) -> Result<(Command, Destination), SessionError> {
     let greeting = loop {
         if let Some((greeting, used)) = socks5::decode_greeting(pending)? {
             pending.advance(used);
@@ -299,10 +513,15 @@ async fn negotiate(client: &mut TcpStream, pending: &mut BytesMut, config: &Conf
         read_more(client, pending, SessionError::ClientGone).await?;
     };
 
-    // Method choice: credentials only when we need them (configured client
-    // authentication); any credentials are accepted otherwise.
+    // Method choice: credentials only when we need them: configured client
+    // authentication, or an upstream that isolates streams by the client's
+    // own credentials. Otherwise no-auth, and any credentials are accepted.
+    let want_credentials =
+        config.client_auth.is_some() || config.upstream.as_ref().is_some_and(|u| u.isolation == Isolation::Client);
     let method = if config.client_auth.is_some() {
         greeting.offers(socks5::METHOD_USER_PASS).then_some(socks5::METHOD_USER_PASS)
+    } else if want_credentials && greeting.offers(socks5::METHOD_USER_PASS) {
+        Some(socks5::METHOD_USER_PASS)
     } else if greeting.offers(socks5::METHOD_NO_AUTH) {
         Some(socks5::METHOD_NO_AUTH)
     } else if greeting.offers(socks5::METHOD_USER_PASS) {
@@ -316,6 +535,7 @@ async fn negotiate(client: &mut TcpStream, pending: &mut BytesMut, config: &Conf
     };
     client.write_all(&socks5::encode_method_choice(method)).await.map_err(SessionError::ClientIo)?;
 
+    let mut client_credentials = None;
     if method == socks5::METHOD_USER_PASS {
         let credentials = loop {
             if let Some((credentials, used)) = socks5::decode_auth(pending)? {
@@ -335,6 +555,7 @@ async fn negotiate(client: &mut TcpStream, pending: &mut BytesMut, config: &Conf
         if !accepted {
             return Err(SessionError::AuthFailed);
         }
+        client_credentials = Some(credentials);
     }
 
     let request = loop {
@@ -345,7 +566,14 @@ async fn negotiate(client: &mut TcpStream, pending: &mut BytesMut, config: &Conf
         read_more(client, pending, SessionError::ClientGone).await?;
     };
     match request.command {
-        Command::Connect => Ok(request.target),
+        Command::Connect | Command::Resolve => {
+            let destination = Destination {
+                target: request.target,
+                name: request.name,
+                upstream_credentials: upstream_credentials(config, client_credentials),
+            };
+            Ok((request.command, destination))
+        }
         other => Err(SessionError::CommandNotSupported(other)),
     }
 }
@@ -415,8 +643,9 @@ async fn read_first_message(
     client: &mut TcpStream,
     pending: &mut BytesMut,
     network: &Network,
-    wait: Duration,
+    config: &Config,
 ) -> Result<usize, SessionError> {
+    let wait = config.timeouts.first_message;
     let decoder = FrameDecoder::new(network.magic, true);
     let deadline = Instant::now() + wait;
     loop {

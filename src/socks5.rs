@@ -344,6 +344,9 @@ impl From<Command> for u8 {
 pub struct Request {
     pub command: Command,
     pub target: Target,
+    /// The DOMAINNAME exactly as sent when ATYP was 3, even when it is an IP
+    /// literal: an upstream proxy receives targets by name as the client gave them.
+    pub name: Option<String>,
 }
 
 /// Decodes a request (RFC 1928 section 4).
@@ -357,8 +360,16 @@ pub fn decode_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Socks5Erro
     check_version(need!(r.u8()))?;
     let command = Command::from(need!(r.u8()));
     let _reserved = need!(r.u8());
+    let start = r.pos;
     let target = need!(decode_address(&mut r)?);
-    Ok(Some((Request { command, target }, r.pos)))
+    let name = match buf.get(start..r.pos) {
+        // ATYP 3, length, name, port: the name is ASCII by now (host_from_domain checked it).
+        Some([ATYP_DOMAIN, len, rest @ ..]) => {
+            rest.get(..usize::from(*len)).map(|name| name.iter().copied().map(char::from).collect())
+        }
+        _ => None,
+    };
+    Ok(Some((Request { command, target, name }, r.pos)))
 }
 
 /// A reply's REP byte (RFC 1928 section 6). Any value is representable: Tor adds 0xF0..=0xF7.
@@ -488,6 +499,17 @@ pub fn encode_request(command: Command, target: &Target, out: &mut Vec<u8>) -> R
     let host = WireHost::new(&target.host)?;
     out.extend_from_slice(&[SOCKS_VERSION, u8::from(command), 0x00]);
     host.put(target.port, out);
+    Ok(())
+}
+
+/// Encodes a request with `name` sent as DOMAINNAME exactly as given (an IP
+/// literal stays text): how targets the client named go to an upstream proxy.
+pub fn encode_request_by_name(command: Command, name: &str, port: u16, out: &mut Vec<u8>) -> Result<(), Socks5Error> {
+    // Only what our own decoder accepts: a hostname or an IP literal.
+    host_from_domain(name.as_bytes())?;
+    let host = WireHost::Name(field_len("domain name", name.as_bytes())?, name.as_bytes());
+    out.extend_from_slice(&[SOCKS_VERSION, u8::from(command), 0x00]);
+    host.put(port, out);
     Ok(())
 }
 
@@ -1216,5 +1238,31 @@ mod tests {
             }
             decode_everything(&buf);
         }
+    }
+
+    #[test]
+    fn request_keeps_the_name_as_sent() {
+        let mut bytes = vec![0x05, 0x01, 0x00, 0x03, 11];
+        bytes.extend_from_slice(b"15.61.23.23");
+        bytes.extend_from_slice(&8333u16.to_be_bytes());
+        let (request, used) = decode_request(&bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!(request.target.host, Host::Ip("15.61.23.23".parse().unwrap()));
+        assert_eq!(request.name.as_deref(), Some("15.61.23.23"));
+        let ipv4 = [0x05, 0x01, 0x00, 0x01, 1, 2, 3, 4, 0x20, 0x8d];
+        assert_eq!(decode_request(&ipv4).unwrap().unwrap().0.name, None);
+    }
+
+    #[test]
+    fn request_by_name_sends_ip_literals_as_text() {
+        let mut out = Vec::new();
+        let v6 = "1233:3432:2434:2343:3234:2345:6546:4534";
+        encode_request_by_name(Command::Connect, v6, 8333, &mut out).unwrap();
+        assert_eq!(out[3], ATYP_DOMAIN);
+        assert_eq!(out[4] as usize, v6.len());
+        let (request, _) = decode_request(&out).unwrap().unwrap();
+        assert_eq!(request.name.as_deref(), Some(v6));
+        assert!(encode_request_by_name(Command::Connect, "a b", 1, &mut Vec::new()).is_err());
+        assert!(encode_request_by_name(Command::Connect, &"a".repeat(256), 1, &mut Vec::new()).is_err());
     }
 }

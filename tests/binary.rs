@@ -140,3 +140,13 @@ async fn environment_variables_configure_the_binary() {
     let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
     assert!(line.contains("fallback=v1") && line.contains("networks=signet,regtest"), "{line}");
 }
+
+#[tokio::test]
+async fn transparent_placeholder_addr_recv_is_refused_with_the_reason() {
+    let mut proxy = spawn_binary(&["--allow-private-targets"], "info").await;
+    let mut client = open_transparent_session(proxy.addr, "[::]:0".parse().unwrap(), REGTEST).await;
+    expect_closed(&mut client).await;
+    let line = proxy.wait_for(&["session closed"]).await;
+    assert!(line.contains("stage=destination"), "{line}");
+    assert!(line.contains("[::]:0") && line.contains("onion, I2P, CJDNS or unroutable"), "{line}");
+}

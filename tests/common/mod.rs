@@ -563,3 +563,239 @@ pub async fn run_binary(args: &[&str]) -> (std::process::ExitStatus, String) {
         .expect("binary runs");
     (output.status, String::from_utf8_lossy(&output.stderr).into_owned())
 }
+
+/// The proxy's library entry point with extra listeners besides the main one.
+pub async fn spawn_proxy_fronts(
+    args: &[&str],
+    extra: Vec<bip324_proxy::session::FrontEnd>,
+) -> (Proxy, Vec<SocketAddr>) {
+    let mut all = vec!["bip324-proxy"];
+    all.extend_from_slice(args);
+    let config = Config::load(&Cli::try_parse_from(all).unwrap()).unwrap();
+    let main = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = main.local_addr().unwrap();
+    let mut bound = vec![bip324_proxy::server::Bound { listener: main, front: bip324_proxy::session::FrontEnd::Main }];
+    let mut extra_addrs = Vec::new();
+    for front in extra {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        extra_addrs.push(listener.local_addr().unwrap());
+        bound.push(bip324_proxy::server::Bound { listener, front });
+    }
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(bip324_proxy::server::serve(bound, Arc::new(config), shutdown.clone()));
+    (Proxy { addr, shutdown, task }, extra_addrs)
+}
+
+/// The proxy with a configuration file written from `toml` (plus flags).
+pub async fn spawn_proxy_with_file(toml: &str, args: &[&str]) -> Proxy {
+    let path =
+        std::env::temp_dir().join(format!("bip324-proxy-test-{}-{}.toml", std::process::id(), rand::random::<u64>()));
+    std::fs::write(&path, toml).unwrap();
+    let mut all = vec!["--config", path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let proxy = spawn_proxy(&all).await;
+    let _ = std::fs::remove_file(path);
+    proxy
+}
+
+/// Sends a VERSION straight to the proxy (transparent mode) with addr_recv = `target`.
+pub async fn open_transparent_session(proxy: SocketAddr, target: SocketAddr, magic: [u8; 4]) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&version_message(magic, target)).await.unwrap();
+    s
+}
+
+// ---------------------------------------------------------------- upstream SOCKS5
+
+/// What the recording upstream saw in one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamRequest {
+    /// Methods the proxy offered.
+    pub methods: Vec<u8>,
+    /// Username and password, when the proxy authenticated.
+    pub credentials: Option<(Vec<u8>, Vec<u8>)>,
+    pub command: u8,
+    pub atyp: u8,
+    /// The host as text: the DOMAINNAME, or the address for ATYP 1/4.
+    pub host: String,
+    pub port: u16,
+}
+
+/// A SOCKS5 server written for the tests (independently of the proxy's
+/// codec) that records every request. CONNECT goes to `names[host]` or the
+/// address itself, unless `reply` forces a code; RESOLVE answers `resolve_to`.
+pub struct RecordingUpstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<Mutex<Vec<UpstreamRequest>>>,
+}
+
+#[derive(Clone, Default)]
+pub struct UpstreamBehaviour {
+    pub names: std::collections::HashMap<String, SocketAddr>,
+    pub reply: Option<u8>,
+    pub resolve_to: Option<std::net::Ipv4Addr>,
+}
+
+pub async fn spawn_recording_upstream(behaviour: UpstreamBehaviour) -> RecordingUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let log = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (behaviour, log) = (behaviour.clone(), log.clone());
+            tokio::spawn(async move {
+                let _ = serve_upstream(stream, behaviour, log).await;
+            });
+        }
+    });
+    RecordingUpstream { addr, requests }
+}
+
+async fn serve_upstream(
+    mut s: TcpStream,
+    behaviour: UpstreamBehaviour,
+    log: Arc<Mutex<Vec<UpstreamRequest>>>,
+) -> std::io::Result<()> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await?;
+    let mut methods = vec![0u8; head[1] as usize];
+    s.read_exact(&mut methods).await?;
+    let mut credentials = None;
+    if methods.contains(&0x02) {
+        s.write_all(&[0x05, 0x02]).await?;
+        let mut ver_len = [0u8; 2];
+        s.read_exact(&mut ver_len).await?;
+        let mut user = vec![0u8; ver_len[1] as usize];
+        s.read_exact(&mut user).await?;
+        let mut plen = [0u8; 1];
+        s.read_exact(&mut plen).await?;
+        let mut pass = vec![0u8; plen[0] as usize];
+        s.read_exact(&mut pass).await?;
+        credentials = Some((user, pass));
+        s.write_all(&[0x01, 0x00]).await?;
+    } else {
+        s.write_all(&[0x05, 0x00]).await?;
+    }
+    let mut req = [0u8; 4];
+    s.read_exact(&mut req).await?;
+    let host = match req[3] {
+        0x01 => {
+            let mut ip = [0u8; 4];
+            s.read_exact(&mut ip).await?;
+            std::net::Ipv4Addr::from(ip).to_string()
+        }
+        0x04 => {
+            let mut ip = [0u8; 16];
+            s.read_exact(&mut ip).await?;
+            std::net::Ipv6Addr::from(ip).to_string()
+        }
+        _ => {
+            let mut len = [0u8; 1];
+            s.read_exact(&mut len).await?;
+            let mut name = vec![0u8; len[0] as usize];
+            s.read_exact(&mut name).await?;
+            String::from_utf8_lossy(&name).into_owned()
+        }
+    };
+    let mut port = [0u8; 2];
+    s.read_exact(&mut port).await?;
+    let port = u16::from_be_bytes(port);
+    log.lock().unwrap().push(UpstreamRequest {
+        methods,
+        credentials,
+        command: req[1],
+        atyp: req[3],
+        host: host.clone(),
+        port,
+    });
+
+    const FAIL: [u8; 8] = [0x01, 0, 0, 0, 0, 0, 0, 0];
+    if let Some(code) = behaviour.reply {
+        let mut reply = vec![0x05, code, 0x00];
+        reply.extend_from_slice(&FAIL[..7]);
+        return s.write_all(&reply).await;
+    }
+    if req[1] == 0xF0 {
+        let ip = behaviour.resolve_to.unwrap_or(std::net::Ipv4Addr::new(10, 9, 8, 7));
+        let mut reply = vec![0x05, 0x00, 0x00, 0x01];
+        reply.extend_from_slice(&ip.octets());
+        reply.extend_from_slice(&[0, 0]);
+        return s.write_all(&reply).await;
+    }
+    let target = match behaviour.names.get(&host) {
+        Some(addr) => *addr,
+        None => match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port),
+            Err(_) => {
+                return s.write_all(&[0x05, 0x04, 0x00, 0x01, 0, 0, 0, 0, 0, 0]).await;
+            }
+        },
+    };
+    let mut remote = match TcpStream::connect(target).await {
+        Ok(remote) => remote,
+        Err(_) => return s.write_all(&[0x05, 0x05, 0x00, 0x01, 0, 0, 0, 0, 0, 0]).await,
+    };
+    s.write_all(&[0x05, 0x00, 0x00, 0x01, 127, 0, 0, 1, 0, 0]).await?;
+    tokio::io::copy_bidirectional(&mut s, &mut remote).await?;
+    Ok(())
+}
+
+/// Debian's microsocks on 127.0.0.1 with username/password; killed on drop.
+pub struct Microsocks {
+    pub addr: SocketAddr,
+    _child: tokio::process::Child,
+}
+
+pub async fn spawn_microsocks(user: &str, password: &str) -> Microsocks {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let child = tokio::process::Command::new("microsocks")
+        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-u", user, "-P", password])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("microsocks is installed (apt-get install microsocks; .ci/run does this)");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..100 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Microsocks { addr, _child: child };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("microsocks did not start on {addr}");
+}
+
+/// Sends a Tor RESOLVE (0xF0) for `name`; Ok(address) or Err(reply code).
+pub async fn socks_resolve(proxy: SocketAddr, name: &str) -> Result<std::net::IpAddr, u8> {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.unwrap();
+    let mut request = vec![0x05, 0xF0, 0x00, 0x03, name.len() as u8];
+    request.extend_from_slice(name.as_bytes());
+    request.extend_from_slice(&[0, 0]);
+    s.write_all(&request).await.unwrap();
+    let mut head = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut head)).await.unwrap().unwrap();
+    let ip = match head[3] {
+        0x01 => {
+            let mut ip = [0u8; 4];
+            s.read_exact(&mut ip).await.unwrap();
+            std::net::IpAddr::from(ip)
+        }
+        0x04 => {
+            let mut ip = [0u8; 16];
+            s.read_exact(&mut ip).await.unwrap();
+            std::net::IpAddr::from(ip)
+        }
+        other => panic!("RESOLVE reply ATYP {other}"),
+    };
+    let mut port = [0u8; 2];
+    s.read_exact(&mut port).await.unwrap();
+    if head[1] == 0 { Ok(ip) } else { Err(head[1]) }
+}
