@@ -150,3 +150,17 @@ async fn transparent_placeholder_addr_recv_is_refused_with_the_reason() {
     assert!(line.contains("stage=destination"), "{line}");
     assert!(line.contains("[::]:0") && line.contains("onion, I2P, CJDNS or unroutable"), "{line}");
 }
+
+#[tokio::test]
+async fn healthcheck_reports_a_live_proxy() {
+    let proxy = spawn_binary(&[], "info").await;
+    let listen = proxy.addr.to_string();
+    let (status, stderr) = run_binary(&["--listen", &listen, "healthcheck"]).await;
+    assert!(status.success(), "{stderr}");
+    drop(proxy);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let (status, _) = run_binary(&["--listen", &addr, "healthcheck"]).await;
+    assert!(!status.success());
+}
