@@ -598,6 +598,51 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_configs_load() {
+        for (name, text) in
+            [("tor.toml", include_str!("../config/tor.toml")), ("docker.toml", include_str!("../config/docker.toml"))]
+        {
+            let config = load_text(text, &[]).unwrap_or_else(|e| panic!("config/{name}: {e}"));
+            assert!(config.upstream.is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn upstream_section() {
+        let c = load_text("[upstream]\nsocks5 = \"127.0.0.1:9050\"\nroute = \"onion\"\nisolation = \"session\"\n", &[])
+            .unwrap();
+        let up = c.upstream.unwrap();
+        assert_eq!((up.route, up.isolation), (UpstreamRoute::Onion, Isolation::Session));
+        let fixed = load_text(
+            "[upstream]\nsocks5 = \"tor:9050\"\nisolation = \"fixed\"\nusername = \"u\"\npassword = \"p\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(fixed.upstream.unwrap().isolation, Isolation::Fixed { username: "u".into(), password: "p".into() });
+        assert!(load_text("[upstream]\nsocks5 = \"tor:9050\"\nisolation = \"fixed\"\n", &[]).is_err());
+        assert!(load_text("[upstream]\nsocks5 = \"tor:9050\"\nusername = \"u\"\npassword = \"p\"\n", &[]).is_err());
+        assert!(load_text("[upstream]\nroute = \"all\"\n", &[]).is_err());
+        assert!(load_text("[upstream]\nsocks5 = \"nope\"\n", &[]).is_err());
+        let flag = load_text("", &["--upstream", "127.0.0.1:9050", "--upstream-route", "onion"]).unwrap();
+        assert_eq!(flag.upstream.unwrap().route, UpstreamRoute::Onion);
+    }
+
+    #[test]
+    fn routes_and_their_listen_addresses() {
+        let c =
+            load_text("[[route]]\nlisten = \"127.0.0.1:38400\"\ntarget = \"node.example.org:8333\"\n", &[]).unwrap();
+        assert_eq!(c.routes[0].target.to_string(), "node.example.org:8333");
+        assert!(
+            load_text("[[route]]\nlisten = \"0.0.0.0:38400\"\ntarget = \"a:1\"\n", &[])
+                .unwrap_err()
+                .0
+                .contains("route[0].listen")
+        );
+        assert!(load_text("[[route]]\nlisten = \"127.0.0.1:1\"\ntarget = \"a\"\n", &[]).is_err());
+        assert!(load_text("socks5 = false\ntransparent = false\n", &[]).is_err());
+    }
+
+    #[test]
     fn unknown_key_names_key_and_line() {
         let err = load_text("listen = \"127.0.0.1:1\"\nfalback = \"v1\"\n", &[]).unwrap_err();
         assert!(err.0.contains("falback"), "{err}");
