@@ -19,8 +19,7 @@ use bip324::{FillBytes, GarbageResult, Handshake, Initialized, ReceivedKey, Role
 use bytes::{Buf, BytesMut};
 use rand::{Rng, RngCore};
 use secp256k1::{Secp256k1, SecretKey, SignOnly};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 
 use crate::v1::Magic;
@@ -119,13 +118,13 @@ fn fresh_secret() -> (KnownSecret, SecretKey) {
 }
 
 /// Reads from the remote, classifying failures by how many bytes came so far.
-struct Reader<'s> {
-    stream: &'s mut TcpStream,
+struct Reader<'s, S> {
+    stream: &'s mut S,
     deadline: Instant,
     received: usize,
 }
 
-impl Reader<'_> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Reader<'_, S> {
     async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), UpgradeError> {
         buf.reserve(want.max(4096));
         let result = timeout_at(self.deadline, self.stream.read_buf(buf)).await;
@@ -170,8 +169,8 @@ impl Reader<'_> {
 /// Runs the handshake on `remote` for the network `magic`, sending the
 /// client's first message (`message_type` + `payload`, the v2 contents) as
 /// the first application packet.
-pub async fn upgrade(
-    remote: &mut TcpStream,
+pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    remote: &mut S,
     magic: Magic,
     message_type: &[u8],
     payload: &[u8],
@@ -213,23 +212,21 @@ pub async fn upgrade(
     encoder.encode(message_type, payload, &mut flight)?;
     io.write_all(&flight).await?;
 
-    // The responder's garbage, up to its terminator.
-    let search_limit = MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN;
-    let terminator_end = loop {
-        let window = &inbound[..inbound.len().min(search_limit)];
-        if let Some(pos) = window.windows(GARBAGE_TERMINATOR_LEN).position(|w| w == keys.recv_garbage_terminator) {
-            break pos + GARBAGE_TERMINATOR_LEN;
-        }
-        if inbound.len() >= search_limit {
-            return Err(UpgradeError::NoGarbageTerminator);
+    // The responder's garbage, up to its terminator (searched by the crate
+    // within the first 4095 + 16 bytes).
+    let mut handshake = handshake;
+    let (mut handshake, terminator_end) = loop {
+        match handshake.receive_garbage(&inbound) {
+            Ok(GarbageResult::FoundGarbage { handshake, consumed_bytes }) => break (handshake, consumed_bytes),
+            Ok(GarbageResult::NeedMoreData(waiting)) => handshake = waiting,
+            Err(bip324::Error::NoGarbageTerminator) => return Err(UpgradeError::NoGarbageTerminator),
+            Err(e) => return Err(UpgradeError::Protocol(e)),
         }
         io.read_into(&mut inbound, 1).await?;
     };
-    let garbage_and_terminator = inbound.split_to(terminator_end);
-    let mut handshake = match handshake.receive_garbage(&garbage_and_terminator).map_err(UpgradeError::Protocol)? {
-        GarbageResult::FoundGarbage { handshake, .. } => handshake,
-        GarbageResult::NeedMoreData(_) => return Err(UpgradeError::NoGarbageTerminator),
-    };
+    // The crate borrows the garbage (it authenticates the first packet);
+    // what follows the terminator continues in a buffer of its own.
+    let mut inbound = BytesMut::from(&inbound[terminator_end..]);
 
     // Decoys, then the version packet (its contents are ignored).
     let mut packets_received = 0u64;
