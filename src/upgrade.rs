@@ -56,8 +56,8 @@ pub enum UpgradeError {
     /// Bitcoin Core's sign of a v1-only peer: not one byte after our key.
     #[error("remote does not speak v2: it {} without sending a byte after our key", describe_silence(*.0))]
     NoResponse(Silence),
-    #[error("remote closed the connection during the handshake after {received} bytes")]
-    ClosedMidway { received: usize },
+    #[error("remote {} the connection during the handshake after {received} bytes", if *.reset { "reset" } else { "closed" })]
+    ClosedMidway { received: usize, reset: bool },
     #[error("handshake timed out after {received} bytes from the remote")]
     TimedOut { received: usize },
     #[error("no garbage terminator within {} bytes", MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN)]
@@ -132,7 +132,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<'_, S> {
             Err(_) if self.received == 0 => Err(UpgradeError::NoResponse(Silence::TimedOut)),
             Err(_) => Err(UpgradeError::TimedOut { received: self.received }),
             Ok(Ok(0)) if self.received == 0 => Err(UpgradeError::NoResponse(Silence::Closed)),
-            Ok(Ok(0)) => Err(UpgradeError::ClosedMidway { received: self.received }),
+            Ok(Ok(0)) => Err(UpgradeError::ClosedMidway { received: self.received, reset: false }),
             Ok(Ok(n)) => {
                 self.received += n;
                 Ok(())
@@ -162,7 +162,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<'_, S> {
             e.kind(),
             io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
         );
-        if reset && self.received == 0 { UpgradeError::NoResponse(Silence::Reset) } else { UpgradeError::Io(e) }
+        match (reset, self.received) {
+            (true, 0) => UpgradeError::NoResponse(Silence::Reset),
+            (true, received) => UpgradeError::ClosedMidway { received, reset: true },
+            (false, _) => UpgradeError::Io(e),
+        }
     }
 }
 

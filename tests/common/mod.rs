@@ -216,6 +216,12 @@ pub struct V2NodeOptions {
     pub decoys_after_version: usize,
     /// Non-empty contents in the version packet (receivers must ignore them).
     pub version_contents: Vec<u8>,
+    /// After echoing this many messages, shut down the write half and keep
+    /// reading (a remote half-close).
+    pub close_write_after: Option<usize>,
+    /// Right after the handshake, send this many messages of this size
+    /// without reading anything (a flooding remote).
+    pub flood: Option<(usize, usize)>,
 }
 
 impl Default for V2NodeOptions {
@@ -226,6 +232,8 @@ impl Default for V2NodeOptions {
             decoys_before_version: 0,
             decoys_after_version: 0,
             version_contents: Vec::new(),
+            close_write_after: None,
+            flood: None,
         }
     }
 }
@@ -237,6 +245,8 @@ pub struct NodeLog {
     pub session_ids: Mutex<Vec<[u8; 32]>>,
     /// Contents of every genuine message received, per connection.
     pub received: Mutex<Vec<Vec<Vec<u8>>>>,
+    /// Messages a flooding node has written so far.
+    pub flooded: AtomicUsize,
 }
 
 pub struct Node {
@@ -393,8 +403,19 @@ async fn serve_v2(
     if !out.is_empty() {
         stream.write_all(&out).await?;
     }
+    if let Some((count, size)) = opts.flood {
+        let mut contents = vec![2u8]; // "block"
+        contents.extend(random_payload(size));
+        for _ in 0..count {
+            let packet = sender.packet(&contents, false);
+            stream.write_all(&packet).await?;
+            log.flooded.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 
     // Echo every genuine message back.
+    let mut echoed = 0;
+    let mut write_open = true;
     loop {
         if fill(&mut stream, &mut inbound, 3).await.is_err() {
             return Ok(());
@@ -408,8 +429,15 @@ async fn serve_v2(
         }
         let contents = plaintext[1..].to_vec();
         log.received.lock().unwrap()[conn].push(contents.clone());
-        let reply = sender.packet(&contents, false);
-        stream.write_all(&reply).await?;
+        if write_open {
+            let reply = sender.packet(&contents, false);
+            stream.write_all(&reply).await?;
+            echoed += 1;
+            if opts.close_write_after == Some(echoed) {
+                stream.shutdown().await?;
+                write_open = false;
+            }
+        }
     }
 }
 
