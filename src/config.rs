@@ -99,6 +99,10 @@ pub struct Config {
     pub allow_private_targets: bool,
     pub upstream: Option<Upstream>,
     pub routes: Vec<Route>,
+    /// Address of the metrics and status listener (off when `None`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// v1-only peer memory: entries (0 = off) and how long one lasts.
+    pub v1_only_memory: (usize, Duration),
 }
 
 /// Which targets go through the upstream proxy.
@@ -189,6 +193,15 @@ impl Config {
 
     /// Every address the proxy listens on, with the key that set it.
     pub fn listen_addresses(&self) -> Vec<(String, SocketAddr)> {
+        let mut all = self.proxy_listen_addresses();
+        if let Some(addr) = self.metrics_listen {
+            all.push(("metrics.listen".to_owned(), addr));
+        }
+        all
+    }
+
+    /// The addresses that accept proxy sessions (not the metrics listener).
+    pub fn proxy_listen_addresses(&self) -> Vec<(String, SocketAddr)> {
         let mut all = Vec::new();
         if self.socks5 || self.transparent {
             all.push(("listen".to_owned(), self.listen));
@@ -368,6 +381,19 @@ impl Config {
             routes.push(Route { listen, target });
         }
 
+        let metrics_text = cli.metrics_listen.clone().or(file.metrics.listen.clone());
+        let metrics_listen = match metrics_text {
+            None => None,
+            Some(text) => Some(
+                text.parse::<SocketAddr>()
+                    .map_err(|_| ConfigError(format!("metrics.listen: `{text}` is not an IP:port address")))?,
+            ),
+        };
+        let memory = &file.v1_only_memory;
+        if memory.capacity > 0 && memory.ttl == 0 {
+            return Err(ConfigError("v1_only_memory.ttl: must be at least 1 second (or capacity = 0)".into()));
+        }
+
         let config = Config {
             listen,
             fallback: cli.fallback.unwrap_or(file.fallback),
@@ -384,8 +410,19 @@ impl Config {
             allow_private_targets: cli.allow_private_targets || file.allow_private_targets,
             upstream,
             routes,
+            metrics_listen,
+            v1_only_memory: (memory.capacity, Duration::from_secs(memory.ttl)),
         };
-        for (key, addr) in config.listen_addresses() {
+        if let Some(addr) = config.metrics_listen
+            && !addr.ip().is_loopback()
+            && config.allow.is_empty()
+        {
+            return Err(ConfigError(format!(
+                "metrics.listen: {addr} is not a loopback address; the status page shows clients and targets, \
+                 so serving it there needs a client allow-list (allow = [...])"
+            )));
+        }
+        for (key, addr) in config.proxy_listen_addresses() {
             if !addr.ip().is_loopback() && !config.restricts_clients() {
                 return Err(ConfigError(format!(
                     "{key}: {addr} is not a loopback address; refusing to serve it without client \
@@ -424,6 +461,27 @@ pub struct FileConfig {
     allow_private_targets: bool,
     upstream: Option<FileUpstream>,
     route: Vec<FileRoute>,
+    metrics: FileMetrics,
+    v1_only_memory: FileMemory,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileMetrics {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileMemory {
+    capacity: usize,
+    ttl: u64,
+}
+
+impl Default for FileMemory {
+    fn default() -> Self {
+        FileMemory { capacity: 1024, ttl: 3600 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -473,6 +531,8 @@ impl Default for FileConfig {
             allow_private_targets: false,
             upstream: None,
             route: Vec::new(),
+            metrics: FileMetrics::default(),
+            v1_only_memory: FileMemory::default(),
         }
     }
 }
@@ -559,6 +619,9 @@ pub struct Cli {
     /// Transparent mode may dial loopback and private addresses (tests, regtest).
     #[arg(long, env = "BIP324_PROXY_ALLOW_PRIVATE_TARGETS")]
     pub allow_private_targets: bool,
+    /// Serve Prometheus /metrics, /status (JSON) and a status page on this address [default: off].
+    #[arg(long, env = "BIP324_PROXY_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod memory;
+pub mod metrics;
 pub mod network;
 pub mod outbound;
 pub mod relay;

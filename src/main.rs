@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bip324_proxy::config::{Cli, Config};
+use bip324_proxy::metrics::Observer;
+use bip324_proxy::server::Context as ProxyContext;
 use bip324_proxy::session::FrontEnd;
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,9 +72,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    let config = Arc::new(config);
+    let observer = Arc::new(Observer::default());
     let shutdown = CancellationToken::new();
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let local = listener.local_addr().context("reading the bound address")?;
+        info!(listen = %local, "metrics and status listening (/metrics, /status, /)");
+        let serving = bip324_proxy::metrics::serve(listener, observer.clone(), config.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serving.await {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+        });
+    }
     tokio::spawn(watch_signals(shutdown.clone()));
-    bip324_proxy::server::serve(bound, Arc::new(config), shutdown).await.context("serving")
+    let context = Arc::new(ProxyContext::new(config, observer));
+    bip324_proxy::server::serve(bound, context, shutdown).await.context("serving")
 }
 
 async fn watch_signals(shutdown: CancellationToken) {

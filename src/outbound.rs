@@ -35,6 +35,16 @@ impl Destination {
     pub fn new(target: Target) -> Self {
         Destination { target, name: None, upstream_credentials: None }
     }
+
+    /// The target as the client named it (`host:port`), for logs, the
+    /// status page and the v1-only memory.
+    pub fn shown(&self) -> String {
+        match &self.name {
+            Some(name) if name.contains(':') => format!("[{name}]:{}", self.target.port),
+            Some(name) => format!("{name}:{}", self.target.port),
+            None => self.target.to_string(),
+        }
+    }
 }
 
 /// Why a dial failed; `session.rs` maps each to a SOCKS5 reply code.

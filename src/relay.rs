@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::metrics::LiveCounters;
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
 use crate::v2::{DecodedPacket, PacketDecoder, PacketEncoder, V2Error};
@@ -74,6 +75,24 @@ pub enum CloseReason {
     /// reason is the one reported.
     #[error("other direction failed")]
     Aborted,
+}
+
+impl CloseReason {
+    /// A short fixed label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloseReason::BothClosed => "closed",
+            CloseReason::BadV1(Side::Client, _) => "bad_client_message",
+            CloseReason::BadV1(Side::Remote, _) => "bad_remote_message",
+            CloseReason::BadV2(_) => "bad_remote_packet",
+            CloseReason::Truncated { .. } => "truncated",
+            CloseReason::Io(Side::Client, _) => "client_io_error",
+            CloseReason::Io(Side::Remote, _) => "remote_io_error",
+            CloseReason::Idle(_) => "idle",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Aborted => "aborted",
+        }
+    }
 }
 
 /// What a finished relay reports for the close log line.
@@ -233,6 +252,8 @@ struct Shared {
     /// Milliseconds since `started` of the last byte read either way.
     last_activity_ms: AtomicU64,
     idle: Option<Duration>,
+    /// What `/status` shows while the session runs.
+    live: Arc<LiveCounters>,
 }
 
 impl Shared {
@@ -268,6 +289,7 @@ pub async fn run(
     client_to_remote: impl Translator + 'static,
     remote_to_client: impl Translator + 'static,
     idle: Option<Duration>,
+    live: Arc<LiveCounters>,
     shutdown: CancellationToken,
 ) -> RelayReport {
     let (client_pending, remote_pending) = (client.pending, remote.pending);
@@ -279,6 +301,7 @@ pub async fn run(
         started: Instant::now(),
         last_activity_ms: AtomicU64::new(0),
         idle,
+        live,
     });
     let up = pump(
         Inbound { reader: client_read, pending: client_pending },
@@ -327,10 +350,18 @@ async fn pump(
         Side::Client => Side::Remote,
         Side::Remote => Side::Client,
     };
+    let (live_bytes, live_messages) = match from {
+        Side::Client => (&shared.live.bytes_client_to_remote, &shared.live.messages_client_to_remote),
+        Side::Remote => (&shared.live.bytes_remote_to_client, &shared.live.messages_remote_to_client),
+    };
     let mut stats = DirectionStats { bytes_in: inbound.pending.len() as u64, ..Default::default() };
+    live_bytes.fetch_add(stats.bytes_in, Ordering::Relaxed);
     let mut output = BytesMut::new();
     let end = loop {
-        let need = match translator.translate(&mut inbound.pending, &mut output, &mut stats) {
+        let messages_before = stats.messages;
+        let translated = translator.translate(&mut inbound.pending, &mut output, &mut stats);
+        live_messages.fetch_add(stats.messages - messages_before, Ordering::Relaxed);
+        let need = match translated {
             Ok(need) => need,
             Err(reason) => break Some(reason),
         };
@@ -384,6 +415,7 @@ async fn pump(
             }
             Ok(n) => {
                 stats.bytes_in += n as u64;
+                live_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 shared.touch();
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -18,7 +18,23 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field, info, info_span, warn};
 
 use crate::config::Config;
+use crate::memory::V1OnlyMemory;
+use crate::metrics::Observer;
 use crate::session::{self, FrontEnd};
+
+/// What every session of one proxy shares.
+pub struct Context {
+    pub config: Arc<Config>,
+    pub observer: Arc<Observer>,
+    pub v1_only: Option<V1OnlyMemory>,
+}
+
+impl Context {
+    pub fn new(config: Arc<Config>, observer: Arc<Observer>) -> Self {
+        let (capacity, ttl) = config.v1_only_memory;
+        Context { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer }
+    }
+}
 
 /// After the drain deadline, sessions are cancelled; this is how long their
 /// tasks get to write their close lines.
@@ -52,12 +68,13 @@ pub async fn bind_all(config: &Config) -> io::Result<Vec<Bound>> {
 
 /// Serves one main listener until `shutdown` is cancelled, then drains.
 pub async fn run(listener: TcpListener, config: Arc<Config>, shutdown: CancellationToken) -> io::Result<()> {
-    serve(vec![Bound { listener, front: FrontEnd::Main }], config, shutdown).await
+    let context = Arc::new(Context::new(config, Arc::new(Observer::default())));
+    serve(vec![Bound { listener, front: FrontEnd::Main }], context, shutdown).await
 }
 
 /// State the accept loops share.
 struct Shared {
-    config: Arc<Config>,
+    context: Arc<Context>,
     tracker: TaskTracker,
     permits: Arc<Semaphore>,
     /// Cancelled only when the drain deadline passes.
@@ -66,10 +83,11 @@ struct Shared {
 }
 
 /// Serves every listener until `shutdown` is cancelled, then drains.
-pub async fn serve(bound: Vec<Bound>, config: Arc<Config>, shutdown: CancellationToken) -> io::Result<()> {
+pub async fn serve(bound: Vec<Bound>, context: Arc<Context>, shutdown: CancellationToken) -> io::Result<()> {
+    let config = context.config.clone();
     let shared = Arc::new(Shared {
         permits: Arc::new(Semaphore::new(config.max_sessions)),
-        config: config.clone(),
+        context,
         tracker: TaskTracker::new(),
         sessions_cancel: CancellationToken::new(),
         next_id: AtomicU64::new(1),
@@ -100,7 +118,7 @@ pub async fn serve(bound: Vec<Bound>, config: Arc<Config>, shutdown: Cancellatio
 }
 
 async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let config = &shared.config;
+    let config = &shared.context.config;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -133,10 +151,11 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
             transport = field::Empty,
             session_id = field::Empty,
         );
-        let (config, cancel, front) = (config.clone(), shared.sessions_cancel.clone(), front.clone());
+        let (context, cancel, front) = (shared.context.clone(), shared.sessions_cancel.clone(), front.clone());
+        let live = context.observer.accepted(id, client);
         shared.tracker.spawn(
             async move {
-                session::run(stream, front, config, cancel).await;
+                session::run(stream, front, live, context, cancel).await;
                 drop(permit);
             }
             .instrument(span),

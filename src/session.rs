@@ -23,9 +23,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Span, info};
 
 use crate::config::{Config, Fallback, Isolation};
+use crate::metrics::{LiveSession, Observer};
 use crate::network::Network;
 use crate::outbound::{self, Destination, DialError};
 use crate::relay::{self, Leg, Passthrough, RelayReport, Side, V1ToV1, V1ToV2, V2ToV1};
+use crate::server::Context;
 use crate::socks5::{self, Command, Credentials, Host, ReplyCode, Target};
 use crate::translate;
 use crate::transparent::{self, AddrRecvError};
@@ -64,6 +66,8 @@ pub enum SessionError {
     Dial(#[from] DialError),
     #[error("target {0} is this proxy itself")]
     TargetIsSelf(SocketAddr),
+    #[error("remote {0} proved v1-only recently (remembered) and fallback is none")]
+    RememberedV1Only(String),
     #[error("client sent no first message within {0:?}")]
     FirstMessageTimeout(Duration),
     #[error("client closed before its first message")]
@@ -102,7 +106,7 @@ impl SessionError {
             | NoAcceptableMethod
             | AuthFailed
             | CommandNotSupported(_) => "accept",
-            TargetIsSelf(_) | AddrRecv(_) | TransparentNeedsV1 => "destination",
+            TargetIsSelf(_) | AddrRecv(_) | TransparentNeedsV1 | RememberedV1Only(_) => "destination",
             Dial(_) => "dial",
             FirstMessageTimeout(_)
             | ClientClosedEarly
@@ -113,6 +117,27 @@ impl SessionError {
             | BadFirstMessage(_) => "sniff",
             Upgrade(_) | FallbackDial(..) => "upgrade",
             ClientIo(_) => "relay",
+        }
+    }
+
+    /// A short fixed label for metrics.
+    pub fn label(&self) -> &'static str {
+        use SessionError::*;
+        match self {
+            ClientGone | ClientClosedEarly | ClientIo(_) => "client_gone",
+            SocksTimeout | FirstMessageTimeout(_) => "client_timeout",
+            UnknownProtocol(_) | NotBitcoin(_) => "not_bitcoin",
+            Socks(_) => "socks_error",
+            NoAcceptableMethod | AuthFailed => "auth_failed",
+            CommandNotSupported(_) => "command_not_supported",
+            Dial(_) | FallbackDial(..) => "dial_failed",
+            TargetIsSelf(_) | AddrRecv(_) | TransparentNeedsV1 => "bad_destination",
+            RememberedV1Only(_) => "v1_only_remembered",
+            NetworkNotAllowed(_) => "network_not_allowed",
+            FirstMessageNotVersion | BadFirstMessage(_) => "bad_first_message",
+            PassthroughDisabled => "passthrough_disabled",
+            Upgrade(e) if e.remote_is_v1_only() => "remote_not_v2",
+            Upgrade(_) => "handshake_failed",
         }
     }
 }
@@ -127,7 +152,7 @@ pub fn reply_code(error: &SessionError) -> Option<ReplyCode> {
         }
         SessionError::Socks(_) => Some(ReplyCode::GENERAL_FAILURE),
         SessionError::CommandNotSupported(_) => Some(ReplyCode::COMMAND_NOT_SUPPORTED),
-        SessionError::TargetIsSelf(_) => Some(ReplyCode::NOT_ALLOWED),
+        SessionError::TargetIsSelf(_) | SessionError::RememberedV1Only(_) => Some(ReplyCode::NOT_ALLOWED),
         SessionError::Dial(dial) => Some(match dial {
             DialError::OnionNeedsUpstream(_) | DialError::Resolve { .. } | DialError::NoAddresses(_) => {
                 ReplyCode::HOST_UNREACHABLE
@@ -156,13 +181,19 @@ pub enum Transport {
     Passthrough,
 }
 
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
             Transport::V2 => "v2",
             Transport::V1Fallback => "v1-fallback",
             Transport::Passthrough => "passthrough",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
     }
 }
 
@@ -173,12 +204,30 @@ enum Ending {
     Resolved(IpAddr),
 }
 
+/// One session's view of the proxy: shared state, its own status entry, and
+/// the token that ends it at the drain deadline.
+struct Session<'a> {
+    context: &'a Context,
+    config: &'a Config,
+    observer: &'a Observer,
+    live: &'a LiveSession,
+    shutdown: CancellationToken,
+}
+
 /// Runs one accepted connection to its end and writes its close line.
-pub async fn run(client: TcpStream, front: FrontEnd, config: Arc<Config>, shutdown: CancellationToken) {
+pub async fn run(
+    client: TcpStream,
+    front: FrontEnd,
+    live: Arc<LiveSession>,
+    context: Arc<Context>,
+    shutdown: CancellationToken,
+) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let ms = || started.elapsed().as_millis() as u64;
-    match serve(client, front, &config, shutdown).await {
+    let session =
+        Session { context: &context, config: &context.config, observer: &context.observer, live: &live, shutdown };
+    let label = match session.serve(client, front).await {
         Ok(Ending::Relayed(transport, report)) => {
             info!(
                 %transport,
@@ -190,156 +239,172 @@ pub async fn run(client: TcpStream, front: FrontEnd, config: Arc<Config>, shutdo
                 ms = ms(),
                 "session closed"
             );
+            report.reason.label()
         }
-        Ok(Ending::Resolved(ip)) => info!(resolved = %ip, ms = ms(), "session closed"),
-        Err(error) => info!(stage = %error.stage(), reason = %error, ms = ms(), "session closed"),
-    }
-}
-
-async fn serve(
-    mut client: TcpStream,
-    front: FrontEnd,
-    config: &Config,
-    shutdown: CancellationToken,
-) -> Result<Ending, SessionError> {
-    // Bytes read from the client and not yet used; each stage hands them on.
-    let mut pending = BytesMut::new();
-    match front {
-        FrontEnd::Main => {
-            match timeout(config.timeouts.socks, read_more(&mut client, &mut pending, SessionError::ClientGone)).await {
-                Ok(result) => result?,
-                Err(_) => return Err(SessionError::SocksTimeout),
-            }
-            let first = pending[0];
-            if first == socks5::SOCKS_VERSION && config.socks5 {
-                serve_socks(client, pending, config, shutdown).await
-            } else if config.transparent && config.networks.iter().any(|n| n.magic[0] == first) {
-                serve_transparent(client, pending, config, shutdown).await
-            } else {
-                Err(SessionError::UnknownProtocol(first))
-            }
+        Ok(Ending::Resolved(ip)) => {
+            info!(resolved = %ip, ms = ms(), "session closed");
+            "resolved"
         }
-        FrontEnd::Transparent => serve_transparent(client, pending, config, shutdown).await,
-        FrontEnd::Route(target) => serve_route(client, pending, target, config, shutdown).await,
-    }
-}
-
-/// SOCKS5: negotiate, dial, reply, then sniff and carry.
-async fn serve_socks(
-    mut client: TcpStream,
-    mut pending: BytesMut,
-    config: &Config,
-    shutdown: CancellationToken,
-) -> Result<Ending, SessionError> {
-    // accept + destination
-    let negotiated = timeout(config.timeouts.socks, negotiate(&mut client, &mut pending, config)).await;
-    let (command, destination) = match negotiated {
-        Ok(Ok(request)) => request,
-        Ok(Err(error)) => return Err(refuse(&mut client, error).await),
-        Err(_) => return Err(SessionError::SocksTimeout),
+        Err(error) => {
+            info!(stage = %error.stage(), reason = %error, ms = ms(), "session closed");
+            error.label()
+        }
     };
-    Span::current().record(
-        "target",
-        tracing::field::display(
-            destination
-                .name
-                .as_deref()
-                .map_or_else(|| destination.target.to_string(), |name| format!("{name}:{}", destination.target.port)),
-        ),
-    );
+    context.observer.closed(&live, label);
+}
 
-    if command == Command::Resolve {
-        return match outbound::resolve(&destination, config).await {
-            Ok(ip) => {
-                let bound = Target { host: Host::Ip(ip), port: 0 };
-                send_reply(&mut client, ReplyCode::SUCCEEDED, &bound).await.map_err(SessionError::ClientIo)?;
-                Ok(Ending::Resolved(ip))
+impl Session<'_> {
+    async fn serve(&self, mut client: TcpStream, front: FrontEnd) -> Result<Ending, SessionError> {
+        let config = self.config;
+        // Bytes read from the client and not yet used; each stage hands them on.
+        let mut pending = BytesMut::new();
+        match front {
+            FrontEnd::Main => {
+                let first =
+                    timeout(config.timeouts.socks, read_more(&mut client, &mut pending, SessionError::ClientGone));
+                match first.await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(SessionError::SocksTimeout),
+                }
+                let first = pending[0];
+                if first == socks5::SOCKS_VERSION && config.socks5 {
+                    self.serve_socks(client, pending).await
+                } else if config.transparent && config.networks.iter().any(|n| n.magic[0] == first) {
+                    self.serve_transparent(client, pending).await
+                } else {
+                    Err(SessionError::UnknownProtocol(first))
+                }
             }
-            Err(error) => Err(refuse(&mut client, dial_failed(&destination, error)).await),
+            FrontEnd::Transparent => self.serve_transparent(client, pending).await,
+            FrontEnd::Route(target) => self.serve_route(client, pending, target).await,
+        }
+    }
+
+    fn record_target(&self, shown: String) {
+        Span::current().record("target", tracing::field::display(&shown));
+        self.live.set_target(shown);
+    }
+
+    /// SOCKS5: negotiate, dial, reply, then sniff and carry.
+    async fn serve_socks(&self, mut client: TcpStream, mut pending: BytesMut) -> Result<Ending, SessionError> {
+        let config = self.config;
+        // accept + destination
+        let negotiated = timeout(config.timeouts.socks, negotiate(&mut client, &mut pending, config)).await;
+        let (command, destination) = match negotiated {
+            Ok(Ok(request)) => request,
+            Ok(Err(error)) => return Err(self.refuse(&mut client, error).await),
+            Err(_) => return Err(SessionError::SocksTimeout),
         };
-    }
+        self.record_target(destination.shown());
 
-    // dial
-    if let Err(error) = check_not_self(&destination.target, config) {
-        return Err(refuse(&mut client, error).await);
-    }
-    let remote = match outbound::dial(&destination, config).await {
-        Ok(remote) => remote,
-        Err(error) => return Err(refuse(&mut client, dial_failed(&destination, error)).await),
-    };
-    let bound = Target { host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
-    send_reply(&mut client, ReplyCode::SUCCEEDED, &bound).await.map_err(SessionError::ClientIo)?;
+        if command == Command::Resolve {
+            return match outbound::resolve(&destination, config).await {
+                Ok(ip) => {
+                    let bound = Target { host: Host::Ip(ip), port: 0 };
+                    self.send_reply(&mut client, ReplyCode::SUCCEEDED, &bound).await?;
+                    Ok(Ending::Resolved(ip))
+                }
+                Err(error) => Err(self.refuse(&mut client, dial_failed(&destination, error)).await),
+            };
+        }
 
-    // sniff
-    match sniff(&mut client, &mut pending, config).await? {
-        FirstBytes::V2 => Ok(passthrough(client, pending, remote, config, shutdown).await),
-        FirstBytes::V1(network) => {
-            let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
-            carry_v1(client, pending, remote, network, version_len, &destination, config, shutdown).await
+        // A remote that proved v1-only recently: refused at once under
+        // fallback none, so the client moves on without a wasted dial.
+        if self.remembered_v1_only(&destination) && config.fallback == Fallback::None {
+            self.observer.v1_only_memory("refused");
+            return Err(self.refuse(&mut client, SessionError::RememberedV1Only(destination.shown())).await);
+        }
+
+        // dial
+        if let Err(error) = check_not_self(&destination.target, config) {
+            return Err(self.refuse(&mut client, error).await);
+        }
+        let remote = match outbound::dial(&destination, config).await {
+            Ok(remote) => remote,
+            Err(error) => return Err(self.refuse(&mut client, dial_failed(&destination, error)).await),
+        };
+        let bound = Target { host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
+        self.send_reply(&mut client, ReplyCode::SUCCEEDED, &bound).await?;
+
+        // sniff
+        match sniff(&mut client, &mut pending, config).await? {
+            FirstBytes::V2 => Ok(self.passthrough(client, pending, remote).await),
+            FirstBytes::V1(network) => {
+                let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
+                self.carry_v1(client, pending, remote, network, version_len, &destination).await
+            }
         }
     }
-}
 
-/// Transparent mode: the destination is addr_recv of the client's VERSION.
-async fn serve_transparent(
-    mut client: TcpStream,
-    mut pending: BytesMut,
-    config: &Config,
-    shutdown: CancellationToken,
-) -> Result<Ending, SessionError> {
-    // Anything but a v1 message of an allowed network is refused at its first byte.
-    if pending.is_empty() {
-        match timeout(config.timeouts.first_message, read_more(&mut client, &mut pending, SessionError::ClientGone))
-            .await
-        {
-            Ok(result) => result?,
-            Err(_) => return Err(SessionError::FirstMessageTimeout(config.timeouts.first_message)),
-        }
+    fn remembered_v1_only(&self, destination: &Destination) -> bool {
+        self.context.v1_only.as_ref().is_some_and(|memory| memory.is_v1_only(&destination.shown()))
     }
-    if !config.networks.iter().any(|n| n.magic[0] == pending[0]) {
-        return Err(SessionError::UnknownProtocol(pending[0]));
-    }
-    let network = match sniff(&mut client, &mut pending, config).await? {
-        FirstBytes::V1(network) => network,
-        FirstBytes::V2 => return Err(SessionError::TransparentNeedsV1),
-    };
-    let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
-    let addr = transparent::addr_recv(&pending[HEADER_LEN..version_len], config.allow_private_targets)?;
-    let destination = Destination {
-        target: Target::from(addr),
-        name: None,
-        upstream_credentials: upstream_credentials(config, None),
-    };
-    Span::current().record("target", tracing::field::display(&destination.target));
-    check_not_self(&destination.target, config)?;
-    let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
-    carry_v1(client, pending, remote, network, version_len, &destination, config, shutdown).await
-}
 
-/// A static route: the destination is fixed; v1 clients are upgraded, v2
-/// clients passed through.
-async fn serve_route(
-    mut client: TcpStream,
-    mut pending: BytesMut,
-    target: Target,
-    config: &Config,
-    shutdown: CancellationToken,
-) -> Result<Ending, SessionError> {
-    Span::current().record("target", tracing::field::display(&target));
-    let name = match &target.host {
-        Host::Name(name) => Some(name.clone()),
-        Host::Ip(_) => None,
-    };
-    let destination = Destination { target, name, upstream_credentials: upstream_credentials(config, None) };
-    match sniff(&mut client, &mut pending, config).await? {
-        FirstBytes::V2 => {
-            let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
-            Ok(passthrough(client, pending, remote, config, shutdown).await)
+    /// Transparent mode: the destination is addr_recv of the client's VERSION.
+    async fn serve_transparent(&self, mut client: TcpStream, mut pending: BytesMut) -> Result<Ending, SessionError> {
+        let config = self.config;
+        // Anything but a v1 message of an allowed network is refused at its first byte.
+        if pending.is_empty() {
+            match timeout(config.timeouts.first_message, read_more(&mut client, &mut pending, SessionError::ClientGone))
+                .await
+            {
+                Ok(result) => result?,
+                Err(_) => return Err(SessionError::FirstMessageTimeout(config.timeouts.first_message)),
+            }
         }
-        FirstBytes::V1(network) => {
-            let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
-            let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
-            carry_v1(client, pending, remote, network, version_len, &destination, config, shutdown).await
+        if !config.networks.iter().any(|n| n.magic[0] == pending[0]) {
+            return Err(SessionError::UnknownProtocol(pending[0]));
+        }
+        let network = match sniff(&mut client, &mut pending, config).await? {
+            FirstBytes::V1(network) => network,
+            FirstBytes::V2 => return Err(SessionError::TransparentNeedsV1),
+        };
+        let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
+        let addr = transparent::addr_recv(&pending[HEADER_LEN..version_len], config.allow_private_targets)?;
+        let destination = Destination {
+            target: Target::from(addr),
+            name: None,
+            upstream_credentials: upstream_credentials(config, None),
+        };
+        self.record_target(destination.shown());
+        check_not_self(&destination.target, config)?;
+        if self.remembered_v1_only(&destination) && config.fallback == Fallback::None {
+            self.observer.v1_only_memory("refused");
+            return Err(SessionError::RememberedV1Only(destination.shown()));
+        }
+        let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
+        self.carry_v1(client, pending, remote, network, version_len, &destination).await
+    }
+
+    /// A static route: the destination is fixed; v1 clients are upgraded, v2
+    /// clients passed through.
+    async fn serve_route(
+        &self,
+        mut client: TcpStream,
+        mut pending: BytesMut,
+        target: Target,
+    ) -> Result<Ending, SessionError> {
+        let config = self.config;
+        self.record_target(target.to_string());
+        let name = match &target.host {
+            Host::Name(name) => Some(name.clone()),
+            Host::Ip(_) => None,
+        };
+        let destination = Destination { target, name, upstream_credentials: upstream_credentials(config, None) };
+        match sniff(&mut client, &mut pending, config).await? {
+            FirstBytes::V2 => {
+                let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
+                Ok(self.passthrough(client, pending, remote).await)
+            }
+            FirstBytes::V1(network) => {
+                let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
+                if self.remembered_v1_only(&destination) && config.fallback == Fallback::None {
+                    self.observer.v1_only_memory("refused");
+                    return Err(SessionError::RememberedV1Only(destination.shown()));
+                }
+                let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
+                self.carry_v1(client, pending, remote, network, version_len, &destination).await
+            }
         }
     }
 }
@@ -366,111 +431,135 @@ fn check_not_self(target: &Target, config: &Config) -> Result<(), SessionError> 
     Ok(())
 }
 
-/// Relays a client that speaks v2 itself, untouched.
-async fn passthrough(
-    client: TcpStream,
-    pending: BytesMut,
-    remote: TcpStream,
-    config: &Config,
-    shutdown: CancellationToken,
-) -> Ending {
-    open_line(Transport::Passthrough, None);
-    let report = relay::run(
-        Leg { stream: client, pending },
-        Leg { stream: remote, pending: BytesMut::new() },
-        Passthrough,
-        Passthrough,
-        config.timeouts.idle,
-        shutdown,
-    )
-    .await;
-    Ending::Relayed(Transport::Passthrough, report)
-}
-
-/// Upgrade to v2 with the client's VERSION (the first `version_len` bytes of
-/// `pending`) in the first flight, or fall back to v1 under the policy; then relay.
-#[allow(clippy::too_many_arguments)]
-async fn carry_v1(
-    client: TcpStream,
-    mut pending: BytesMut,
-    mut remote: TcpStream,
-    network: Network,
-    version_len: usize,
-    destination: &Destination,
-    config: &Config,
-    shutdown: CancellationToken,
-) -> Result<Ending, SessionError> {
-    Span::current().record("network", tracing::field::display(&network));
-    let payload = &pending[HEADER_LEN..version_len];
-    let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
-    let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
-    let upgraded =
-        upgrade::upgrade(&mut remote, network.magic, &message_type[..type_len], payload, config.timeouts.handshake)
-            .await;
-    match upgraded {
-        Ok(channel) => {
-            open_line(Transport::V2, Some(&channel.session_id));
-            pending.advance(version_len);
-            let report = relay::run(
-                Leg { stream: client, pending },
-                Leg { stream: remote, pending: channel.leftover },
-                V1ToV2 { decoder: FrameDecoder::new(network.magic, true), encoder: channel.encoder },
-                V2ToV1 { decoder: channel.decoder, magic: network.magic },
-                config.timeouts.idle,
-                shutdown,
-            )
-            .await;
-            Ok(Ending::Relayed(Transport::V2, report))
-        }
-        Err(error) if error.remote_is_v1_only() && config.fallback == Fallback::V1 => {
-            drop(remote);
-            let remote =
-                outbound::dial(destination, config).await.map_err(|dial| SessionError::FallbackDial(error, dial))?;
-            open_line(Transport::V1Fallback, None);
-            // The client's bytes so far, VERSION first, are replayed in v1.
-            let report = relay::run(
-                Leg { stream: client, pending },
-                Leg { stream: remote, pending: BytesMut::new() },
-                V1ToV1 { decoder: FrameDecoder::new(network.magic, true), side: Side::Client },
-                V1ToV1 { decoder: FrameDecoder::new(network.magic, false), side: Side::Remote },
-                config.timeouts.idle,
-                shutdown,
-            )
-            .await;
-            Ok(Ending::Relayed(Transport::V1Fallback, report))
-        }
-        Err(error) => Err(SessionError::Upgrade(error)),
+impl Session<'_> {
+    /// Relays a client that speaks v2 itself, untouched.
+    async fn passthrough(&self, client: TcpStream, pending: BytesMut, remote: TcpStream) -> Ending {
+        self.open_line(Transport::Passthrough, None);
+        let report = relay::run(
+            Leg { stream: client, pending },
+            Leg { stream: remote, pending: BytesMut::new() },
+            Passthrough,
+            Passthrough,
+            self.config.timeouts.idle,
+            self.live.counters.clone(),
+            self.shutdown.clone(),
+        )
+        .await;
+        Ending::Relayed(Transport::Passthrough, report)
     }
-}
 
-/// Records the transport (and BIP324 session id, in hex as Bitcoin Core's
-/// `getpeerinfo` shows it) on the span and writes the open line.
-fn open_line(transport: Transport, session_id: Option<&[u8; 32]>) {
-    let span = Span::current();
-    span.record("transport", tracing::field::display(transport));
-    match session_id {
-        Some(id) => {
-            let session_id = hex::encode(id);
-            span.record("session_id", tracing::field::display(&session_id));
-            info!(%transport, %session_id, "session open");
+    /// Upgrade to v2 with the client's VERSION (the first `version_len` bytes
+    /// of `pending`) in the first flight, or fall back to v1 under the policy;
+    /// then relay.
+    async fn carry_v1(
+        &self,
+        client: TcpStream,
+        mut pending: BytesMut,
+        mut remote: TcpStream,
+        network: Network,
+        version_len: usize,
+        destination: &Destination,
+    ) -> Result<Ending, SessionError> {
+        let config = self.config;
+        Span::current().record("network", tracing::field::display(&network));
+        self.live.set_network(network.name.clone());
+        if self.remembered_v1_only(destination) {
+            // Only reachable under fallback v1: skip the handshake it failed before.
+            self.observer.v1_only_memory("direct_v1");
+            return Ok(self.relay_v1(client, pending, remote, &network).await);
         }
-        None => info!(%transport, "session open"),
+        let payload = &pending[HEADER_LEN..version_len];
+        let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
+        let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
+        let started = Instant::now();
+        let upgraded =
+            upgrade::upgrade(&mut remote, network.magic, &message_type[..type_len], payload, config.timeouts.handshake)
+                .await;
+        match upgraded {
+            Ok(channel) => {
+                self.observer.handshake_done(started.elapsed());
+                self.open_line(Transport::V2, Some(&channel.session_id));
+                pending.advance(version_len);
+                let report = relay::run(
+                    Leg { stream: client, pending },
+                    Leg { stream: remote, pending: channel.leftover },
+                    V1ToV2 { decoder: FrameDecoder::new(network.magic, true), encoder: channel.encoder },
+                    V2ToV1 { decoder: channel.decoder, magic: network.magic },
+                    config.timeouts.idle,
+                    self.live.counters.clone(),
+                    self.shutdown.clone(),
+                )
+                .await;
+                Ok(Ending::Relayed(Transport::V2, report))
+            }
+            Err(error) => {
+                self.observer.upgrade_failed(error.label());
+                if error.remote_is_v1_only()
+                    && let Some(memory) = &self.context.v1_only
+                {
+                    memory.remember(&destination.shown());
+                }
+                if !(error.remote_is_v1_only() && config.fallback == Fallback::V1) {
+                    return Err(SessionError::Upgrade(error));
+                }
+                drop(remote);
+                let remote = outbound::dial(destination, config)
+                    .await
+                    .map_err(|dial| SessionError::FallbackDial(error, dial))?;
+                Ok(self.relay_v1(client, pending, remote, &network).await)
+            }
+        }
     }
-}
 
-/// Sends the reply `error` calls for, if any, and hands the error back.
-async fn refuse(client: &mut TcpStream, error: SessionError) -> SessionError {
-    if let Some(code) = reply_code(&error) {
-        let bound = Target { host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
-        let _ = send_reply(client, code, &bound).await;
+    /// The v1 fallback: the client's bytes so far, VERSION first, are
+    /// replayed in v1, and both sides stay framed.
+    async fn relay_v1(&self, client: TcpStream, pending: BytesMut, remote: TcpStream, network: &Network) -> Ending {
+        self.open_line(Transport::V1Fallback, None);
+        let report = relay::run(
+            Leg { stream: client, pending },
+            Leg { stream: remote, pending: BytesMut::new() },
+            V1ToV1 { decoder: FrameDecoder::new(network.magic, true), side: Side::Client },
+            V1ToV1 { decoder: FrameDecoder::new(network.magic, false), side: Side::Remote },
+            self.config.timeouts.idle,
+            self.live.counters.clone(),
+            self.shutdown.clone(),
+        )
+        .await;
+        Ending::Relayed(Transport::V1Fallback, report)
     }
-    error
-}
 
-async fn send_reply(client: &mut TcpStream, code: ReplyCode, bound: &Target) -> std::io::Result<()> {
-    let mut reply = Vec::with_capacity(22);
-    socks5::encode_reply(code, bound, &mut reply).map_err(std::io::Error::other)?;
-    client.write_all(&reply).await
+    /// Records the transport (and BIP324 session id, in hex as Bitcoin Core's
+    /// `getpeerinfo` shows it) on the span and the status, and writes the open line.
+    fn open_line(&self, transport: Transport, session_id: Option<&[u8; 32]>) {
+        let span = Span::current();
+        span.record("transport", tracing::field::display(transport));
+        self.observer.opened(self.live, transport.label());
+        match session_id {
+            Some(id) => {
+                let session_id = hex::encode(id);
+                span.record("session_id", tracing::field::display(&session_id));
+                self.live.set_session_id(session_id.clone());
+                info!(%transport, %session_id, "session open");
+            }
+            None => info!(%transport, "session open"),
+        }
+    }
+
+    /// Sends the reply `error` calls for, if any, and hands the error back.
+    async fn refuse(&self, client: &mut TcpStream, error: SessionError) -> SessionError {
+        if let Some(code) = reply_code(&error) {
+            let bound = Target { host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
+            let _ = self.send_reply(client, code, &bound).await;
+        }
+        error
+    }
+
+    async fn send_reply(&self, client: &mut TcpStream, code: ReplyCode, bound: &Target) -> Result<(), SessionError> {
+        let mut reply = Vec::with_capacity(22);
+        socks5::encode_reply(code, bound, &mut reply).map_err(|e| SessionError::ClientIo(std::io::Error::other(e)))?;
+        self.observer.socks_reply(code.0);
+        client.write_all(&reply).await.map_err(SessionError::ClientIo)
+    }
 }
 
 /// Reads more client bytes into `pending`; end of stream is `gone`.

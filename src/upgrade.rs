@@ -83,6 +83,20 @@ fn describe_silence(silence: Silence) -> &'static str {
 }
 
 impl UpgradeError {
+    /// A short fixed label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpgradeError::NoResponse(_) => "no_response",
+            UpgradeError::ClosedMidway { .. } => "closed_midway",
+            UpgradeError::TimedOut { .. } => "timeout",
+            UpgradeError::NoGarbageTerminator => "no_garbage_terminator",
+            UpgradeError::PacketTooLarge { .. } => "packet_too_large",
+            UpgradeError::Protocol(_) | UpgradeError::Packet(_) => "protocol",
+            UpgradeError::Io(_) => "io_error",
+            UpgradeError::SessionIdMismatch => "internal",
+        }
+    }
+
     /// True when Bitcoin Core would retry this peer with v1.
     pub fn remote_is_v1_only(&self) -> bool {
         matches!(self, UpgradeError::NoResponse(_))

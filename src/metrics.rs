@@ -1,0 +1,362 @@
+//! What operators see besides the log: Prometheus counters, the table of
+//! open sessions, and the HTTP listener that serves both (`/metrics`,
+//! `/status` as JSON, `/` as a small HTML page).
+//!
+//! [`Observer`] is always present; sessions report to it whether or not a
+//! metrics listener is configured. Label values come from small fixed sets
+//! (transport, reason, direction, reply code), never from client input.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+type Labels1 = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+/// The Prometheus metrics of one proxy.
+pub struct Metrics {
+    registry: Registry,
+    sessions_opened: Family<Labels1, Counter>,
+    sessions_closed: Family<Labels2, Counter>,
+    sessions_active: Gauge,
+    handshake_seconds: Histogram,
+    bytes: Family<Labels1, Counter>,
+    messages: Family<Labels1, Counter>,
+    socks_replies: Family<[(&'static str, String); 1], Counter>,
+    upgrade_failures: Family<Labels1, Counter>,
+    v1_only_memory: Family<Labels1, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("bip324_proxy");
+        let sessions_opened = Family::<Labels1, Counter>::default();
+        let sessions_closed = Family::<Labels2, Counter>::default();
+        let sessions_active = Gauge::default();
+        // 1 ms .. ~16 s
+        let handshake_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let bytes = Family::<Labels1, Counter>::default();
+        let messages = Family::<Labels1, Counter>::default();
+        let socks_replies = Family::<[(&'static str, String); 1], Counter>::default();
+        let upgrade_failures = Family::<Labels1, Counter>::default();
+        let v1_only_memory = Family::<Labels1, Counter>::default();
+        registry.register(
+            "sessions_opened",
+            "Sessions whose relay started, by transport (v2, v1-fallback, passthrough)",
+            sessions_opened.clone(),
+        );
+        registry.register(
+            "sessions_closed",
+            "Sessions closed, by transport (none if the relay never started) and close reason",
+            sessions_closed.clone(),
+        );
+        registry.register("sessions_active", "Sessions open now, from accept to close", sessions_active.clone());
+        registry.register(
+            "handshake_duration_seconds",
+            "Time for a successful BIP324 handshake with the remote",
+            handshake_seconds.clone(),
+        );
+        registry.register("bytes", "Bytes received, by direction", bytes.clone());
+        registry.register("messages", "P2P messages carried, by direction", messages.clone());
+        registry.register("socks_replies", "SOCKS5 replies sent, by reply code", socks_replies.clone());
+        registry.register("upgrade_failures", "Failed BIP324 handshakes, by reason", upgrade_failures.clone());
+        registry.register(
+            "v1_only_memory",
+            "Sessions decided by the v1-only peer memory, by action (refused, direct_v1)",
+            v1_only_memory.clone(),
+        );
+        Metrics {
+            registry,
+            sessions_opened,
+            sessions_closed,
+            sessions_active,
+            handshake_seconds,
+            bytes,
+            messages,
+            socks_replies,
+            upgrade_failures,
+            v1_only_memory,
+        }
+    }
+}
+
+/// Live counters of one session, shared with its relay.
+#[derive(Debug, Default)]
+pub struct LiveCounters {
+    pub bytes_client_to_remote: AtomicU64,
+    pub bytes_remote_to_client: AtomicU64,
+    pub messages_client_to_remote: AtomicU64,
+    pub messages_remote_to_client: AtomicU64,
+}
+
+/// An open session as `/status` shows it.
+#[derive(Debug)]
+pub struct LiveSession {
+    pub id: u64,
+    pub client: SocketAddr,
+    started: Instant,
+    started_unix: u64,
+    target: OnceLock<String>,
+    network: OnceLock<String>,
+    transport: OnceLock<&'static str>,
+    session_id: OnceLock<String>,
+    pub counters: Arc<LiveCounters>,
+}
+
+impl LiveSession {
+    pub fn set_target(&self, target: String) {
+        let _ = self.target.set(target);
+    }
+    pub fn set_network(&self, network: String) {
+        let _ = self.network.set(network);
+    }
+    pub fn set_transport(&self, transport: &'static str) {
+        let _ = self.transport.set(transport);
+    }
+    pub fn set_session_id(&self, session_id: String) {
+        let _ = self.session_id.set(session_id);
+    }
+    pub fn transport(&self) -> Option<&'static str> {
+        self.transport.get().copied()
+    }
+}
+
+/// One row of `/status`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SessionRow {
+    pub id: u64,
+    pub client: String,
+    pub target: Option<String>,
+    pub network: Option<String>,
+    pub transport: Option<String>,
+    pub session_id: Option<String>,
+    pub started_unix: u64,
+    pub age_secs: u64,
+    pub bytes_client_to_remote: u64,
+    pub bytes_remote_to_client: u64,
+    pub messages_client_to_remote: u64,
+    pub messages_remote_to_client: u64,
+}
+
+/// The `/status` document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub uptime_secs: u64,
+    pub open_sessions: usize,
+    /// Share of open sessions with a relay that are carried over v2 (0..=1).
+    pub v2_share: Option<f64>,
+    pub sessions: Vec<SessionRow>,
+}
+
+/// Everything sessions report to.
+pub struct Observer {
+    pub metrics: Metrics,
+    started: Instant,
+    sessions: Mutex<BTreeMap<u64, Arc<LiveSession>>>,
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        Observer { metrics: Metrics::default(), started: Instant::now(), sessions: Mutex::new(BTreeMap::new()) }
+    }
+}
+
+impl Observer {
+    /// A session was accepted; it is listed until [`Observer::closed`].
+    pub fn accepted(&self, id: u64, client: SocketAddr) -> Arc<LiveSession> {
+        let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let session = Arc::new(LiveSession {
+            id,
+            client,
+            started: Instant::now(),
+            started_unix,
+            target: OnceLock::new(),
+            network: OnceLock::new(),
+            transport: OnceLock::new(),
+            session_id: OnceLock::new(),
+            counters: Arc::new(LiveCounters::default()),
+        });
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(id, session.clone());
+        self.metrics.sessions_active.inc();
+        session
+    }
+
+    /// The relay started with this transport.
+    pub fn opened(&self, session: &LiveSession, transport: &'static str) {
+        session.set_transport(transport);
+        self.metrics.sessions_opened.get_or_create(&[("transport", transport)]).inc();
+    }
+
+    pub fn handshake_done(&self, took: Duration) {
+        self.metrics.handshake_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn upgrade_failed(&self, reason: &'static str) {
+        self.metrics.upgrade_failures.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn socks_reply(&self, code: u8) {
+        self.metrics.socks_replies.get_or_create(&[("code", reply_label(code))]).inc();
+    }
+
+    pub fn v1_only_memory(&self, action: &'static str) {
+        self.metrics.v1_only_memory.get_or_create(&[("action", action)]).inc();
+    }
+
+    /// The session ended; its traffic goes into the totals.
+    pub fn closed(&self, session: &LiveSession, reason: &'static str) {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&session.id);
+        self.metrics.sessions_active.dec();
+        let transport = session.transport().unwrap_or("none");
+        self.metrics.sessions_closed.get_or_create(&[("transport", transport), ("reason", reason)]).inc();
+        let c = &session.counters;
+        for (direction, bytes, messages) in [
+            ("client_to_remote", &c.bytes_client_to_remote, &c.messages_client_to_remote),
+            ("remote_to_client", &c.bytes_remote_to_client, &c.messages_remote_to_client),
+        ] {
+            self.metrics.bytes.get_or_create(&[("direction", direction)]).inc_by(bytes.load(Ordering::Relaxed));
+            self.metrics.messages.get_or_create(&[("direction", direction)]).inc_by(messages.load(Ordering::Relaxed));
+        }
+    }
+
+    /// The open sessions, oldest first.
+    pub fn status(&self) -> Status {
+        let sessions: Vec<SessionRow> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|s| SessionRow {
+                id: s.id,
+                client: s.client.to_string(),
+                target: s.target.get().cloned(),
+                network: s.network.get().cloned(),
+                transport: s.transport.get().map(|t| (*t).to_owned()),
+                session_id: s.session_id.get().cloned(),
+                started_unix: s.started_unix,
+                age_secs: s.started.elapsed().as_secs(),
+                bytes_client_to_remote: s.counters.bytes_client_to_remote.load(Ordering::Relaxed),
+                bytes_remote_to_client: s.counters.bytes_remote_to_client.load(Ordering::Relaxed),
+                messages_client_to_remote: s.counters.messages_client_to_remote.load(Ordering::Relaxed),
+                messages_remote_to_client: s.counters.messages_remote_to_client.load(Ordering::Relaxed),
+            })
+            .collect();
+        let relayed = sessions.iter().filter(|s| s.transport.is_some()).count();
+        let v2 = sessions.iter().filter(|s| s.transport.as_deref() == Some("v2")).count();
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_secs: self.started.elapsed().as_secs(),
+            open_sessions: sessions.len(),
+            v2_share: (relayed > 0).then(|| v2 as f64 / relayed as f64),
+            sessions,
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode_metrics(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.metrics.registry);
+        out
+    }
+}
+
+fn reply_label(code: u8) -> String {
+    format!("{code:#04x}")
+}
+
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// Serves `/metrics`, `/status` and `/` until `shutdown`. Only clients the
+/// configuration allows are answered (the page shows client addresses and
+/// targets).
+pub async fn serve(
+    listener: TcpListener,
+    observer: Arc<Observer>,
+    config: Arc<crate::config::Config>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/status", get(status_json))
+        .route("/", get(status_page))
+        .layer(axum::middleware::from_fn_with_state(config, allow_list))
+        .with_state(observer);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn allow_list(
+    State(config): State<Arc<crate::config::Config>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if config.allows(&client) { next.run(request).await } else { StatusCode::FORBIDDEN.into_response() }
+}
+
+async fn metrics_text(State(observer): State<Arc<Observer>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], observer.encode_metrics())
+}
+
+async fn status_json(State(observer): State<Arc<Observer>>) -> impl IntoResponse {
+    axum::Json(observer.status())
+}
+
+async fn status_page() -> Html<&'static str> {
+    Html(STATUS_PAGE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_labels_are_hex() {
+        assert_eq!(reply_label(0x00), "0x00");
+        assert_eq!(reply_label(0x05), "0x05");
+        assert_eq!(reply_label(0xf1), "0xf1");
+    }
+
+    #[test]
+    fn sessions_are_listed_until_closed_and_counted() {
+        let observer = Observer::default();
+        let a = observer.accepted(1, "127.0.0.1:1".parse().unwrap());
+        let b = observer.accepted(2, "127.0.0.1:2".parse().unwrap());
+        observer.opened(&a, "v2");
+        a.set_session_id("ab".repeat(32));
+        a.counters.bytes_client_to_remote.store(100, Ordering::Relaxed);
+        observer.opened(&b, "v1-fallback");
+        let status = observer.status();
+        assert_eq!(status.open_sessions, 2);
+        assert_eq!(status.v2_share, Some(0.5));
+        assert_eq!(status.sessions[0].session_id.as_deref(), Some("ab".repeat(32).as_str()));
+        observer.closed(&a, "closed");
+        observer.closed(&b, "idle");
+        assert_eq!(observer.status().open_sessions, 0);
+        let text = observer.encode_metrics();
+        assert!(text.contains("bip324_proxy_sessions_opened_total{transport=\"v2\"} 1"), "{text}");
+        assert!(text.contains("bip324_proxy_sessions_closed_total{transport=\"v2\",reason=\"closed\"} 1"), "{text}");
+        assert!(text.contains("bip324_proxy_bytes_total{direction=\"client_to_remote\"} 100"), "{text}");
+        assert!(text.contains("bip324_proxy_sessions_active 0"), "{text}");
+    }
+}
