@@ -19,6 +19,7 @@ pub mod memory;
 pub mod metrics;
 pub mod network;
 pub mod outbound;
+pub mod probe;
 pub mod relay;
 pub mod server;
 pub mod session;

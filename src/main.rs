@@ -11,7 +11,8 @@ use bip324_proxy::config::{Cli, Config};
 use bip324_proxy::metrics::Observer;
 use bip324_proxy::server::Context as ProxyContext;
 use bip324_proxy::session::FrontEnd;
-use clap::{Parser, Subcommand};
+use bip324_proxy::socks5::Target;
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -34,6 +35,22 @@ struct Args {
 enum Command {
     /// Exit 0 if a proxy answers a SOCKS5 greeting on the configured listen address, 1 otherwise.
     Healthcheck,
+    /// Does a node speak v2? Exit 0 for v2, 1 for v1-only, 2 for unreachable.
+    ///
+    /// Dials the node (through the configured upstream, if any), attempts the
+    /// BIP324 handshake and prints the session id and handshake time.
+    Probe {
+        /// The node, as HOST:PORT.
+        target: String,
+        /// Network whose magic keys the handshake [default: mainnet].
+        #[arg(long = "network", id = "probe_network", value_name = "NAME", default_value = "mainnet")]
+        network: String,
+    },
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[tokio::main]
@@ -45,11 +62,28 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
 
+    if let Some(Command::Completions { shell }) = args.command {
+        clap_complete::generate(shell, &mut Args::command(), "bip324-proxy", &mut std::io::stdout());
+        return Ok(());
+    }
     let config = Config::load(&args.cli).context("configuration")?;
     match args.command {
         None => serve(config).await,
         Some(Command::Healthcheck) => healthcheck(&config).await,
+        Some(Command::Probe { target, network }) => probe(&config, &target, &network).await,
+        Some(Command::Completions { .. }) => Ok(()),
     }
+}
+
+async fn probe(config: &Config, target: &str, network: &str) -> anyhow::Result<()> {
+    let target = Target::parse(target).map_err(|e| anyhow::anyhow!("`{target}` is not HOST:PORT: {e}"))?;
+    let Some(network) = config.known_networks.iter().find(|n| n.name == network).cloned() else {
+        let known: Vec<&str> = config.known_networks.iter().map(|n| n.name.as_str()).collect();
+        bail!("unknown network `{network}` (known: {})", known.join(", "));
+    };
+    let outcome = bip324_proxy::probe::probe(&target, &network, config).await;
+    println!("{}", outcome.report(&target, &network));
+    std::process::exit(outcome.exit_code().into());
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

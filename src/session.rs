@@ -13,6 +13,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -472,15 +473,18 @@ impl Session<'_> {
         let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
         let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
         let started = Instant::now();
-        let upgraded =
-            upgrade::upgrade(&mut remote, network.magic, &message_type[..type_len], payload, config.timeouts.handshake)
-                .await;
+        let first = upgrade::FirstMessage { message_type: &message_type[..type_len], payload };
+        let upgraded = upgrade::upgrade(&mut remote, network.magic, Some(first), config.timeouts.handshake).await;
         match upgraded {
             Ok(channel) => {
                 self.observer.handshake_done(started.elapsed());
                 self.open_line(Transport::V2, Some(&channel.session_id));
+                // The VERSION went out in the handshake; it counts as carried.
                 pending.advance(version_len);
-                let report = relay::run(
+                let counters = &self.live.counters;
+                counters.bytes_client_to_remote.fetch_add(version_len as u64, Ordering::Relaxed);
+                counters.messages_client_to_remote.fetch_add(1, Ordering::Relaxed);
+                let mut report = relay::run(
                     Leg { stream: client, pending },
                     Leg { stream: remote, pending: channel.leftover },
                     V1ToV2 { decoder: FrameDecoder::new(network.magic, true), encoder: channel.encoder },
@@ -490,6 +494,8 @@ impl Session<'_> {
                     self.shutdown.clone(),
                 )
                 .await;
+                report.client_to_remote.bytes_in += version_len as u64;
+                report.client_to_remote.messages += 1;
                 Ok(Ending::Relayed(Transport::V2, report))
             }
             Err(error) => {

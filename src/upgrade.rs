@@ -184,14 +184,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<'_, S> {
     }
 }
 
+/// The client's first message as v2 contents, to go out in the handshake's
+/// first encrypted flight.
+#[derive(Debug, Clone, Copy)]
+pub struct FirstMessage<'a> {
+    pub message_type: &'a [u8],
+    pub payload: &'a [u8],
+}
+
 /// Runs the handshake on `remote` for the network `magic`, sending the
-/// client's first message (`message_type` + `payload`, the v2 contents) as
-/// the first application packet.
+/// client's first message (if any) as the first application packet.
 pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     remote: &mut S,
     magic: Magic,
-    message_type: &[u8],
-    payload: &[u8],
+    first_message: Option<FirstMessage<'_>>,
     handshake_timeout: Duration,
 ) -> Result<V2Channel, UpgradeError> {
     let mut io = Reader { stream: remote, deadline: Instant::now() + handshake_timeout, received: 0 };
@@ -227,7 +233,9 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let mut encoder = keys.encoder(1);
     let mut flight = BytesMut::from(&second_flight[..]);
-    encoder.encode(message_type, payload, &mut flight)?;
+    if let Some(first) = first_message {
+        encoder.encode(first.message_type, first.payload, &mut flight)?;
+    }
     io.write_all(&flight).await?;
 
     // The responder's garbage, up to its terminator (searched by the crate

@@ -828,3 +828,39 @@ pub async fn socks_resolve(proxy: SocketAddr, name: &str) -> Result<std::net::Ip
     s.read_exact(&mut port).await.unwrap();
     if head[1] == 0 { Ok(ip) } else { Err(head[1]) }
 }
+
+/// A plain HTTP/1.1 GET; returns (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut response)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, body.to_owned())
+}
+
+/// Waits for `metrics` to contain `line` (counters settle when sessions close).
+pub async fn wait_for_metric(addr: SocketAddr, line: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let (_, body) = http_get(addr, "/metrics").await;
+        if body.lines().any(|l| l == line) {
+            return body;
+        }
+        last = body;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("metrics never showed `{line}`:\n{last}");
+}
+
+/// Runs the binary to completion; returns its exit status and stdout.
+pub async fn run_binary_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let output = tokio::time::timeout(WAIT, binary_command(args, "warn").stdout(std::process::Stdio::piped()).output())
+        .await
+        .expect("binary exits")
+        .expect("binary runs");
+    (output.status, String::from_utf8_lossy(&output.stdout).into_owned())
+}
