@@ -7,38 +7,12 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const ONION: &str = "pg6mmjiyjmcrsslvykfwnntlaru7p5svn6y2ymmju6nubxndf4pscryd.onion";
 
 fn toml_upstream(addr: std::net::SocketAddr, extra: &str) -> String {
     format!("[upstream]\nsocks5 = \"{addr}\"\n{extra}")
-}
-
-/// SOCKS5 with username/password = `creds`, the target by name.
-async fn socks_with_credentials(
-    proxy: std::net::SocketAddr,
-    creds: &str,
-    host: &str,
-    port: u16,
-) -> Result<tokio::net::TcpStream, u8> {
-    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[0x05, 0x02, 0x00, 0x02]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
-    assert_eq!(choice, [0x05, 0x02], "the proxy must ask for credentials to forward them");
-    let mut auth = vec![0x01, creds.len() as u8];
-    auth.extend_from_slice(creds.as_bytes());
-    auth.push(creds.len() as u8);
-    auth.extend_from_slice(creds.as_bytes());
-    s.write_all(&auth).await.unwrap();
-    let mut status = [0u8; 2];
-    s.read_exact(&mut status).await.unwrap();
-    let mut request = vec![0x05, 0x01, 0x00, 0x03, host.len() as u8];
-    request.extend_from_slice(host.as_bytes());
-    request.extend_from_slice(&port.to_be_bytes());
-    s.write_all(&request).await.unwrap();
-    read_reply(s).await
 }
 
 #[tokio::test]
@@ -71,8 +45,7 @@ async fn client_isolation_forwards_each_clients_credentials() {
     let upstream = spawn_recording_upstream(UpstreamBehaviour::default()).await;
     let proxy = spawn_proxy(&["--upstream", &upstream.addr.to_string()]).await;
     for creds in ["0afb2da441f5c105-0", "77c2f0913b6e4d8a-1"] {
-        let mut client =
-            socks_with_credentials(proxy.addr, creds, "127.0.0.1", node.addr.port()).await.expect("CONNECT");
+        let mut client = socks_named(proxy.addr, creds, "127.0.0.1", node.addr.port(), true).await.expect("CONNECT");
         client.write_all(&version_message(REGTEST, node.addr)).await.unwrap();
         assert_eq!(expect_frame(&mut client).await.command, "version");
     }

@@ -109,17 +109,32 @@ pub async fn expect_closed<R: AsyncRead + Unpin>(reader: &mut R) {
 /// username = password like `0afb2da441f5c105-0`, the target as DOMAINNAME
 /// even for IP literals (IPv6 without brackets).
 pub async fn socks_core(proxy: SocketAddr, host: &str, port: u16) -> Result<TcpStream, u8> {
+    let credentials = format!("{:016x}-0", rand::random::<u64>());
+    socks_named(proxy, &credentials, host, port, false).await
+}
+
+/// Core-style SOCKS5 with `credentials` as username and password; with
+/// `require_auth` the proxy must choose username/password.
+pub async fn socks_named(
+    proxy: SocketAddr,
+    credentials: &str,
+    host: &str,
+    port: u16,
+    require_auth: bool,
+) -> Result<TcpStream, u8> {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     s.write_all(&[0x05, 0x02, 0x00, 0x02]).await.unwrap();
     let mut choice = [0u8; 2];
     s.read_exact(&mut choice).await.unwrap();
     assert_eq!(choice[0], 0x05);
+    if require_auth {
+        assert_eq!(choice[1], 0x02, "the proxy must ask for credentials to forward them");
+    }
     if choice[1] == 0x02 {
-        let creds = format!("{:016x}-0", rand::random::<u64>());
-        let mut auth = vec![0x01, creds.len() as u8];
-        auth.extend_from_slice(creds.as_bytes());
-        auth.push(creds.len() as u8);
-        auth.extend_from_slice(creds.as_bytes());
+        let mut auth = vec![0x01, credentials.len() as u8];
+        auth.extend_from_slice(credentials.as_bytes());
+        auth.push(credentials.len() as u8);
+        auth.extend_from_slice(credentials.as_bytes());
         s.write_all(&auth).await.unwrap();
         let mut status = [0u8; 2];
         s.read_exact(&mut status).await.unwrap();
