@@ -1,0 +1,634 @@
+//! Benchmark of bip324-proxy against a plain TCP relay, on loopback only:
+//!
+//! 1. throughput of echoed payload (1 KiB and 1 MiB messages): a v1 client
+//!    through the proxy's SOCKS5 path to a v2 echo node, versus the same
+//!    client through a plain tokio relay to a v1 echo node;
+//! 2. proxy CPU per echoed MB (from /proc/<pid>/stat) versus the in-process
+//!    floor of the work every byte needs (one ChaCha20-Poly1305 seal and
+//!    open, two SHA256d), and the relay's CPU per MB for context;
+//! 3. handshake latency, SOCKS connect to the VERSION echo, versus a native
+//!    v2 client running the proxy's own initiator handshake to the node;
+//! 4. resident memory per idle, fully established session.
+//!
+//! The proxy, the relay and the echo nodes each run in a child process (this
+//! binary re-executed with a hidden `--role`), so each one's CPU time and
+//! memory can be read on its own; the client and the floor run here.
+//!
+//! Run: `cargo run --release --example bench` (about 40 s on 2 cores; `--help` for options).
+
+#![forbid(unsafe_code)]
+
+#[path = "bench/children.rs"]
+mod children;
+#[path = "bench/client.rs"]
+mod client;
+#[path = "bench/floor.rs"]
+mod floor;
+#[path = "bench/nodes.rs"]
+mod nodes;
+#[path = "bench/procfs.rs"]
+mod procfs;
+#[path = "bench/roles.rs"]
+mod roles;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use bip324_proxy::v1::{self, Magic};
+use clap::Parser;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::children::{ChildProcess, Role};
+use crate::client::{Load, Pipeline};
+
+/// Regtest: every session of the benchmark speaks it.
+pub const MAGIC: Magic = [0xfa, 0xbf, 0xb5, 0xda];
+
+/// Warm-up of each throughput case before counting starts.
+const WARMUP: Duration = Duration::from_secs(1);
+/// CPU time of each floor measurement, single thread.
+const FLOOR_DURATION: Duration = Duration::from_millis(1500);
+/// Unmeasured sessions before the handshake samples (caches, lazy statics, TCP paths).
+const HANDSHAKE_WARMUP: usize = 10;
+/// Pause between sequential handshake samples, so one session's teardown
+/// does not overlap the next one's start.
+const HANDSHAKE_PAUSE: Duration = Duration::from_millis(2);
+/// The small idle-memory case.
+const SMALL_IDLE_SESSIONS: usize = 1_000;
+/// Sessions opened before an idle-memory baseline, so lazily built state is not counted per session.
+const IDLE_WARMUP_SESSIONS: usize = 32;
+/// Sessions being established at once in the idle-memory cases.
+const OPEN_CONCURRENCY: usize = 64;
+/// Client source addresses 127.0.0.2, 127.0.0.3, ...: each has its own
+/// 32768-60999 ephemeral range, so ports never run short.
+const SOURCE_ADDRS: u8 = 16;
+/// File descriptors the proxy keeps for itself (listener, epoll, stdio,
+/// runtime) out of the hard limit; the rest allow two per session.
+const PROXY_FD_RESERVE: u64 = 200;
+/// Time for a proxy to close what its clients closed, or to settle after opening.
+const SETTLE: Duration = Duration::from_secs(1);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Cores busy outside the benchmark above which its numbers get a warning.
+const NOISY_MACHINE_CORES: f64 = 0.2;
+
+/// Benchmark of bip324-proxy against a plain TCP relay (loopback only).
+#[derive(Debug, Parser)]
+struct Args {
+    /// Seconds each throughput case is measured, after a one-second warm-up.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Handshake latency samples for each of the proxy and the native v2 client.
+    #[arg(long, default_value_t = 200)]
+    handshakes: usize,
+    /// 1 KiB messages in flight (sent, not yet echoed) in the throughput case.
+    #[arg(long, default_value_t = 256)]
+    window_small: u32,
+    /// 1 MiB messages in flight in the throughput case.
+    #[arg(long, default_value_t = 8)]
+    window_large: u32,
+    /// Idle sessions of the large memory case, capped by the file limit.
+    #[arg(long, default_value_t = 10_000)]
+    sessions: usize,
+    /// Child process role (internal).
+    #[arg(long, hide = true, value_enum)]
+    role: Option<Role>,
+    /// Where the relay role forwards to (internal).
+    #[arg(long, hide = true)]
+    target: Option<SocketAddr>,
+    /// Session cap of the proxy role (internal).
+    #[arg(long, hide = true, default_value_t = 20_000)]
+    max_sessions: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // Soft limit up to the hard limit, in every process.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    if let Some(role) = args.role {
+        return roles::run(role, args.target, args.max_sessions);
+    }
+
+    let started = Instant::now();
+    let ticks_per_second = procfs::clock_ticks_per_second();
+    let background_cores = background_load(ticks_per_second)?;
+    // Before any other process or thread exists, so nothing competes for the core.
+    eprintln!("measuring the CPU floor ...");
+    let floor = Floor {
+        small: floor::cpu_seconds_per_mb(1024, FLOOR_DURATION, ticks_per_second)?,
+        large: floor::cpu_seconds_per_mb(1 << 20, FLOOR_DURATION, ticks_per_second)?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    let results = runtime.block_on(run_cases(&args, ticks_per_second))?;
+    print_report(&floor, &results, background_cores, started.elapsed());
+    Ok(())
+}
+
+/// Cores the machine keeps busy without us, over one second before we start.
+fn background_load(ticks_per_second: u64) -> anyhow::Result<f64> {
+    let before = procfs::machine_busy_ticks()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let busy = procfs::machine_busy_ticks()? - before;
+    Ok(busy as f64 / ticks_per_second as f64)
+}
+
+/// In-process floor, CPU seconds per MB.
+struct Floor {
+    small: f64,
+    large: f64,
+}
+
+/// Everything measured against child processes.
+struct Results {
+    throughput: Vec<ThroughputCase>,
+    handshake: Handshakes,
+    idle: Vec<IdleMemory>,
+    /// Why the large idle case has fewer sessions than asked, if it does.
+    idle_cap_note: Option<String>,
+}
+
+struct ThroughputCase {
+    label: &'static str,
+    proxy: Throughput,
+    relay: Throughput,
+}
+
+/// One throughput run: rates over the measured window only.
+struct Throughput {
+    mb_per_second: f64,
+    /// CPU seconds of the proxy or relay process per echoed MB.
+    server_cpu_per_mb: f64,
+    /// Cores busy on average, per process.
+    client_cores: f64,
+    server_cores: f64,
+    nodes_cores: f64,
+    /// Cores busy with processes outside the benchmark (other work on the machine).
+    other_cores: f64,
+    /// Minor page faults of the proxy or relay per echoed MB.
+    server_faults_per_mb: f64,
+}
+
+struct Handshakes {
+    proxy: Vec<Duration>,
+    native: Vec<Duration>,
+    proxy_errors: usize,
+    native_errors: usize,
+    first_error: Option<String>,
+}
+
+struct IdleMemory {
+    asked: usize,
+    established: usize,
+    failures: usize,
+    first_error: Option<String>,
+    kib_per_session: f64,
+    proxy_fds: usize,
+}
+
+async fn run_cases(args: &Args, ticks_per_second: u64) -> anyhow::Result<Results> {
+    let nodes = ChildProcess::spawn(Role::Nodes, &[]).await?;
+    let (v2_node, v1_node) = match nodes.addrs[..] {
+        [v2, v1] => (v2, v1),
+        _ => anyhow::bail!("the nodes process reported {:?}", nodes.addrs),
+    };
+    let proxy = spawn_proxy().await?;
+    let relay = ChildProcess::spawn(Role::Relay, &["--target".to_owned(), v1_node.to_string()]).await?;
+    let version_payload = client::version_payload(v2_node);
+    let version_frame = client::frame(MAGIC, v1::VERSION_COMMAND, &version_payload);
+    let measure_for = Duration::from_secs(args.seconds.max(1));
+
+    let loads = [
+        ("1 KiB", Load { command: command("tx"), payload_len: 1024, batch: 16, window: args.window_small.max(16) }),
+        ("1 MiB", Load { command: command("block"), payload_len: 1 << 20, batch: 1, window: args.window_large.max(1) }),
+    ];
+    let mut throughput = Vec::new();
+    for (label, load) in loads {
+        eprintln!("throughput {label}: proxy ...");
+        let opened = client::open_proxy_session(proxy.addrs[0], None, v2_node, &version_frame);
+        let stream = flatten(tokio::time::timeout(client::SESSION_TIMEOUT, opened).await)?;
+        let through_proxy = measure_throughput(stream, load, &proxy, &nodes, measure_for, ticks_per_second).await?;
+        eprintln!("throughput {label}: plain relay ...");
+        let opened = client::open_relay_session(relay.addrs[0], &version_frame);
+        let stream = flatten(tokio::time::timeout(client::SESSION_TIMEOUT, opened).await)?;
+        let through_relay = measure_throughput(stream, load, &relay, &nodes, measure_for, ticks_per_second).await?;
+        throughput.push(ThroughputCase { label, proxy: through_proxy, relay: through_relay });
+    }
+    relay.stop().await;
+
+    eprintln!("handshake latency: {} sessions each ...", args.handshakes);
+    let handshake =
+        measure_handshakes(proxy.addrs[0], v2_node, &version_frame, &version_payload, args.handshakes).await;
+    proxy.stop().await;
+
+    let (hard_limit, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, hard)| (hard, soft))
+        .context("reading the file limit")?;
+    let most_sessions = usize::try_from(hard_limit.saturating_sub(PROXY_FD_RESERVE) / 2).unwrap_or(usize::MAX);
+    let large = args.sessions.min(most_sessions);
+    let idle_cap_note = (large < args.sessions).then(|| {
+        format!(
+            "{} idle sessions would need {} descriptors in the proxy (2 per session, plus its listener, \
+             epoll and stdio); the hard open-file limit here is {} and cannot be raised, so the large \
+             case uses {}",
+            thousands(args.sessions),
+            thousands(2 * args.sessions),
+            thousands(hard_limit as usize),
+            thousands(large)
+        )
+    });
+    let mut idle = Vec::new();
+    for sessions in [SMALL_IDLE_SESSIONS.min(large), large] {
+        eprintln!("idle memory: {} sessions ...", thousands(sessions));
+        idle.push(measure_idle_memory(v2_node, &version_frame, sessions).await?);
+    }
+    nodes.stop().await;
+
+    Ok(Results { throughput, handshake, idle, idle_cap_note })
+}
+
+fn command(name: &str) -> v1::Command {
+    v1::command_from_str(name).expect("a valid command name")
+}
+
+async fn spawn_proxy() -> anyhow::Result<ChildProcess> {
+    // Above the large idle case; the file limit binds first.
+    ChildProcess::spawn(Role::Proxy, &["--max-sessions".to_owned(), "20000".to_owned()]).await
+}
+
+/// A snapshot of the counters a throughput rate is computed from.
+struct Sample {
+    at: Instant,
+    echoed_bytes: u64,
+    client: procfs::ProcessStat,
+    server: procfs::ProcessStat,
+    nodes: procfs::ProcessStat,
+    machine_ticks: u64,
+}
+
+impl Sample {
+    fn take(pipeline: &Pipeline, server: &ChildProcess, nodes: &ChildProcess) -> anyhow::Result<Sample> {
+        Ok(Sample {
+            at: Instant::now(),
+            echoed_bytes: pipeline.echoed_bytes(),
+            client: procfs::process_stat(std::process::id())?,
+            server: server.stat()?,
+            nodes: nodes.stat()?,
+            machine_ticks: procfs::machine_busy_ticks()?,
+        })
+    }
+}
+
+async fn measure_throughput(
+    stream: TcpStream,
+    load: Load,
+    server: &ChildProcess,
+    nodes: &ChildProcess,
+    measure_for: Duration,
+    ticks_per_second: u64,
+) -> anyhow::Result<Throughput> {
+    let pipeline = Pipeline::start(stream, load);
+    tokio::time::sleep(WARMUP).await;
+    let before = Sample::take(&pipeline, server, nodes)?;
+    tokio::time::sleep(measure_for).await;
+    let after = Sample::take(&pipeline, server, nodes)?;
+    pipeline.finish().await?;
+
+    let seconds = (after.at - before.at).as_secs_f64();
+    let mb = (after.echoed_bytes - before.echoed_bytes) as f64 / 1e6;
+    ensure!(mb > 0.0, "nothing was echoed in {seconds:.1} s");
+    let cores = |before: u64, after: u64| (after - before) as f64 / ticks_per_second as f64 / seconds;
+    let client_cores = cores(before.client.cpu_ticks, after.client.cpu_ticks);
+    let server_cores = cores(before.server.cpu_ticks, after.server.cpu_ticks);
+    let nodes_cores = cores(before.nodes.cpu_ticks, after.nodes.cpu_ticks);
+    let machine_cores = cores(before.machine_ticks, after.machine_ticks);
+    Ok(Throughput {
+        mb_per_second: mb / seconds,
+        server_cpu_per_mb: server_cores * seconds / mb,
+        client_cores,
+        server_cores,
+        nodes_cores,
+        other_cores: (machine_cores - client_cores - server_cores - nodes_cores).max(0.0),
+        server_faults_per_mb: (after.server.minor_faults - before.server.minor_faults) as f64 / mb,
+    })
+}
+
+/// Sequential sessions, proxy and native v2 alternating so both see the same machine state.
+async fn measure_handshakes(
+    proxy: SocketAddr,
+    node: SocketAddr,
+    version_frame: &[u8],
+    version_payload: &[u8],
+    samples: usize,
+) -> Handshakes {
+    let mut result = Handshakes {
+        proxy: Vec::with_capacity(samples),
+        native: Vec::with_capacity(samples),
+        proxy_errors: 0,
+        native_errors: 0,
+        first_error: None,
+    };
+    for round in 0..HANDSHAKE_WARMUP + samples {
+        let counted = round >= HANDSHAKE_WARMUP;
+
+        let start = Instant::now();
+        let opened =
+            tokio::time::timeout(client::SESSION_TIMEOUT, client::open_proxy_session(proxy, None, node, version_frame))
+                .await;
+        let elapsed = start.elapsed();
+        match flatten(opened) {
+            Ok(stream) => {
+                drop(stream);
+                if counted {
+                    result.proxy.push(elapsed);
+                }
+            }
+            Err(e) => {
+                result.proxy_errors += 1;
+                result.first_error.get_or_insert(format!("proxy session: {e:#}"));
+            }
+        }
+        tokio::time::sleep(HANDSHAKE_PAUSE).await;
+
+        let start = Instant::now();
+        let echoed =
+            tokio::time::timeout(client::SESSION_TIMEOUT, client::native_v2_version_echo(node, version_payload)).await;
+        let elapsed = start.elapsed();
+        match flatten(echoed) {
+            Ok(()) => {
+                if counted {
+                    result.native.push(elapsed);
+                }
+            }
+            Err(e) => {
+                result.native_errors += 1;
+                result.first_error.get_or_insert(format!("native v2 session: {e:#}"));
+            }
+        }
+        tokio::time::sleep(HANDSHAKE_PAUSE).await;
+    }
+    result
+}
+
+fn flatten<T>(outcome: Result<anyhow::Result<T>, tokio::time::error::Elapsed>) -> anyhow::Result<T> {
+    outcome.context("timed out")?
+}
+
+/// RSS growth of a fresh proxy for `sessions` idle sessions, each with its
+/// v2 handshake done and the VERSION echoed.
+async fn measure_idle_memory(node: SocketAddr, version_frame: &[u8], sessions: usize) -> anyhow::Result<IdleMemory> {
+    // A fresh process: memory freed by earlier cases would otherwise be reused
+    // by these sessions and hide part of their cost.
+    let proxy = spawn_proxy().await?;
+    let fds_at_start = proxy.open_fds()?;
+    let warmup = open_sessions(proxy.addrs[0], node, version_frame, IDLE_WARMUP_SESSIONS).await;
+    ensure!(warmup.failures == 0, "warm-up sessions failed: {}", warmup.first_error.unwrap_or_default());
+    drop(warmup.streams);
+    wait_for_fds(&proxy, fds_at_start).await?;
+    tokio::time::sleep(SETTLE).await;
+    let rss_before = proxy.rss_kib()?;
+
+    let opened = open_sessions(proxy.addrs[0], node, version_frame, sessions).await;
+    tokio::time::sleep(SETTLE).await;
+    let rss_after = proxy.rss_kib()?;
+    let proxy_fds = proxy.open_fds()?;
+    let established = opened.streams.len();
+
+    drop(opened.streams);
+    wait_for_fds(&proxy, fds_at_start).await?;
+    proxy.stop().await;
+
+    ensure!(established > 0, "no idle session opened: {}", opened.first_error.unwrap_or_default());
+    Ok(IdleMemory {
+        asked: sessions,
+        established,
+        failures: opened.failures,
+        first_error: opened.first_error,
+        kib_per_session: rss_after.saturating_sub(rss_before) as f64 / established as f64,
+        proxy_fds,
+    })
+}
+
+/// Sessions opened at once.
+struct OpenSessions {
+    streams: Vec<TcpStream>,
+    failures: usize,
+    first_error: Option<String>,
+}
+
+/// Opens `count` proxy sessions, `OPEN_CONCURRENCY` at a time, from source
+/// addresses spread over 127.0.0.2 and up.
+async fn open_sessions(proxy: SocketAddr, node: SocketAddr, version_frame: &[u8], count: usize) -> OpenSessions {
+    let gate = Arc::new(Semaphore::new(OPEN_CONCURRENCY));
+    let version_frame: Arc<[u8]> = Arc::from(version_frame);
+    let mut tasks = JoinSet::new();
+    for index in 0..count {
+        let (gate, version_frame) = (gate.clone(), version_frame.clone());
+        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (index % usize::from(SOURCE_ADDRS)) as u8));
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("gate is never closed");
+            let opened = tokio::time::timeout(
+                client::SESSION_TIMEOUT,
+                client::open_proxy_session(proxy, Some(source), node, &version_frame),
+            )
+            .await;
+            flatten(opened)
+        });
+    }
+    let mut result = OpenSessions { streams: Vec::with_capacity(count), failures: 0, first_error: None };
+    while let Some(joined) = tasks.join_next().await {
+        match joined.map_err(anyhow::Error::from).and_then(|opened| opened) {
+            Ok(stream) => result.streams.push(stream),
+            Err(e) => {
+                result.failures += 1;
+                result.first_error.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    result
+}
+
+/// Waits, bounded, until the proxy holds no more descriptors than `fds`.
+async fn wait_for_fds(proxy: &ChildProcess, fds: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let open = proxy.open_fds()?;
+        if open <= fds {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "the proxy still holds {open} descriptors (idle: {fds})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------- report
+
+fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed: Duration) {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    println!();
+    println!("bip324-proxy benchmark (machine: {}, {cores} cores)", procfs::cpu_model());
+    println!("{:<20} {:<18} {:<22} {:<7} {:<10} verdict", "case", "proxy", "reference", "ratio", "goal");
+
+    let goals_throughput = [0.9, 0.6];
+    let goals_efficiency = [0.5, 0.75];
+    for (case, goal) in results.throughput.iter().zip(goals_throughput) {
+        let ratio = case.proxy.mb_per_second / case.relay.mb_per_second;
+        row(
+            &format!("throughput {}", case.label),
+            &format!("{:.1} MB/s", case.proxy.mb_per_second),
+            &format!("relay {:.1} MB/s", case.relay.mb_per_second),
+            ratio,
+            &format!(">= {goal}"),
+            ratio >= goal,
+        );
+    }
+    for ((case, goal), floor) in results.throughput.iter().zip(goals_efficiency).zip([floor.small, floor.large]) {
+        let efficiency = floor / case.proxy.server_cpu_per_mb;
+        row(
+            &format!("cpu/MB {}", case.label),
+            &format!("proxy {:.2} ms", case.proxy.server_cpu_per_mb * 1e3),
+            &format!("floor {:.2} ms", floor * 1e3),
+            efficiency,
+            &format!(">= {goal}"),
+            efficiency >= goal,
+        );
+    }
+    for case in &results.throughput {
+        println!(
+            "{:<20} {:<18} {:<22} {:<7} {:<10}",
+            format!("relay cpu/MB {}", case.label),
+            format!("relay {:.2} ms", case.relay.server_cpu_per_mb * 1e3),
+            format!("proxy/relay {:.1}x", case.proxy.server_cpu_per_mb / case.relay.server_cpu_per_mb),
+            "",
+            "(context)"
+        );
+    }
+
+    let hs = &results.handshake;
+    if hs.proxy.is_empty() || hs.native.is_empty() {
+        println!("{:<20} no successful sessions", "handshake");
+    } else {
+        for (label, quantile, goal) in [("median", 0.5, Some(1.3)), ("p99", 0.99, None)] {
+            let proxy = percentile(&hs.proxy, quantile);
+            let native = percentile(&hs.native, quantile);
+            let ratio = proxy.as_secs_f64() / native.as_secs_f64();
+            let text_proxy = format!("{:.3} ms", proxy.as_secs_f64() * 1e3);
+            let text_native = format!("native {:.3} ms", native.as_secs_f64() * 1e3);
+            match goal {
+                Some(goal) => row(
+                    &format!("handshake {label}"),
+                    &text_proxy,
+                    &text_native,
+                    ratio,
+                    &format!("<= {goal}"),
+                    ratio <= goal,
+                ),
+                None => println!(
+                    "{:<20} {:<18} {:<22} {:<7.2} {:<10}",
+                    format!("handshake {label}"),
+                    text_proxy,
+                    text_native,
+                    ratio,
+                    "(info)"
+                ),
+            }
+        }
+    }
+
+    let idle_goal_kib = 24.0;
+    let idle_text: Vec<String> =
+        results.idle.iter().map(|m| format!("{}: {:.1} KiB", thousands(m.asked), m.kib_per_session)).collect();
+    let idle_met = results.idle.iter().all(|m| m.kib_per_session <= idle_goal_kib && m.failures == 0);
+    println!(
+        "{:<20} {:<49} {:<10} {}",
+        "idle RSS/session",
+        idle_text.join("   "),
+        format!("<= {idle_goal_kib} KiB"),
+        verdict(idle_met)
+    );
+
+    println!();
+    println!("notes:");
+    println!("  MB = 10^6 bytes of echoed payload. cpu/MB = utime+stime of the proxy (or relay) process per");
+    println!("  echoed MB; floor = one ChaCha20-Poly1305 seal + open and two SHA256d per payload byte on one");
+    println!("  thread in-process; ratio on cpu rows = floor/proxy (efficiency).");
+    for case in &results.throughput {
+        for (path, run) in [("proxy", &case.proxy), ("relay", &case.relay)] {
+            println!(
+                "  {} via {path}: cores busy: client {:.2}, {path} {:.2}, echo nodes {:.2}, other processes {:.2}; \
+                 {path} page faults/MB {:.0}",
+                case.label,
+                run.client_cores,
+                run.server_cores,
+                run.nodes_cores,
+                run.other_cores,
+                run.server_faults_per_mb
+            );
+        }
+    }
+    println!(
+        "  handshake: {} samples each after {HANDSHAKE_WARMUP} warm-up; failed sessions: proxy {}, native v2 {}",
+        hs.proxy.len(),
+        hs.proxy_errors,
+        hs.native_errors
+    );
+    if let Some(error) = &hs.first_error {
+        println!("    first failure: {error}");
+    }
+    for m in &results.idle {
+        println!(
+            "  idle sessions {}: established {}, failed {}, proxy descriptors while open {}",
+            thousands(m.asked),
+            thousands(m.established),
+            m.failures,
+            thousands(m.proxy_fds)
+        );
+        if let Some(error) = &m.first_error {
+            println!("    first failure: {error}");
+        }
+    }
+    if let Some(note) = &results.idle_cap_note {
+        println!("  {note}.");
+    }
+    let busiest_other = results.throughput.iter().flat_map(|c| [c.proxy.other_cores, c.relay.other_cores]);
+    let busiest_other = busiest_other.fold(background_cores, f64::max);
+    println!("  other processes kept {background_cores:.2} cores busy before the run");
+    if busiest_other > NOISY_MACHINE_CORES {
+        println!(
+            "  WARNING: other processes used up to {busiest_other:.2} cores during the run; \
+             throughput and latency numbers are not reliable"
+        );
+    }
+    println!("  total run time: {:.1} s", elapsed.as_secs_f64());
+}
+
+fn row(case: &str, proxy: &str, reference: &str, ratio: f64, goal: &str, met: bool) {
+    println!("{case:<20} {proxy:<18} {reference:<22} {ratio:<7.2} {goal:<10} {}", verdict(met));
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+/// Nearest-rank percentile.
+fn percentile(samples: &[Duration], quantile: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = (quantile * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// 9900 -> "9,900".
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
