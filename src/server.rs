@@ -21,18 +21,25 @@ use crate::config::Config;
 use crate::memory::V1OnlyMemory;
 use crate::metrics::Observer;
 use crate::session::{self, FrontEnd};
+use crate::upgrade::KeyPool;
 
 /// What every session of one proxy shares.
 pub struct Context {
     pub config: Arc<Config>,
     pub observer: Arc<Observer>,
     pub v1_only: Option<V1OnlyMemory>,
+    /// Handshake keys made ahead of time for the allowed networks.
+    pub keys: Arc<KeyPool>,
 }
+
+/// Keys kept ready per allowed network.
+const KEY_POOL_DEPTH: usize = 8;
 
 impl Context {
     pub fn new(config: Arc<Config>, observer: Arc<Observer>) -> Self {
         let (capacity, ttl) = config.v1_only_memory;
-        Context { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer }
+        let keys = KeyPool::new(config.networks.iter().map(|n| n.magic), KEY_POOL_DEPTH);
+        Context { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer, keys }
     }
 }
 

@@ -474,7 +474,10 @@ impl Session<'_> {
         let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
         let started = Instant::now();
         let first = upgrade::FirstMessage { message_type: &message_type[..type_len], payload };
-        let upgraded = upgrade::upgrade(&mut remote, network.magic, Some(first), config.timeouts.handshake).await;
+        let upgraded = match self.context.keys.take(network.magic) {
+            Ok(key) => upgrade::upgrade(&mut remote, key, Some(first), config.timeouts.handshake).await,
+            Err(error) => Err(error),
+        };
         match upgraded {
             Ok(channel) => {
                 self.observer.handshake_done(started.elapsed());

@@ -12,7 +12,8 @@
 //! the crate considers the handshake complete.
 
 use std::io;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use bip324::{FillBytes, GarbageResult, Handshake, Initialized, ReceivedKey, Role, VersionResult};
@@ -192,21 +193,92 @@ pub struct FirstMessage<'a> {
     pub payload: &'a [u8],
 }
 
-/// Runs the handshake on `remote` for the network `magic`, sending the
-/// client's first message (if any) as the first application packet.
+/// Our ephemeral key for one handshake, made ahead of time or on the spot:
+/// the `bip324` crate's initial state plus the secret we handed it.
+pub struct InitiatorKey {
+    handshake: Handshake<Initialized>,
+    secret: SecretKey,
+}
+
+impl InitiatorKey {
+    /// A fresh key pair for the network `magic` (about 30 µs of CPU).
+    pub fn generate(magic: Magic) -> Result<Self, UpgradeError> {
+        let (mut known, secret) = fresh_secret();
+        let handshake = Handshake::<Initialized>::new_with_rng(magic, Role::Initiator, &mut known, &*SECP)
+            .map_err(UpgradeError::Protocol)?;
+        Ok(InitiatorKey { handshake, secret })
+    }
+}
+
+/// Keys generated ahead of time, per network, so key generation is off each
+/// session's critical path. Every key is used once; the pool refills itself
+/// on a blocking thread when it runs low.
+pub struct KeyPool {
+    per_network: Vec<(Magic, Mutex<Vec<InitiatorKey>>)>,
+    depth: usize,
+    refilling: AtomicBool,
+}
+
+impl KeyPool {
+    pub fn new(magics: impl IntoIterator<Item = Magic>, depth: usize) -> Arc<Self> {
+        let per_network = magics.into_iter().map(|m| (m, Mutex::new(Vec::with_capacity(depth)))).collect();
+        Arc::new(KeyPool { per_network, depth, refilling: AtomicBool::new(false) })
+    }
+
+    /// A key for `magic`: from the pool when one is ready, else made now.
+    pub fn take(self: &Arc<Self>, magic: Magic) -> Result<InitiatorKey, UpgradeError> {
+        let Some((_, keys)) = self.per_network.iter().find(|(m, _)| *m == magic) else {
+            return InitiatorKey::generate(magic);
+        };
+        let (key, low) = {
+            let mut keys = keys.lock().unwrap_or_else(|e| e.into_inner());
+            let key = keys.pop();
+            (key, keys.len() <= self.depth / 2)
+        };
+        if low && !self.refilling.swap(true, Ordering::AcqRel) {
+            let pool = self.clone();
+            // A runtime is always present in the proxy; without one (unit
+            // tests), keys are simply made on demand.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn_blocking(move || pool.refill());
+            } else {
+                self.refilling.store(false, Ordering::Release);
+            }
+        }
+        match key {
+            Some(key) => Ok(key),
+            None => InitiatorKey::generate(magic),
+        }
+    }
+
+    /// Tops every network up to the pool depth.
+    pub fn refill(&self) {
+        for (magic, keys) in &self.per_network {
+            loop {
+                if keys.lock().unwrap_or_else(|e| e.into_inner()).len() >= self.depth {
+                    break;
+                }
+                let Ok(key) = InitiatorKey::generate(*magic) else { break };
+                keys.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+            }
+        }
+        self.refilling.store(false, Ordering::Release);
+    }
+}
+
+/// Runs the handshake on `remote` with our `key` (which fixes the network),
+/// sending the client's first message (if any) as the first application packet.
 pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     remote: &mut S,
-    magic: Magic,
+    key: InitiatorKey,
     first_message: Option<FirstMessage<'_>>,
     handshake_timeout: Duration,
 ) -> Result<V2Channel, UpgradeError> {
     let mut io = Reader { stream: remote, deadline: Instant::now() + handshake_timeout, received: 0 };
+    let InitiatorKey { handshake, secret } = key;
+    let magic = *handshake.magic();
 
     // Our key and garbage (Core: a random length in 0..=MAX_GARBAGE_LEN).
-    let (mut known, secret) = fresh_secret();
-    let handshake = Handshake::<Initialized>::new_with_rng(magic, Role::Initiator, &mut known, &*SECP)
-        .map_err(UpgradeError::Protocol)?;
-    drop(known);
     let mut garbage = vec![0u8; rand::thread_rng().gen_range(0..=MAX_GARBAGE_LEN)];
     RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
     let mut first_flight = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
@@ -280,4 +352,25 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     }
 
     Ok(V2Channel { session_id: keys.session_id, encoder, decoder: keys.decoder(packets_received), leftover: inbound })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REGTEST: Magic = [0xfa, 0xbf, 0xb5, 0xda];
+
+    #[test]
+    fn key_pool_hands_out_each_key_once() {
+        let pool = KeyPool::new([REGTEST], 2);
+        pool.refill();
+        let keys: Vec<InitiatorKey> = (0..3).map(|_| pool.take(REGTEST).unwrap()).collect();
+        let secrets: Vec<[u8; 32]> = keys.iter().map(|k| k.secret.secret_bytes()).collect();
+        assert_ne!(secrets[0], secrets[1]);
+        assert_ne!(secrets[1], secrets[2], "an empty pool makes a fresh key");
+        assert!(keys.iter().all(|k| *k.handshake.magic() == REGTEST));
+        // A network without a pool still gets a key for its own magic.
+        let mainnet = pool.take([0xf9, 0xbe, 0xb4, 0xd9]).unwrap();
+        assert_eq!(*mainnet.handshake.magic(), [0xf9, 0xbe, 0xb4, 0xd9]);
+    }
 }

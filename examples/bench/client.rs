@@ -162,7 +162,9 @@ pub async fn native_v2_version_echo(node: SocketAddr, version_payload: &[u8]) ->
     let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
     let message_type = &message_type[..type_len];
     let first_message = upgrade::FirstMessage { message_type, payload: version_payload };
-    let mut channel = upgrade::upgrade(&mut stream, crate::MAGIC, Some(first_message), HANDSHAKE_TIMEOUT).await?;
+    // A native client makes its key when it connects.
+    let key = upgrade::InitiatorKey::generate(crate::MAGIC)?;
+    let mut channel = upgrade::upgrade(&mut stream, key, Some(first_message), HANDSHAKE_TIMEOUT).await?;
     let mut buf = channel.leftover;
     loop {
         match channel.decoder.decode(&mut buf)? {
