@@ -7,7 +7,8 @@
 //! stop. Receive buffers are released while a socket is idle, so an idle
 //! session holds no buffer memory.
 
-use std::io;
+use std::io::{self, IoSlice};
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use tracing::debug;
 use crate::metrics::LiveCounters;
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
-use crate::v2::{DecodedPacket, PacketDecoder, PacketEncoder, V2Error};
+use crate::v2::{DecodedPacket, PACKET_PREFIX, PacketDecoder, PacketEncoder, V2Error};
 
 /// Read size when no larger message is known to be pending.
 const READ_CHUNK: usize = 16 * 1024;
@@ -103,16 +104,39 @@ pub struct RelayReport {
     pub reason: CloseReason,
 }
 
+/// Messages at least this large are written from where they were received
+/// (translated in place, with a vectored write) instead of being copied into
+/// the output batch.
+pub const DIRECT_THRESHOLD: usize = 64 * 1024;
+
+/// What a translator asks the direction loop to do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Every complete message is in `output`; the next, incomplete one will
+    /// take this many bytes in all (the reader reserves that much).
+    NeedMore(usize),
+    /// Write the batch in `output`, then `head`, `input[body]`, `tail` as
+    /// one message, then drop `consumed` bytes from the front of `input`.
+    Direct(Direct),
+}
+
+/// A large message translated where it lies.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Direct {
+    pub head: Vec<u8>,
+    pub body: Range<usize>,
+    pub tail: Vec<u8>,
+    pub consumed: usize,
+}
+
 /// Moves complete messages from the front of `input` to the end of `output`.
 pub trait Translator: Send {
-    /// Returns the total size of the next, incomplete message when known,
-    /// so the reader can reserve it in one go.
     fn translate(
         &mut self,
         input: &mut BytesMut,
         output: &mut BytesMut,
         stats: &mut DirectionStats,
-    ) -> Result<usize, CloseReason>;
+    ) -> Result<Step, CloseReason>;
 }
 
 /// Client v1 frames -> v2 packets.
@@ -127,19 +151,33 @@ impl Translator for V1ToV2 {
         input: &mut BytesMut,
         output: &mut BytesMut,
         stats: &mut DirectionStats,
-    ) -> Result<usize, CloseReason> {
+    ) -> Result<Step, CloseReason> {
         loop {
             match self.decoder.decode(input).map_err(|e| CloseReason::BadV1(Side::Client, e))? {
-                Decoded::NeedMore { total } => return Ok(total),
+                Decoded::NeedMore { total } => return Ok(Step::NeedMore(total)),
                 Decoded::Frame { header, len } => {
                     let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
                     let type_len = translate::encode_message_type(&header.command, &mut message_type);
-                    self.encoder
-                        .encode(&message_type[..type_len], &input[HEADER_LEN..len], output)
-                        .map_err(CloseReason::BadV2)?;
+                    let message_type = &message_type[..type_len];
                     debug!(command = %v1::command_display(&header.command), len = header.payload_len, "client_to_remote");
-                    input.advance(len);
                     stats.messages += 1;
+                    if header.payload_len as usize >= DIRECT_THRESHOLD {
+                        // The v2 prefix (at most 17 bytes) fits where the
+                        // 24-byte v1 header was: encrypt in place.
+                        let start = HEADER_LEN - PACKET_PREFIX - message_type.len();
+                        let tag = self
+                            .encoder
+                            .encode_in_place(&mut input[..len], start, message_type)
+                            .map_err(CloseReason::BadV2)?;
+                        return Ok(Step::Direct(Direct {
+                            head: Vec::new(),
+                            body: start..len,
+                            tail: tag.to_vec(),
+                            consumed: len,
+                        }));
+                    }
+                    self.encoder.encode(message_type, &input[HEADER_LEN..len], output).map_err(CloseReason::BadV2)?;
+                    input.advance(len);
                 }
             }
         }
@@ -158,34 +196,42 @@ impl Translator for V2ToV1 {
         input: &mut BytesMut,
         output: &mut BytesMut,
         stats: &mut DirectionStats,
-    ) -> Result<usize, CloseReason> {
+    ) -> Result<Step, CloseReason> {
         loop {
             match self.decoder.decode(input).map_err(CloseReason::BadV2)? {
-                DecodedPacket::NeedMore { total } => return Ok(total),
-                DecodedPacket::Packet { ignore, contents, len } => {
-                    if ignore {
-                        debug!(len = contents.len(), "remote_to_client decoy skipped");
-                    } else {
-                        let contents = &input[contents];
-                        match translate::decode_contents(contents) {
-                            Ok((command, offset)) => {
-                                let payload = &contents[offset..];
-                                let header = V1Header::for_payload(self.magic, command, payload);
-                                output.reserve(HEADER_LEN + payload.len());
-                                output.put_slice(&header.encode());
-                                output.put_slice(payload);
-                                stats.messages += 1;
-                                debug!(command = %v1::command_display(&command), len = payload.len(), "remote_to_client");
+                DecodedPacket::NeedMore { total } => return Ok(Step::NeedMore(total)),
+                DecodedPacket::Packet { ignore: true, contents, len } => {
+                    debug!(len = contents.len(), "remote_to_client decoy skipped");
+                    input.advance(len);
+                }
+                DecodedPacket::Packet { ignore: false, contents, len } => {
+                    match translate::decode_contents(&input[contents.clone()]) {
+                        Ok((command, offset)) => {
+                            let payload = contents.start + offset..contents.end;
+                            let header = V1Header::for_payload(self.magic, command, &input[payload.clone()]);
+                            stats.messages += 1;
+                            debug!(command = %v1::command_display(&command), len = payload.len(), "remote_to_client");
+                            if payload.len() >= DIRECT_THRESHOLD {
+                                let head = header.encode().to_vec();
+                                return Ok(Step::Direct(Direct {
+                                    head,
+                                    body: payload,
+                                    tail: Vec::new(),
+                                    consumed: len,
+                                }));
                             }
-                            // Bitcoin Core drops these without disconnecting.
-                            Err(
-                                e @ (ContentsError::Empty
-                                | ContentsError::UnknownShortId(_)
-                                | ContentsError::Truncated { .. }
-                                | ContentsError::InvalidCommand { .. }),
-                            ) => {
-                                debug!(error = %e, "remote_to_client message dropped");
-                            }
+                            output.reserve(HEADER_LEN + payload.len());
+                            output.put_slice(&header.encode());
+                            output.put_slice(&input[payload]);
+                        }
+                        // Bitcoin Core drops these without disconnecting.
+                        Err(
+                            e @ (ContentsError::Empty
+                            | ContentsError::UnknownShortId(_)
+                            | ContentsError::Truncated { .. }
+                            | ContentsError::InvalidCommand { .. }),
+                        ) => {
+                            debug!(error = %e, "remote_to_client message dropped");
                         }
                     }
                     input.advance(len);
@@ -207,7 +253,7 @@ impl Translator for V1ToV1 {
         input: &mut BytesMut,
         output: &mut BytesMut,
         stats: &mut DirectionStats,
-    ) -> Result<usize, CloseReason> {
+    ) -> Result<Step, CloseReason> {
         let mut complete = 0;
         let need = loop {
             match self.decoder.decode(&input[complete..]).map_err(|e| CloseReason::BadV1(self.side, e))? {
@@ -221,7 +267,7 @@ impl Translator for V1ToV1 {
         };
         output.extend_from_slice(&input[..complete]);
         input.advance(complete);
-        Ok(need)
+        Ok(Step::NeedMore(need))
     }
 }
 
@@ -234,14 +280,14 @@ impl Translator for Passthrough {
         input: &mut BytesMut,
         output: &mut BytesMut,
         _stats: &mut DirectionStats,
-    ) -> Result<usize, CloseReason> {
+    ) -> Result<Step, CloseReason> {
         if output.is_empty() {
             std::mem::swap(input, output);
         } else {
             output.extend_from_slice(input);
             input.clear();
         }
-        Ok(0)
+        Ok(Step::NeedMore(0))
     }
 }
 
@@ -361,8 +407,8 @@ async fn pump(
         let messages_before = stats.messages;
         let translated = translator.translate(&mut inbound.pending, &mut output, &mut stats);
         live_messages.fetch_add(stats.messages - messages_before, Ordering::Relaxed);
-        let need = match translated {
-            Ok(need) => need,
+        let step = match translated {
+            Ok(step) => step,
             Err(reason) => break Some(reason),
         };
         if !output.is_empty() {
@@ -381,6 +427,23 @@ async fn pump(
                 output.clear();
             }
         }
+        let need = match step {
+            Step::NeedMore(need) => need,
+            Step::Direct(direct) => {
+                let pieces = [&direct.head[..], &inbound.pending[direct.body.clone()], &direct.tail[..]];
+                let written = pieces.iter().map(|p| p.len() as u64).sum::<u64>();
+                let result = tokio::select! {
+                    result = write_all_vectored(&mut writer, &pieces) => result,
+                    _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+                };
+                if let Err(e) = result {
+                    break Some(CloseReason::Io(to, e));
+                }
+                stats.bytes_out += written;
+                inbound.pending.advance(direct.consumed);
+                continue;
+            }
+        };
 
         // Hold no buffer while waiting for an idle socket.
         if inbound.pending.is_empty() && inbound.pending.capacity() > 0 {
@@ -427,6 +490,20 @@ async fn pump(
         shared.cancel.cancel();
     }
     (stats, end)
+}
+
+/// Writes every piece, in order, with as few system calls as the socket allows.
+async fn write_all_vectored(writer: &mut OwnedWriteHalf, pieces: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = pieces.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = writer.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
 }
 
 fn cancel_reason(shutdown: &CancellationToken) -> CloseReason {

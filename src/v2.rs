@@ -356,6 +356,37 @@ impl PacketEncoder {
     }
 }
 
+impl PacketEncoder {
+    /// Encrypts a genuine packet where its payload already lies, so a large
+    /// message is not copied: `buf[start..]` must hold `PACKET_PREFIX +
+    /// message_type.len()` free bytes followed by the payload (all of the
+    /// rest of `buf`). Writes the encrypted length, header and message type
+    /// in front of the payload, encrypts the lot in place, and returns the
+    /// tag, which the caller sends right after `buf[start..]`.
+    pub fn encode_in_place(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        message_type: &[u8],
+    ) -> Result<[u8; TAG_LEN], V2Error> {
+        let type_end = start + LENGTH_LEN + HEADER_LEN + message_type.len();
+        let contents_len = buf.len().saturating_sub(type_end) + message_type.len();
+        if type_end > buf.len() || contents_len > MAX_LENGTH_FIELD {
+            return Err(V2Error::PacketTooLarge { len: contents_len, max: MAX_LENGTH_FIELD });
+        }
+        let mut length = [0u8; LENGTH_LEN];
+        length.copy_from_slice(&(contents_len as u32).to_le_bytes()[..LENGTH_LEN]);
+        self.length.crypt(&mut length);
+        buf[start..start + LENGTH_LEN].copy_from_slice(&length);
+        buf[start + LENGTH_LEN] = 0;
+        buf[start + LENGTH_LEN + HEADER_LEN..type_end].copy_from_slice(message_type);
+        Ok(self.aead.seal(&[], &mut buf[start + LENGTH_LEN..]))
+    }
+}
+
+/// Bytes in front of the message type: the encrypted length and the header.
+pub const PACKET_PREFIX: usize = LENGTH_LEN + HEADER_LEN;
+
 /// Result of looking at the start of a receive buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodedPacket {
@@ -604,6 +635,24 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
             start += packet_len;
+        }
+    }
+
+    #[test]
+    fn in_place_encoding_matches_the_copying_encoder() {
+        let keys = SessionKeys::from_shared_secret(&[3; 32], true, &[0xfa, 0xbf, 0xb5, 0xda]);
+        let (mut copying, mut in_place) = (keys.encoder(5), keys.encoder(5));
+        for (message_type, payload) in [(&[2u8][..], vec![7u8; 100_000]), (&b"\0bigpayload\0\0"[..], vec![9u8; 70_000])]
+        {
+            let mut expected = BytesMut::new();
+            copying.encode(message_type, &payload, &mut expected).unwrap();
+            let mut buf = vec![0u8; 24];
+            buf.extend_from_slice(&payload);
+            let start = 24 - PACKET_PREFIX - message_type.len();
+            let tag = in_place.encode_in_place(&mut buf, start, message_type).unwrap();
+            let mut got = buf[start..].to_vec();
+            got.extend_from_slice(&tag);
+            assert_eq!(got, expected.to_vec());
         }
     }
 

@@ -57,11 +57,14 @@ fn command_mostly_known() -> impl Strategy<Value = v1::Command> {
     prop_oneof![(1u8..=28).prop_map(|id| translate::command_for_short_id(id).expect("assigned short id")), command(),]
 }
 
+/// A SOCKS5 decoder: `Ok(None)` until a whole message is there, then the message and its size.
+type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, Socks5Error>;
+
 /// Checks the SOCKS5 decoder contract on a whole message followed by `trailing` bytes: every
 /// strict prefix asks for more, the message decodes to the same value whatever follows, and
 /// exactly its bytes are consumed.
 fn assert_decodes_whole<T: std::fmt::Debug + PartialEq>(
-    decode: fn(&[u8]) -> Result<Option<(T, usize)>, Socks5Error>,
+    decode: Decoder<T>,
     wire: &[u8],
     trailing: &[u8],
 ) -> Result<T, TestCaseError> {
@@ -81,7 +84,7 @@ fn assert_decodes_whole<T: std::fmt::Debug + PartialEq>(
 // ---------------------------------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(cases(512))]
+    #![proptest_config(cases(1024))]
 
     #[test]
     fn socks5_decoders_keep_their_contract_on_any_bytes(
@@ -109,7 +112,16 @@ proptest! {
         if let Ok(Some((request, _))) = socks5::decode_request(&buf) {
             let mut wire = Vec::new();
             socks5::encode_request(request.command, &request.target, &mut wire).expect("decoded request encodes");
-            prop_assert_eq!(socks5::decode_request(&wire), Ok(Some((request, wire.len()))));
+            let (again, used) = socks5::decode_request(&wire).expect("valid").expect("whole");
+            prop_assert_eq!(used, wire.len());
+            prop_assert_eq!((again.command, &again.target), (request.command, &request.target));
+            // A DOMAINNAME, IP literal or not, also goes upstream as the same text.
+            if let Some(name) = &request.name {
+                let mut wire = Vec::new();
+                socks5::encode_request_by_name(request.command, name, request.target.port, &mut wire)
+                    .expect("decoded name encodes");
+                prop_assert_eq!(socks5::decode_request(&wire), Ok(Some((request, wire.len()))));
+            }
         }
         if let Ok(Some((reply, _))) = socks5::decode_reply(&buf) {
             let mut wire = Vec::new();
@@ -149,6 +161,11 @@ proptest! {
         wire.extend_from_slice(&port.to_be_bytes());
         let request = assert_decodes_whole(socks5::decode_request, &wire, &[])?;
         prop_assert_eq!(request.target, Target::new(Host::Ip(ip), port));
+        prop_assert_eq!(request.name.as_deref(), Some(text.as_str()));
+        // Sent upstream by name, the literal stays text, byte for byte.
+        let mut by_name = Vec::new();
+        socks5::encode_request_by_name(Command::Connect, &text, port, &mut by_name).expect("IP literal encodes");
+        prop_assert_eq!(by_name, wire);
     }
 
     #[test]
@@ -196,7 +213,7 @@ fn frame(command: v1::Command, payload: &[u8]) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(cases(256))]
+    #![proptest_config(cases(512))]
 
     #[test]
     fn v1_stream_of_frames_decodes_in_order(
@@ -284,12 +301,12 @@ proptest! {
 // v2 packets.
 // ---------------------------------------------------------------------------------------------
 
-/// Decodes `stream` delivered `step` bytes at a time; returns the packets and how it ended.
-fn decode_in_steps(
-    decoder: &mut PacketDecoder,
-    stream: &[u8],
-    step: usize,
-) -> (Vec<(bool, Vec<u8>)>, Result<usize, V2Error>) {
+/// Decrypted packets: ignore bit and contents.
+type Packets = Vec<(bool, Vec<u8>)>;
+
+/// Decodes `stream` delivered `step` bytes at a time; returns the packets and how it ended
+/// (`Ok(total)` for NeedMore at the end of the stream).
+fn decode_in_steps(decoder: &mut PacketDecoder, stream: &[u8], step: usize) -> (Packets, Result<usize, V2Error>) {
     let mut buf = stream.to_vec();
     let mut packets = Vec::new();
     let (mut start, mut filled) = (0, step.min(buf.len()));
@@ -307,7 +324,7 @@ fn decode_in_steps(
 }
 
 proptest! {
-    #![proptest_config(cases(48))]
+    #![proptest_config(cases(256))]
 
     #[test]
     fn v2_packets_round_trip_in_any_slicing(
@@ -348,7 +365,7 @@ proptest! {
         let mut decoder = PacketDecoder::new(&length_key, &packet_key, 0).with_max_contents(1 << 12);
         let mut stream = wire.to_vec();
         let (decoded, end) = decode_in_steps(&mut decoder, &stream, stream.len());
-        let expected: Vec<(bool, Vec<u8>)> = contents[..hit].iter().map(|c| (false, c.clone())).collect();
+        let expected: Packets = contents[..hit].iter().map(|c| (false, c.clone())).collect();
         prop_assert_eq!(decoded, expected);
         let end = match end {
             // A flipped length bit can make the packet look longer than what arrived: give it
@@ -401,7 +418,7 @@ fn version_payload(addr: SocketAddr, tail: &[u8]) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(cases(512))]
+    #![proptest_config(cases(1024))]
 
     #[test]
     fn addr_recv_is_read_back(addr in any::<SocketAddr>(), tail in proptest::collection::vec(any::<u8>(), 0..40)) {
@@ -427,7 +444,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(cases(128))]
+    #![proptest_config(cases(256))]
 
     #[test]
     fn config_parse_never_panics(text in prop_oneof![

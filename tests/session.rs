@@ -449,3 +449,30 @@ async fn session_limit_refuses_excess_connections_at_once() {
     }
     assert_eq!(third, Some([0x05, 0x00]));
 }
+
+#[tokio::test]
+async fn large_and_small_messages_interleaved_keep_their_order() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let proxy = spawn_proxy(&[]).await;
+    let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    expect_frame(&mut client).await;
+    // Sizes around the relay's 64 KiB direct-write threshold, in one write.
+    let sizes = [8usize, 65_535, 8, 65_536, 1_000_000, 0, 300_000, 8, 64 * 1024 + 1];
+    let payloads: Vec<Vec<u8>> = sizes.iter().map(|&n| random_payload(n)).collect();
+    let commands = ["ping", "block", "pong", "tx", "block", "verack", "cmpctblock", "ping", "headers"];
+    let mut batch = Vec::new();
+    for (command, payload) in commands.iter().zip(&payloads) {
+        batch.extend(frame(REGTEST, command, payload));
+    }
+    let (mut reader, mut writer) = client.into_split();
+    let writing = tokio::spawn(async move {
+        writer.write_all(&batch).await.unwrap();
+        writer
+    });
+    for (command, payload) in commands.iter().zip(&payloads) {
+        let echoed = expect_frame(&mut reader).await;
+        assert_eq!(&echoed.command, command);
+        assert!(&echoed.payload == payload, "{command}: payload differs");
+    }
+    writing.await.unwrap();
+}
