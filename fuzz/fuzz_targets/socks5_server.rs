@@ -4,7 +4,8 @@
 //!
 //! Invariants: no panic; `used <= input.len()`; every strict prefix of a decoded message is
 //! `Ok(None)` (checked on a few prefixes, not all, to keep executions fast); a decoded request
-//! whose target encodes re-encodes with `encode_request` and decodes to the same request.
+//! re-encodes with `encode_request` (and, if it named a DOMAINNAME, `encode_request_by_name`)
+//! and decodes to the same request.
 #![no_main]
 
 use bip324_proxy::socks5::{self, Socks5Error};
@@ -53,12 +54,31 @@ fn check<T: std::fmt::Debug + PartialEq>(decode: Decoder<T>, buf: &[u8]) -> Opti
 }
 
 /// A decoded request encodes again (the decoder only produces valid hosts) and decodes to the
-/// same command and target.
+/// same command and target; one that came as a DOMAINNAME also re-encodes by that name (how an
+/// upstream proxy receives it) and decodes to exactly the same request, name included.
 fn round_trip(request: &socks5::Request) {
     let mut wire = Vec::new();
     socks5::encode_request(request.command, &request.target, &mut wire)
         .unwrap_or_else(|e| panic!("decoded request {request:?} does not encode: {e}"));
     let (again, used) = socks5::decode_request(&wire).expect("re-encoded request decodes").expect("whole request");
     assert_eq!(used, wire.len());
-    assert_eq!(&again, request);
+    assert_eq!((again.command, &again.target), (request.command, &request.target));
+    match &again.target.host {
+        socks5::Host::Name(name) => assert_eq!(again.name.as_ref(), Some(name)),
+        socks5::Host::Ip(_) => assert_eq!(again.name, None),
+    }
+
+    if let Some(name) = &request.name {
+        // The name as sent: printable ASCII, and the target's host when that is not an IP.
+        assert!(!name.is_empty() && name.len() <= socks5::MAX_FIELD_BYTES, "{name:?}");
+        if let socks5::Host::Name(host) = &request.target.host {
+            assert_eq!(host, name);
+        }
+        let mut wire = Vec::new();
+        socks5::encode_request_by_name(request.command, name, request.target.port, &mut wire)
+            .unwrap_or_else(|e| panic!("decoded name {name:?} does not encode: {e}"));
+        let (again, used) = socks5::decode_request(&wire).expect("request by name decodes").expect("whole request");
+        assert_eq!(used, wire.len());
+        assert_eq!(&again, request);
+    }
 }
