@@ -32,10 +32,6 @@ pub struct Destination {
 }
 
 impl Destination {
-    pub fn new(target: Target) -> Self {
-        Destination { target, name: None, upstream_credentials: None }
-    }
-
     /// The target as the client named it (`host:port`), for logs, the
     /// status page and the v1-only memory.
     pub fn shown(&self) -> String {

@@ -140,9 +140,9 @@ pub const fn command_from_str(name: &str) -> Option<Command> {
 pub struct CommandDisplay<'a>(pub &'a Command);
 
 /// Printable form of a command for logs: the name without its NUL padding, with any other
-/// non-printable byte escaped (`\x01`). For a valid command this is the text before the first
-/// NUL; for an invalid one the bytes after a NUL stay visible (`ab\x00c`). Allocates nothing
-/// until formatted.
+/// non-printable byte escaped (`\x01`) and, as `escape_ascii` does, quotes and backslashes too.
+/// For a valid command this is the text before the first NUL; for an invalid one the bytes after
+/// a NUL stay visible (`ab\x00c`). Allocates nothing until formatted.
 pub fn command_display(command: &Command) -> CommandDisplay<'_> {
     CommandDisplay(command)
 }

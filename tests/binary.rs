@@ -164,3 +164,13 @@ async fn healthcheck_reports_a_live_proxy() {
     let (status, _) = run_binary(&["--listen", &addr, "healthcheck"]).await;
     assert!(!status.success());
 }
+
+#[tokio::test]
+async fn first_byte_neither_socks_nor_magic_is_refused_with_the_reason() {
+    let mut proxy = spawn_binary(&[], "info").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    expect_closed(&mut s).await;
+    let line = proxy.wait_for(&["session closed"]).await;
+    assert!(line.contains("first byte 0x47 is neither a SOCKS5 greeting"), "{line}");
+}

@@ -476,3 +476,16 @@ async fn large_and_small_messages_interleaved_keep_their_order() {
     }
     writing.await.unwrap();
 }
+
+#[tokio::test]
+async fn client_outside_the_allow_list_is_closed_at_accept() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let proxy = spawn_proxy(&["--allow", "10.0.0.0/8"]).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let _ = s.write_all(&[0x05, 0x01, 0x00]).await;
+    expect_closed(&mut s).await;
+    // The same proxy serves an allowed client.
+    let allowed = spawn_proxy(&["--allow", "127.0.0.0/8"]).await;
+    let mut client = open_v1_session(allowed.addr, node.addr, REGTEST).await;
+    assert_eq!(expect_frame(&mut client).await.command, "version");
+}
