@@ -109,9 +109,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let observer = Arc::new(Observer::default());
     let shutdown = CancellationToken::new();
+    let context = Arc::new(ProxyContext::new(config.clone(), observer.clone()));
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         let local = listener.local_addr().context("reading the bound address")?;
+        context.add_listening(local);
         info!(listen = %local, "metrics and status listening (/metrics, /status, /)");
         let serving = bip324_proxy::metrics::serve(listener, observer.clone(), config.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -121,7 +123,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
     tokio::spawn(watch_signals(shutdown.clone()));
-    let context = Arc::new(ProxyContext::new(config, observer));
     bip324_proxy::server::serve(bound, context, shutdown).await.context("serving")
 }
 

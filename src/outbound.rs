@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::config::{Config, Upstream};
+use crate::policy::{DialRefusal, DialRules};
 use crate::socks5::{self, Command, Credentials, Host, ReplyCode, Socks5Error, Target};
 
 /// Bitcoin Core waits 20 s for a SOCKS5 reply; a dial that has not finished
@@ -34,11 +35,15 @@ pub struct Destination {
 impl Destination {
     /// The target as the client named it (`host:port`), for logs, the
     /// status page and the v1-only memory.
+    ///
+    /// An IP literal is shown in its one canonical form however the client
+    /// spelled it (bracketed, IPv4-mapped, as a name), so the log, the status
+    /// page and the memory see one target, not several.
     pub fn shown(&self) -> String {
-        match &self.name {
-            Some(name) if name.contains(':') => format!("[{name}]:{}", self.target.port),
-            Some(name) => format!("{name}:{}", self.target.port),
-            None => self.target.to_string(),
+        match (&self.name, &self.target.host) {
+            (Some(name), Host::Name(_)) => format!("{name}:{}", self.target.port),
+            (_, Host::Ip(ip)) => SocketAddr::new(ip.to_canonical(), self.target.port).to_string(),
+            (None, Host::Name(_)) => self.target.to_string(),
         }
     }
 }
@@ -64,29 +69,38 @@ pub enum DialError {
     UpstreamProtocol { upstream: String, reason: String },
     #[error("upstream proxy {upstream} timed out")]
     UpstreamTimeout { upstream: String },
+    #[error("refusing to connect: {0}")]
+    Refused(#[from] DialRefusal),
 }
 
 /// Connects to the destination, through the upstream when the configuration
-/// routes it there. TCP_NODELAY is set (without it every handshake round
-/// trip can stall on delayed ACKs).
-pub async fn dial(destination: &Destination, config: &Config) -> Result<TcpStream, DialError> {
+/// routes it there, never to an address `rules` refuses. TCP_NODELAY is set
+/// (without it every handshake round trip can stall on delayed ACKs).
+///
+/// Directly dialed targets are checked after resolution, every candidate,
+/// before and after connecting. A target that goes upstream by name is
+/// resolved by the upstream and cannot be checked here; an IP literal is.
+pub async fn dial(destination: &Destination, config: &Config, rules: &DialRules) -> Result<TcpStream, DialError> {
     match &config.upstream {
         Some(upstream) if upstream.carries(&destination.target) => {
+            if let Some(addr) = destination.target.socket_addr() {
+                rules.check_candidate(addr)?;
+            }
             let request = UpstreamRequest::new(Command::Connect, destination);
-            let (stream, _) = through_upstream(upstream, &request, config.timeouts.connect).await?;
+            let (stream, _) = through_upstream(upstream, &request, config.timeouts.connect, rules).await?;
             Ok(stream)
         }
-        _ => dial_direct(&destination.target, config.timeouts.connect).await,
+        _ => dial_direct(&destination.target, config.timeouts.connect, rules).await,
     }
 }
 
 /// Tor's RESOLVE (command 0xF0), as btcd and lnd use it for DNS seeds:
 /// forwarded to the upstream when one carries the name, else resolved here.
-pub async fn resolve(destination: &Destination, config: &Config) -> Result<IpAddr, DialError> {
+pub async fn resolve(destination: &Destination, config: &Config, rules: &DialRules) -> Result<IpAddr, DialError> {
     match &config.upstream {
         Some(upstream) if upstream.carries(&destination.target) => {
             let request = UpstreamRequest::new(Command::Resolve, destination);
-            let (_, reply) = through_upstream(upstream, &request, config.timeouts.connect).await?;
+            let (_, reply) = through_upstream(upstream, &request, config.timeouts.connect, rules).await?;
             match reply.bound.host {
                 Host::Ip(ip) => Ok(ip),
                 Host::Name(_) => Err(DialError::UpstreamProtocol {
@@ -109,18 +123,35 @@ pub async fn resolve(destination: &Destination, config: &Config) -> Result<IpAdd
     }
 }
 
-/// Direct TCP to every address of `target` in turn.
-pub async fn dial_direct(target: &Target, connect_timeout: Duration) -> Result<TcpStream, DialError> {
+/// Direct TCP to every address of `target` in turn that `rules` allow.
+pub async fn dial_direct(
+    target: &Target,
+    connect_timeout: Duration,
+    rules: &DialRules,
+) -> Result<TcpStream, DialError> {
     let deadline = Instant::now() + DIAL_DEADLINE;
     let addrs = resolve_locally(target, deadline).await?;
     let mut last_error = None;
     for addr in addrs {
+        if let Err(refusal) = rules.check_candidate(addr) {
+            last_error = Some(DialError::Refused(refusal));
+            continue;
+        }
         let attempt_deadline = deadline.min(Instant::now() + connect_timeout);
         match timeout_at(attempt_deadline, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
-                // Failing to set NODELAY only costs latency.
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
+                let checked = match (stream.peer_addr(), stream.local_addr()) {
+                    (Ok(peer), Ok(local)) => rules.check_connected(peer, local).map_err(DialError::Refused),
+                    (Err(source), _) | (_, Err(source)) => Err(DialError::Connect { addr, source }),
+                };
+                match checked {
+                    Ok(()) => {
+                        // Failing to set NODELAY only costs latency.
+                        let _ = stream.set_nodelay(true);
+                        return Ok(stream);
+                    }
+                    Err(error) => last_error = Some(error),
+                }
             }
             Ok(Err(source)) => last_error = Some(DialError::Connect { addr, source }),
             Err(_) => last_error = Some(DialError::ConnectTimeout { addr }),
@@ -183,9 +214,13 @@ async fn through_upstream(
     upstream: &Upstream,
     request: &UpstreamRequest<'_>,
     connect_timeout: Duration,
+    rules: &DialRules,
 ) -> Result<(TcpStream, socks5::Reply), DialError> {
     let name = upstream.addr.to_string();
-    let mut stream = dial_direct(&upstream.addr, connect_timeout)
+    // The upstream is the operator's own choice and usually on loopback;
+    // only this proxy's own listeners are off limits.
+    let rules = DialRules { listening: rules.listening.clone(), allow_private: true };
+    let mut stream = dial_direct(&upstream.addr, connect_timeout, &rules)
         .await
         .map_err(|reason| DialError::UpstreamUnreachable { upstream: name.clone(), reason: Box::new(reason) })?;
     let exchange = negotiate_upstream(&mut stream, &name, request);
@@ -256,5 +291,24 @@ async fn read_decoded<T>(stream: &mut TcpStream, input: &mut BytesMut, decode: D
             Ok(_) => {}
             Err(e) => return Err(format!("connection failed: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_literals_are_shown_in_one_canonical_form() {
+        let shown = |name: Option<&str>, host: Host| {
+            Destination { target: Target::new(host, 8333), name: name.map(str::to_owned), upstream_credentials: None }
+                .shown()
+        };
+        let v6 = Host::Ip("::1".parse().unwrap());
+        assert_eq!(shown(Some("[::1]"), v6.clone()), "[::1]:8333");
+        assert_eq!(shown(Some("::1"), v6.clone()), "[::1]:8333");
+        assert_eq!(shown(None, v6), "[::1]:8333");
+        assert_eq!(shown(Some("::ffff:1.2.3.4"), Host::Ip("::ffff:1.2.3.4".parse().unwrap())), "1.2.3.4:8333");
+        assert_eq!(shown(Some("node.example.org"), Host::Name("node.example.org".into())), "node.example.org:8333");
     }
 }

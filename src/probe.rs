@@ -1,7 +1,9 @@
 //! `bip324-proxy probe HOST:PORT`: does a node speak v2? Dials it (through
 //! the configured upstream when that carries the target), runs the BIP324
 //! handshake as initiator without sending any message, and, when the node
-//! stays silent as v1-only nodes do, confirms v1 with a plain VERSION.
+//! stays silent as v1-only nodes do, confirms v1 with a plain VERSION, but
+//! only when the fallback policy allows plaintext (`fallback = "v1"`): under
+//! the default `none` the probe puts no plaintext on the wire either.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +16,7 @@ use tokio::time::timeout;
 use crate::config::Config;
 use crate::network::Network;
 use crate::outbound::{self, Destination, DialError};
+use crate::policy::{self, DialRules, Evidence, PlaintextPermit, Plan};
 use crate::socks5::{Host, Target};
 use crate::upgrade::{self, UpgradeError};
 use crate::v1::{HEADER_LEN, V1Header, VERSION_COMMAND};
@@ -24,8 +27,9 @@ pub enum ProbeOutcome {
     /// The node completed a BIP324 handshake.
     V2 { session_id: [u8; 32], handshake: Duration },
     /// The node ignored the v2 handshake; `answered_v1` when it then
-    /// answered a plain v1 VERSION.
-    V1Only { answered_v1: bool },
+    /// answered a plain v1 VERSION, `None` when the fallback policy forbade
+    /// sending one.
+    V1Only { answered_v1: Option<bool> },
     /// The node answered something that is not a BIP324 handshake.
     NotV2(UpgradeError),
     /// No TCP connection (or the upstream refused it).
@@ -50,11 +54,15 @@ impl ProbeOutcome {
                 hex::encode(session_id),
                 handshake.as_secs_f64() * 1000.0
             ),
-            ProbeOutcome::V1Only { answered_v1: true } => {
+            ProbeOutcome::V1Only { answered_v1: Some(true) } => {
                 format!("{target} speaks v1 only: it sent nothing back to our v2 key, then answered a v1 VERSION")
             }
-            ProbeOutcome::V1Only { answered_v1: false } => format!(
+            ProbeOutcome::V1Only { answered_v1: Some(false) } => format!(
                 "{target} does not speak v2: it sent nothing back to our v2 key (and no v1 VERSION answer either)"
+            ),
+            ProbeOutcome::V1Only { answered_v1: None } => format!(
+                "{target} does not speak v2: it sent nothing back to our v2 key \
+                 (v1 not tried: fallback = none sends no plaintext)"
             ),
             ProbeOutcome::NotV2(error) => format!("{target} does not speak v2: {error}"),
             ProbeOutcome::Unreachable(error) => format!("{target} unreachable: {error}"),
@@ -72,7 +80,12 @@ pub async fn probe(target: &Target, network: &Network, config: &Config) -> Probe
         },
         upstream_credentials: None,
     };
-    let mut remote = match outbound::dial(&destination, config).await {
+    // The operator's own command: any target but this host's proxy listeners.
+    let rules = DialRules {
+        listening: config.listen_addresses().into_iter().map(|(_, addr)| addr).collect(),
+        allow_private: true,
+    };
+    let mut remote = match outbound::dial(&destination, config, &rules).await {
         Ok(remote) => remote,
         Err(error) => return ProbeOutcome::Unreachable(error),
     };
@@ -85,7 +98,10 @@ pub async fn probe(target: &Target, network: &Network, config: &Config) -> Probe
         Ok(channel) => ProbeOutcome::V2 { session_id: channel.session_id, handshake: started.elapsed() },
         Err(error) if error.remote_is_v1_only() => {
             drop(remote);
-            let answered_v1 = answers_v1(&destination, network, config).await;
+            let answered_v1 = match policy::plan(config.fallback, Evidence::UpgradeFailed { remote_silent: true }) {
+                Plan::Plaintext(permit) => Some(answers_v1(permit, &destination, network, config, &rules).await),
+                Plan::Upgrade | Plan::Refuse(_) => None,
+            };
             ProbeOutcome::V1Only { answered_v1 }
         }
         Err(error) => ProbeOutcome::NotV2(error),
@@ -93,8 +109,14 @@ pub async fn probe(target: &Target, network: &Network, config: &Config) -> Probe
 }
 
 /// Sends a v1 VERSION and checks that a v1 VERSION comes back.
-async fn answers_v1(destination: &Destination, network: &Network, config: &Config) -> bool {
-    let Ok(mut remote) = outbound::dial(destination, config).await else { return false };
+async fn answers_v1(
+    _permit: PlaintextPermit,
+    destination: &Destination,
+    network: &Network,
+    config: &Config,
+    rules: &DialRules,
+) -> bool {
+    let Ok(mut remote) = outbound::dial(destination, config, rules).await else { return false };
     let exchange = async {
         remote.write_all(&version_message(network, destination)).await.ok()?;
         let mut header = [0u8; HEADER_LEN];

@@ -64,6 +64,10 @@ pub enum CloseReason {
     BadV1(Side, V1Error),
     #[error("remote sent a bad v2 packet: {0}")]
     BadV2(V2Error),
+    /// A v2 message whose payload a v1 peer would reject (Bitcoin Core's
+    /// `MAX_PROTOCOL_MESSAGE_LENGTH`): v2 allows a few bytes more.
+    #[error("remote sent a `{command}` message of {len} payload bytes, more than the {max} a v1 client accepts")]
+    TooLargeForV1 { command: String, len: usize, max: usize },
     #[error("{side} closed in the middle of a message ({pending} bytes pending)")]
     Truncated { side: Side, pending: usize },
     #[error("{0} connection error: {1}")]
@@ -86,6 +90,7 @@ impl CloseReason {
             CloseReason::BadV1(Side::Client, _) => "bad_client_message",
             CloseReason::BadV1(Side::Remote, _) => "bad_remote_message",
             CloseReason::BadV2(_) => "bad_remote_packet",
+            CloseReason::TooLargeForV1 { .. } => "remote_message_too_large",
             CloseReason::Truncated { .. } => "truncated",
             CloseReason::Io(Side::Client, _) => "client_io_error",
             CloseReason::Io(Side::Remote, _) => "remote_io_error",
@@ -208,6 +213,13 @@ impl Translator for V2ToV1 {
                     match translate::decode_contents(&input[contents.clone()]) {
                         Ok((command, offset)) => {
                             let payload = contents.start + offset..contents.end;
+                            if payload.len() > v1::MAX_PAYLOAD_BYTES {
+                                return Err(CloseReason::TooLargeForV1 {
+                                    command: v1::command_display(&command).to_string(),
+                                    len: payload.len(),
+                                    max: v1::MAX_PAYLOAD_BYTES,
+                                });
+                            }
                             let header = V1Header::for_payload(self.magic, command, &input[payload.clone()]);
                             stats.messages += 1;
                             debug!(command = %v1::command_display(&command), len = payload.len(), "remote_to_client");

@@ -6,8 +6,8 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -30,6 +30,8 @@ pub struct Context {
     pub v1_only: Option<V1OnlyMemory>,
     /// Handshake keys made ahead of time for the allowed networks.
     pub keys: Arc<KeyPool>,
+    /// Every address this proxy listens on, as bound (sessions never dial them).
+    listening: Mutex<Vec<SocketAddr>>,
 }
 
 /// Keys kept ready per allowed network.
@@ -39,7 +41,21 @@ impl Context {
     pub fn new(config: Arc<Config>, observer: Arc<Observer>) -> Self {
         let (capacity, ttl) = config.v1_only_memory;
         let keys = KeyPool::new(config.networks.iter().map(|n| n.magic), KEY_POOL_DEPTH);
-        Context { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer, keys }
+        let listening = Mutex::new(config.listen_addresses().into_iter().map(|(_, addr)| addr).collect());
+        Context { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer, keys, listening }
+    }
+
+    /// Records an address a listener of this proxy is bound to.
+    pub fn add_listening(&self, addr: SocketAddr) {
+        let mut listening = self.listening.lock().unwrap_or_else(|e| e.into_inner());
+        if !listening.contains(&addr) {
+            listening.push(addr);
+        }
+    }
+
+    /// Every address this proxy listens on: configured and bound.
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        self.listening.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -99,6 +115,11 @@ pub async fn serve(bound: Vec<Bound>, context: Arc<Context>, shutdown: Cancellat
         sessions_cancel: CancellationToken::new(),
         next_id: AtomicU64::new(1),
     });
+    for b in &bound {
+        if let Ok(addr) = b.listener.local_addr() {
+            shared.context.add_listening(addr);
+        }
+    }
     let mut loops = JoinSet::new();
     for Bound { listener, front } in bound {
         loops.spawn(accept_loop(listener, front, shared.clone(), shutdown.clone()));

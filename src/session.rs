@@ -1,17 +1,20 @@
 //! One session from accept to close, in stage order:
 //! accept -> destination -> dial -> sniff -> upgrade -> relay.
 //!
-//! Three front ends feed the same pipeline: SOCKS5 (the destination comes
-//! from CONNECT), transparent mode (from `addr_recv` of the client's VERSION)
-//! and static routes (fixed in the configuration). The main listener tells
-//! SOCKS5 from transparent clients by the first byte.
+//! Three front ends feed the same steps: SOCKS5 (the destination comes from
+//! CONNECT), transparent mode (from `addr_recv` of the client's VERSION) and
+//! static routes (fixed in the configuration). The main listener tells
+//! SOCKS5 from transparent clients by the first byte. Each front end only
+//! finds the destination; [`Session::connect`], [`Session::sniff`] and
+//! [`Session::carry`] are shared.
 //!
-//! This is the only module that decides policy: which SOCKS5 method and
-//! reply, which credentials go upstream, whether to pass a v2 client
-//! through, whether to fall back to v1. It writes the session's close line;
-//! `server.rs` owns the span.
+//! Policy comes from [`crate::policy`] (when plaintext is allowed, what may
+//! be dialed) and [`crate::sniff`] (what the client speaks); this module asks
+//! them at the moment each decision matters and acts on the answer. It
+//! writes the session's close line; `server.rs` owns the span.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,21 +22,23 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, info};
 
-use crate::config::{Config, Fallback, Isolation};
+use crate::config::{Config, Isolation};
 use crate::metrics::{LiveSession, Observer};
 use crate::network::Network;
 use crate::outbound::{self, Destination, DialError};
+use crate::policy::{self, DialRules, Evidence, PlaintextPermit, Plan};
 use crate::relay::{self, Leg, Passthrough, RelayReport, Side, V1ToV1, V1ToV2, V2ToV1};
 use crate::server::Context;
-use crate::socks5::{self, Command, Credentials, Host, ReplyCode, Target};
+use crate::sniff::{self, SniffError, Sniffed};
+use crate::socks5::{self, Command, Credentials, Host, ReplyCode, Socks5Error, Target};
 use crate::translate;
 use crate::transparent::{self, AddrRecvError};
 use crate::upgrade::{self, UpgradeError};
-use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, V1_PREFIX_LEN, V1Error};
+use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, V1Error};
 
 /// Which listener a connection came in on.
 #[derive(Debug, Clone)]
@@ -46,17 +51,60 @@ pub enum FrontEnd {
     Route(Target),
 }
 
+/// The stage a session failed in, for the close line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Accept,
+    Destination,
+    Dial,
+    Sniff,
+    Upgrade,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Accept => "accept",
+            Stage::Destination => "destination",
+            Stage::Dial => "dial",
+            Stage::Sniff => "sniff",
+            Stage::Upgrade => "upgrade",
+        })
+    }
+}
+
+/// The SOCKS5 exchange a client is in: each answers failures in its own shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocksStage {
+    /// Method selection (RFC 1928 section 3): answered `05 FF`.
+    Greeting,
+    /// Username/password sub-negotiation (RFC 1929): answered `01 01`.
+    Auth,
+    /// The request (RFC 1928 section 4): answered with a 10-byte reply.
+    Request,
+}
+
+impl fmt::Display for SocksStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SocksStage::Greeting => "greeting",
+            SocksStage::Auth => "authentication",
+            SocksStage::Request => "request",
+        })
+    }
+}
+
 /// Everything a session failed on before its relay started.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("client closed before sending anything useful")]
     ClientGone,
-    #[error("SOCKS5 negotiation timed out")]
-    SocksTimeout,
+    #[error("client sent no complete SOCKS5 request within {0:?}")]
+    SocksTimeout(Duration),
     #[error("first byte {0:#04x} is neither a SOCKS5 greeting nor a v1 message of an allowed network")]
     UnknownProtocol(u8),
-    #[error("bad SOCKS5 request: {0}")]
-    Socks(#[from] socks5::Socks5Error),
+    #[error("bad SOCKS5 {stage}: {error}")]
+    Socks { stage: SocksStage, error: Socks5Error },
     #[error("client offered no acceptable SOCKS5 method")]
     NoAcceptableMethod,
     #[error("SOCKS5 authentication failed")]
@@ -64,23 +112,15 @@ pub enum SessionError {
     #[error("SOCKS5 command {0:?} is not supported")]
     CommandNotSupported(Command),
     #[error("{0}")]
-    Dial(#[from] DialError),
-    #[error("target {0} is this proxy itself")]
-    TargetIsSelf(SocketAddr),
+    Dial(DialError),
     #[error("remote {0} proved v1-only recently (remembered) and fallback is none")]
     RememberedV1Only(String),
     #[error("client sent no first message within {0:?}")]
     FirstMessageTimeout(Duration),
     #[error("client closed before its first message")]
     ClientClosedEarly,
-    #[error("client's first message is for network magic {0}, which is not allowed")]
-    NetworkNotAllowed(String),
-    #[error("client's first v1 message is not VERSION")]
-    FirstMessageNotVersion,
-    #[error("client sent plaintext that is not a Bitcoin v1 message (first bytes {0})")]
-    NotBitcoin(String),
-    #[error("client speaks v2 itself and passthrough is disabled")]
-    PassthroughDisabled,
+    #[error("{0}")]
+    Sniff(SniffError),
     #[error("transparent mode needs a v1 VERSION to learn the destination; v2 clients must use SOCKS5")]
     TransparentNeedsV1,
     #[error("transparent destination: {0}")]
@@ -91,33 +131,27 @@ pub enum SessionError {
     Upgrade(#[from] UpgradeError),
     #[error("{0}; v1 fallback dial failed: {1}")]
     FallbackDial(UpgradeError, DialError),
-    #[error("client I/O: {0}")]
-    ClientIo(std::io::Error),
+    #[error("client I/O: {1}")]
+    ClientIo(Stage, std::io::Error),
 }
 
 impl SessionError {
     /// The stage a failure belongs to, for the close line.
-    pub fn stage(&self) -> &'static str {
+    pub fn stage(&self) -> Stage {
         use SessionError::*;
         match self {
             ClientGone
-            | SocksTimeout
+            | SocksTimeout(_)
             | UnknownProtocol(_)
-            | Socks(_)
+            | Socks { .. }
             | NoAcceptableMethod
             | AuthFailed
-            | CommandNotSupported(_) => "accept",
-            TargetIsSelf(_) | AddrRecv(_) | TransparentNeedsV1 | RememberedV1Only(_) => "destination",
-            Dial(_) => "dial",
-            FirstMessageTimeout(_)
-            | ClientClosedEarly
-            | NetworkNotAllowed(_)
-            | FirstMessageNotVersion
-            | NotBitcoin(_)
-            | PassthroughDisabled
-            | BadFirstMessage(_) => "sniff",
-            Upgrade(_) | FallbackDial(..) => "upgrade",
-            ClientIo(_) => "relay",
+            | CommandNotSupported(_) => Stage::Accept,
+            AddrRecv(_) | TransparentNeedsV1 | RememberedV1Only(_) => Stage::Destination,
+            Dial(_) => Stage::Dial,
+            FirstMessageTimeout(_) | ClientClosedEarly | Sniff(_) | BadFirstMessage(_) => Stage::Sniff,
+            Upgrade(_) | FallbackDial(..) => Stage::Upgrade,
+            ClientIo(stage, _) => *stage,
         }
     }
 
@@ -125,36 +159,58 @@ impl SessionError {
     pub fn label(&self) -> &'static str {
         use SessionError::*;
         match self {
-            ClientGone | ClientClosedEarly | ClientIo(_) => "client_gone",
-            SocksTimeout | FirstMessageTimeout(_) => "client_timeout",
-            UnknownProtocol(_) | NotBitcoin(_) => "not_bitcoin",
-            Socks(_) => "socks_error",
+            ClientGone | ClientClosedEarly | ClientIo(..) => "client_gone",
+            SocksTimeout(_) | FirstMessageTimeout(_) => "client_timeout",
+            UnknownProtocol(_) | Sniff(SniffError::NotBitcoin { .. }) => "not_bitcoin",
+            Socks { .. } => "socks_error",
             NoAcceptableMethod | AuthFailed => "auth_failed",
             CommandNotSupported(_) => "command_not_supported",
+            Dial(DialError::Refused(_)) => "target_refused",
             Dial(_) | FallbackDial(..) => "dial_failed",
-            TargetIsSelf(_) | AddrRecv(_) | TransparentNeedsV1 => "bad_destination",
+            AddrRecv(_) | TransparentNeedsV1 => "bad_destination",
             RememberedV1Only(_) => "v1_only_remembered",
-            NetworkNotAllowed(_) => "network_not_allowed",
-            FirstMessageNotVersion | BadFirstMessage(_) => "bad_first_message",
-            PassthroughDisabled => "passthrough_disabled",
+            Sniff(SniffError::NetworkNotAllowed(_)) => "network_not_allowed",
+            Sniff(SniffError::NotVersion(_)) | BadFirstMessage(_) => "bad_first_message",
+            Sniff(SniffError::PassthroughDisabled) => "passthrough_disabled",
             Upgrade(e) if e.remote_is_v1_only() => "remote_not_v2",
             Upgrade(_) => "handshake_failed",
         }
     }
 }
 
-/// The one place failures become SOCKS5 reply codes (RFC 1928 section 6).
-/// `None`: no reply is due (the client is gone, or the stage is past the reply).
-pub fn reply_code(error: &SessionError) -> Option<ReplyCode> {
+/// What a SOCKS5 client is told about a failure, in the shape of the
+/// exchange it is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocksAnswer {
+    /// `05 FF`: no acceptable method.
+    NoMethod,
+    /// `01 01`: authentication failed.
+    AuthFailure,
+    /// A reply to the request.
+    Reply(ReplyCode),
+}
+
+/// The one place failures become SOCKS5 answers (RFC 1928 sections 3 and 6,
+/// RFC 1929 section 2). `None`: no answer is due (the client is gone, or the
+/// session is past its SOCKS5 exchange).
+pub fn socks_answer(error: &SessionError) -> Option<SocksAnswer> {
     use std::io::ErrorKind;
+    let reply = |code| Some(SocksAnswer::Reply(code));
     match error {
-        SessionError::Socks(socks5::Socks5Error::AddressTypeNotSupported(_)) => {
-            Some(ReplyCode::ADDRESS_TYPE_NOT_SUPPORTED)
+        SessionError::Socks { stage: SocksStage::Greeting, .. } | SessionError::NoAcceptableMethod => {
+            Some(SocksAnswer::NoMethod)
         }
-        SessionError::Socks(_) => Some(ReplyCode::GENERAL_FAILURE),
-        SessionError::CommandNotSupported(_) => Some(ReplyCode::COMMAND_NOT_SUPPORTED),
-        SessionError::TargetIsSelf(_) | SessionError::RememberedV1Only(_) => Some(ReplyCode::NOT_ALLOWED),
-        SessionError::Dial(dial) => Some(match dial {
+        SessionError::Socks { stage: SocksStage::Auth, .. } | SessionError::AuthFailed => {
+            Some(SocksAnswer::AuthFailure)
+        }
+        SessionError::Socks { stage: SocksStage::Request, error: Socks5Error::AddressTypeNotSupported(_) } => {
+            reply(ReplyCode::ADDRESS_TYPE_NOT_SUPPORTED)
+        }
+        SessionError::Socks { stage: SocksStage::Request, .. } => reply(ReplyCode::GENERAL_FAILURE),
+        SessionError::CommandNotSupported(_) => reply(ReplyCode::COMMAND_NOT_SUPPORTED),
+        SessionError::RememberedV1Only(_) => reply(ReplyCode::NOT_ALLOWED),
+        SessionError::Dial(dial) => reply(match dial {
+            DialError::Refused(_) => ReplyCode::NOT_ALLOWED,
             DialError::OnionNeedsUpstream(_) | DialError::Resolve { .. } | DialError::NoAddresses(_) => {
                 ReplyCode::HOST_UNREACHABLE
             }
@@ -192,8 +248,8 @@ impl Transport {
     }
 }
 
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.label())
     }
 }
@@ -203,6 +259,15 @@ enum Ending {
     Relayed(Transport, RelayReport),
     /// A RESOLVE request, answered.
     Resolved(IpAddr),
+}
+
+/// What the client speaks, once its first bytes are in.
+enum Client {
+    /// A v1 client of `network`; its VERSION is the first `version_len`
+    /// bytes of the pending buffer.
+    V1 { network: Network, version_len: usize },
+    /// A client that runs BIP324 itself.
+    V2,
 }
 
 /// One session's view of the proxy: shared state, its own status entry, and
@@ -254,22 +319,22 @@ pub async fn run(
     context.observer.closed(&live, label);
 }
 
+/// Bytes read from the client and not yet used; each stage hands them on.
+type Pending = BytesMut;
+
 impl Session<'_> {
     async fn serve(&self, mut client: TcpStream, front: FrontEnd) -> Result<Ending, SessionError> {
         let config = self.config;
-        // Bytes read from the client and not yet used; each stage hands them on.
-        let mut pending = BytesMut::new();
+        let mut pending = Pending::new();
         match front {
             FrontEnd::Main => {
-                let first =
-                    timeout(config.timeouts.socks, read_more(&mut client, &mut pending, SessionError::ClientGone));
-                match first.await {
-                    Ok(result) => result?,
-                    Err(_) => return Err(SessionError::SocksTimeout),
-                }
+                let deadline = Instant::now() + config.timeouts.socks;
+                read_more(&mut client, &mut pending, deadline, Stage::Accept)
+                    .await
+                    .map_err(|e| e.or_timeout(SessionError::SocksTimeout(config.timeouts.socks)))?;
                 let first = pending[0];
                 if first == socks5::SOCKS_VERSION && config.socks5 {
-                    self.serve_socks(client, pending).await
+                    self.serve_socks(client, pending, deadline).await
                 } else if config.transparent && config.networks.iter().any(|n| n.magic[0] == first) {
                     self.serve_transparent(client, pending).await
                 } else {
@@ -281,25 +346,28 @@ impl Session<'_> {
         }
     }
 
-    fn record_target(&self, shown: String) {
-        Span::current().record("target", tracing::field::display(&shown));
-        self.live.set_target(shown);
-    }
+    // ------------------------------------------------------------ front ends
 
     /// SOCKS5: negotiate, dial, reply, then sniff and carry.
-    async fn serve_socks(&self, mut client: TcpStream, mut pending: BytesMut) -> Result<Ending, SessionError> {
+    async fn serve_socks(
+        &self,
+        mut client: TcpStream,
+        mut pending: Pending,
+        deadline: Instant,
+    ) -> Result<Ending, SessionError> {
         let config = self.config;
-        // accept + destination
-        let negotiated = timeout(config.timeouts.socks, negotiate(&mut client, &mut pending, config)).await;
+        let negotiated = negotiate(&mut client, &mut pending, config, deadline)
+            .await
+            .map_err(|e| e.or_timeout(SessionError::SocksTimeout(config.timeouts.socks)));
         let (command, destination) = match negotiated {
-            Ok(Ok(request)) => request,
-            Ok(Err(error)) => return Err(self.refuse(&mut client, error).await),
-            Err(_) => return Err(SessionError::SocksTimeout),
+            Ok(request) => request,
+            Err(error) => return Err(self.refuse(&mut client, error).await),
         };
         self.record_target(destination.shown());
+        let rules = self.dial_rules(false);
 
         if command == Command::Resolve {
-            return match outbound::resolve(&destination, config).await {
+            return match outbound::resolve(&destination, config, &rules).await {
                 Ok(ip) => {
                     let bound = Target { host: Host::Ip(ip), port: 0 };
                     self.send_reply(&mut client, ReplyCode::SUCCEEDED, &bound).await?;
@@ -309,58 +377,23 @@ impl Session<'_> {
             };
         }
 
-        // A remote that proved v1-only recently: refused at once under
-        // fallback none, so the client moves on without a wasted dial.
-        if self.remembered_v1_only(&destination) && config.fallback == Fallback::None {
-            self.observer.v1_only_memory("refused");
-            return Err(self.refuse(&mut client, SessionError::RememberedV1Only(destination.shown())).await);
-        }
-
-        // dial
-        if let Err(error) = check_not_self(&destination.target, config) {
-            return Err(self.refuse(&mut client, error).await);
-        }
-        let remote = match outbound::dial(&destination, config).await {
+        let remote = match self.connect(&destination, &rules).await {
             Ok(remote) => remote,
-            Err(error) => return Err(self.refuse(&mut client, dial_failed(&destination, error)).await),
+            Err(error) => return Err(self.refuse(&mut client, error).await),
         };
         let bound = Target { host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
         self.send_reply(&mut client, ReplyCode::SUCCEEDED, &bound).await?;
 
-        // sniff
-        match sniff(&mut client, &mut pending, config).await? {
-            FirstBytes::V2 => Ok(self.passthrough(client, pending, remote).await),
-            FirstBytes::V1(network) => {
-                let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
-                self.carry_v1(client, pending, remote, network, version_len, &destination).await
-            }
-        }
-    }
-
-    fn remembered_v1_only(&self, destination: &Destination) -> bool {
-        self.context.v1_only.as_ref().is_some_and(|memory| memory.is_v1_only(&destination.shown()))
+        let speaks = self.sniff(&mut client, &mut pending).await?;
+        self.carry(client, pending, remote, speaks, &destination, &rules).await
     }
 
     /// Transparent mode: the destination is addr_recv of the client's VERSION.
-    async fn serve_transparent(&self, mut client: TcpStream, mut pending: BytesMut) -> Result<Ending, SessionError> {
+    async fn serve_transparent(&self, mut client: TcpStream, mut pending: Pending) -> Result<Ending, SessionError> {
         let config = self.config;
-        // Anything but a v1 message of an allowed network is refused at its first byte.
-        if pending.is_empty() {
-            match timeout(config.timeouts.first_message, read_more(&mut client, &mut pending, SessionError::ClientGone))
-                .await
-            {
-                Ok(result) => result?,
-                Err(_) => return Err(SessionError::FirstMessageTimeout(config.timeouts.first_message)),
-            }
-        }
-        if !config.networks.iter().any(|n| n.magic[0] == pending[0]) {
-            return Err(SessionError::UnknownProtocol(pending[0]));
-        }
-        let network = match sniff(&mut client, &mut pending, config).await? {
-            FirstBytes::V1(network) => network,
-            FirstBytes::V2 => return Err(SessionError::TransparentNeedsV1),
+        let Client::V1 { network, version_len } = self.sniff(&mut client, &mut pending).await? else {
+            return Err(SessionError::TransparentNeedsV1);
         };
-        let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
         let addr = transparent::addr_recv(&pending[HEADER_LEN..version_len], config.allow_private_targets)?;
         let destination = Destination {
             target: Target::from(addr),
@@ -368,21 +401,19 @@ impl Session<'_> {
             upstream_credentials: upstream_credentials(config, None),
         };
         self.record_target(destination.shown());
-        check_not_self(&destination.target, config)?;
-        if self.remembered_v1_only(&destination) && config.fallback == Fallback::None {
-            self.observer.v1_only_memory("refused");
-            return Err(SessionError::RememberedV1Only(destination.shown()));
-        }
-        let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
-        self.carry_v1(client, pending, remote, network, version_len, &destination).await
+        // Transparent clients name their targets in VERSION: what they may
+        // reach is what addr_recv may name.
+        let rules = DialRules { allow_private: config.allow_private_targets, ..self.dial_rules(false) };
+        let remote = self.connect(&destination, &rules).await?;
+        self.carry(client, pending, remote, Client::V1 { network, version_len }, &destination, &rules).await
     }
 
-    /// A static route: the destination is fixed; v1 clients are upgraded, v2
-    /// clients passed through.
+    /// A static route: the destination is fixed by the operator; v1 clients
+    /// are upgraded, v2 clients passed through.
     async fn serve_route(
         &self,
         mut client: TcpStream,
-        mut pending: BytesMut,
+        mut pending: Pending,
         target: Target,
     ) -> Result<Ending, SessionError> {
         let config = self.config;
@@ -392,49 +423,117 @@ impl Session<'_> {
             Host::Ip(_) => None,
         };
         let destination = Destination { target, name, upstream_credentials: upstream_credentials(config, None) };
-        match sniff(&mut client, &mut pending, config).await? {
-            FirstBytes::V2 => {
-                let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
-                Ok(self.passthrough(client, pending, remote).await)
+        let speaks = self.sniff(&mut client, &mut pending).await?;
+        // The operator chose the target: private addresses are theirs to route to.
+        let rules = self.dial_rules(true);
+        let remote = self.connect(&destination, &rules).await?;
+        self.carry(client, pending, remote, speaks, &destination, &rules).await
+    }
+
+    // ------------------------------------------------------------ shared steps
+
+    fn record_target(&self, shown: String) {
+        Span::current().record("target", tracing::field::display(&shown));
+        self.live.set_target(shown);
+    }
+
+    /// What this session may dial: never the proxy's own listeners; loopback
+    /// and private addresses only for a client on this host, an operator's
+    /// route (`operator_target`) or with `allow_private_targets`.
+    fn dial_rules(&self, operator_target: bool) -> DialRules {
+        let client_is_local = self.live.client.ip().to_canonical().is_loopback();
+        DialRules {
+            listening: self.context.listening(),
+            allow_private: self.config.allow_private_targets || operator_target || client_is_local,
+        }
+    }
+
+    fn remembered_v1_only(&self, destination: &Destination) -> bool {
+        self.context.v1_only.as_ref().is_some_and(|memory| memory.is_v1_only(&destination.shown()))
+    }
+
+    /// The policy for a session that has not tried the handshake yet.
+    fn plan_untried(&self, destination: &Destination) -> Plan {
+        policy::plan(
+            self.config.fallback,
+            Evidence::Untried { remembered_v1_only: self.remembered_v1_only(destination) },
+        )
+    }
+
+    /// destination -> dial: a remote known to be v1-only is refused at once
+    /// when no plaintext is allowed (the client moves on without a wasted
+    /// dial); then the dial, under `rules`.
+    async fn connect(&self, destination: &Destination, rules: &DialRules) -> Result<TcpStream, SessionError> {
+        if let Plan::Refuse(_) = self.plan_untried(destination) {
+            self.observer.v1_only_memory("refused");
+            return Err(SessionError::RememberedV1Only(destination.shown()));
+        }
+        outbound::dial(destination, self.config, rules).await.map_err(|e| dial_failed(destination, e))
+    }
+
+    /// sniff: the client's first bytes decide v1 (then its whole VERSION is
+    /// read) or v2; anything else is refused.
+    async fn sniff(&self, client: &mut TcpStream, pending: &mut Pending) -> Result<Client, SessionError> {
+        let config = self.config;
+        let wait = config.timeouts.first_message;
+        let deadline = Instant::now() + wait;
+        let sniffed = read_decoded(client, pending, deadline, Stage::Sniff, |buf| {
+            match sniff::classify(buf, &config.networks, &config.known_networks, config.passthrough) {
+                Ok(Sniffed::NeedMore(_)) => Ok(None),
+                Ok(decided) => Ok(Some((decided, 0))),
+                Err(error) => Err(SessionError::Sniff(error)),
             }
-            FirstBytes::V1(network) => {
-                let version_len = read_first_message(&mut client, &mut pending, &network, config).await?;
-                if self.remembered_v1_only(&destination) && config.fallback == Fallback::None {
-                    self.observer.v1_only_memory("refused");
-                    return Err(SessionError::RememberedV1Only(destination.shown()));
-                }
-                let remote = outbound::dial(&destination, config).await.map_err(|e| dial_failed(&destination, e))?;
-                self.carry_v1(client, pending, remote, network, version_len, &destination).await
+        })
+        .await
+        .map_err(|e| e.or_timeout(SessionError::FirstMessageTimeout(wait)))?;
+        match sniffed {
+            Sniffed::V1(network) => self.read_version(client, pending, &network).await,
+            Sniffed::V2 | Sniffed::NeedMore(_) => Ok(Client::V2),
+        }
+    }
+
+    /// Reads until `pending` starts with a whole, valid VERSION message.
+    async fn read_version(
+        &self,
+        client: &mut TcpStream,
+        pending: &mut Pending,
+        network: &Network,
+    ) -> Result<Client, SessionError> {
+        let wait = self.config.timeouts.first_message;
+        let deadline = Instant::now() + wait;
+        let decoder = FrameDecoder::new(network.magic, true);
+        let version_len = read_decoded(client, pending, deadline, Stage::Sniff, |buf| {
+            match decoder.decode(buf).map_err(SessionError::BadFirstMessage)? {
+                Decoded::Frame { len, .. } => Ok(Some((len, 0))),
+                Decoded::NeedMore { .. } => Ok(None),
+            }
+        })
+        .await
+        .map_err(|e| e.or_timeout(SessionError::FirstMessageTimeout(wait)))?;
+        Ok(Client::V1 { network: network.clone(), version_len })
+    }
+
+    /// upgrade -> relay: a v2 client is passed through; a v1 client is
+    /// upgraded, or spoken to in v1 only when [`policy::plan`] says so now.
+    async fn carry(
+        &self,
+        client: TcpStream,
+        pending: Pending,
+        remote: TcpStream,
+        speaks: Client,
+        destination: &Destination,
+        rules: &DialRules,
+    ) -> Result<Ending, SessionError> {
+        match speaks {
+            Client::V2 => Ok(self.passthrough(client, pending, remote).await),
+            Client::V1 { network, version_len } => {
+                self.carry_v1(client, pending, remote, network, version_len, destination, rules).await
             }
         }
     }
-}
 
-/// A dial failure, with the operator hint an onion target needs.
-fn dial_failed(destination: &Destination, error: DialError) -> SessionError {
-    if let DialError::OnionNeedsUpstream(_) = &error {
-        info!(target = %destination.target, "onion targets need an upstream SOCKS5 proxy such as Tor; none is configured");
-    }
-    SessionError::Dial(error)
-}
-
-/// Refuses targets that would loop back into this proxy.
-fn check_not_self(target: &Target, config: &Config) -> Result<(), SessionError> {
-    let Host::Ip(ip) = target.host else { return Ok(()) };
-    let ip = ip.to_canonical();
-    for (_, listen) in config.listen_addresses() {
-        let same_host =
-            listen.ip() == ip || listen.ip().is_unspecified() || (listen.ip().is_loopback() && ip.is_loopback());
-        if listen.port() == target.port && same_host {
-            return Err(SessionError::TargetIsSelf(SocketAddr::new(ip, target.port)));
-        }
-    }
-    Ok(())
-}
-
-impl Session<'_> {
     /// Relays a client that speaks v2 itself, untouched.
-    async fn passthrough(&self, client: TcpStream, pending: BytesMut, remote: TcpStream) -> Ending {
+    async fn passthrough(&self, client: TcpStream, pending: Pending, remote: TcpStream) -> Ending {
         self.open_line(Transport::Passthrough, None);
         let report = relay::run(
             Leg { stream: client, pending },
@@ -450,24 +549,34 @@ impl Session<'_> {
     }
 
     /// Upgrade to v2 with the client's VERSION (the first `version_len` bytes
-    /// of `pending`) in the first flight, or fall back to v1 under the policy;
-    /// then relay.
+    /// of `pending`) in the first flight, or speak v1 when the policy allows
+    /// it at this moment; then relay.
+    #[allow(clippy::too_many_arguments)]
     async fn carry_v1(
         &self,
         client: TcpStream,
-        mut pending: BytesMut,
+        mut pending: Pending,
         mut remote: TcpStream,
         network: Network,
         version_len: usize,
         destination: &Destination,
+        rules: &DialRules,
     ) -> Result<Ending, SessionError> {
         let config = self.config;
         Span::current().record("network", tracing::field::display(&network));
         self.live.set_network(network.name.clone());
-        if self.remembered_v1_only(destination) {
-            // Only reachable under fallback v1: skip the handshake it failed before.
-            self.observer.v1_only_memory("direct_v1");
-            return Ok(self.relay_v1(client, pending, remote, &network).await);
+        // Asked again now: another session may have found the remote v1-only
+        // since this one was dialed.
+        match self.plan_untried(destination) {
+            Plan::Upgrade => {}
+            Plan::Plaintext(permit) => {
+                self.observer.v1_only_memory("direct_v1");
+                return Ok(self.relay_v1(permit, client, pending, remote, &network).await);
+            }
+            Plan::Refuse(_) => {
+                self.observer.v1_only_memory("refused");
+                return Err(SessionError::RememberedV1Only(destination.shown()));
+            }
         }
         let payload = &pending[HEADER_LEN..version_len];
         let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
@@ -478,51 +587,58 @@ impl Session<'_> {
             Ok(key) => upgrade::upgrade(&mut remote, key, Some(first), config.timeouts.handshake).await,
             Err(error) => Err(error),
         };
-        match upgraded {
-            Ok(channel) => {
-                self.observer.handshake_done(started.elapsed());
-                self.open_line(Transport::V2, Some(&channel.session_id));
-                // The VERSION went out in the handshake; it counts as carried.
-                pending.advance(version_len);
-                let counters = &self.live.counters;
-                counters.bytes_client_to_remote.fetch_add(version_len as u64, Ordering::Relaxed);
-                counters.messages_client_to_remote.fetch_add(1, Ordering::Relaxed);
-                let mut report = relay::run(
-                    Leg { stream: client, pending },
-                    Leg { stream: remote, pending: channel.leftover },
-                    V1ToV2 { decoder: FrameDecoder::new(network.magic, true), encoder: channel.encoder },
-                    V2ToV1 { decoder: channel.decoder, magic: network.magic },
-                    config.timeouts.idle,
-                    self.live.counters.clone(),
-                    self.shutdown.clone(),
-                )
-                .await;
-                report.client_to_remote.bytes_in += version_len as u64;
-                report.client_to_remote.messages += 1;
-                Ok(Ending::Relayed(Transport::V2, report))
-            }
+        let channel = match upgraded {
+            Ok(channel) => channel,
             Err(error) => {
                 self.observer.upgrade_failed(error.label());
-                if error.remote_is_v1_only()
-                    && let Some(memory) = &self.context.v1_only
-                {
+                let remote_silent = error.remote_is_v1_only();
+                if remote_silent && let Some(memory) = &self.context.v1_only {
                     memory.remember(&destination.shown());
                 }
-                if !(error.remote_is_v1_only() && config.fallback == Fallback::V1) {
+                let Plan::Plaintext(permit) = policy::plan(config.fallback, Evidence::UpgradeFailed { remote_silent })
+                else {
                     return Err(SessionError::Upgrade(error));
-                }
+                };
                 drop(remote);
-                let remote = outbound::dial(destination, config)
+                let remote = outbound::dial(destination, config, rules)
                     .await
                     .map_err(|dial| SessionError::FallbackDial(error, dial))?;
-                Ok(self.relay_v1(client, pending, remote, &network).await)
+                return Ok(self.relay_v1(permit, client, pending, remote, &network).await);
             }
-        }
+        };
+        self.observer.handshake_done(started.elapsed());
+        self.open_line(Transport::V2, Some(&channel.session_id));
+        // The VERSION went out in the handshake; it counts as carried.
+        pending.advance(version_len);
+        let counters = &self.live.counters;
+        counters.bytes_client_to_remote.fetch_add(version_len as u64, Ordering::Relaxed);
+        counters.messages_client_to_remote.fetch_add(1, Ordering::Relaxed);
+        let mut report = relay::run(
+            Leg { stream: client, pending },
+            Leg { stream: remote, pending: channel.leftover },
+            V1ToV2 { decoder: FrameDecoder::new(network.magic, true), encoder: channel.encoder },
+            V2ToV1 { decoder: channel.decoder, magic: network.magic },
+            config.timeouts.idle,
+            self.live.counters.clone(),
+            self.shutdown.clone(),
+        )
+        .await;
+        report.client_to_remote.bytes_in += version_len as u64;
+        report.client_to_remote.messages += 1;
+        Ok(Ending::Relayed(Transport::V2, report))
     }
 
     /// The v1 fallback: the client's bytes so far, VERSION first, are
-    /// replayed in v1, and both sides stay framed.
-    async fn relay_v1(&self, client: TcpStream, pending: BytesMut, remote: TcpStream, network: &Network) -> Ending {
+    /// replayed in v1, and both sides stay framed. Only reachable with the
+    /// policy's permit.
+    async fn relay_v1(
+        &self,
+        _permit: PlaintextPermit,
+        client: TcpStream,
+        pending: Pending,
+        remote: TcpStream,
+        network: &Network,
+    ) -> Ending {
         self.open_line(Transport::V1Fallback, None);
         let report = relay::run(
             Leg { stream: client, pending },
@@ -554,31 +670,99 @@ impl Session<'_> {
         }
     }
 
-    /// Sends the reply `error` calls for, if any, and hands the error back.
+    /// Sends the answer `error` calls for, if any, and hands the error back.
     async fn refuse(&self, client: &mut TcpStream, error: SessionError) -> SessionError {
-        if let Some(code) = reply_code(&error) {
-            let bound = Target { host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
-            let _ = self.send_reply(client, code, &bound).await;
+        match socks_answer(&error) {
+            Some(SocksAnswer::NoMethod) => {
+                let _ = client.write_all(&socks5::encode_method_choice(socks5::METHOD_NO_ACCEPTABLE)).await;
+            }
+            Some(SocksAnswer::AuthFailure) => {
+                let _ = client.write_all(&socks5::encode_auth_status(false)).await;
+            }
+            Some(SocksAnswer::Reply(code)) => {
+                let bound = Target { host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
+                let _ = self.send_reply(client, code, &bound).await;
+            }
+            None => {}
         }
         error
     }
 
     async fn send_reply(&self, client: &mut TcpStream, code: ReplyCode, bound: &Target) -> Result<(), SessionError> {
         let mut reply = Vec::with_capacity(22);
-        socks5::encode_reply(code, bound, &mut reply).map_err(|e| SessionError::ClientIo(std::io::Error::other(e)))?;
+        socks5::encode_reply(code, bound, &mut reply)
+            .map_err(|e| SessionError::ClientIo(Stage::Accept, std::io::Error::other(e)))?;
         self.observer.socks_reply(code.0);
-        client.write_all(&reply).await.map_err(SessionError::ClientIo)
+        client.write_all(&reply).await.map_err(|e| SessionError::ClientIo(Stage::Accept, e))
     }
 }
 
-/// Reads more client bytes into `pending`; end of stream is `gone`.
-async fn read_more(client: &mut TcpStream, pending: &mut BytesMut, gone: SessionError) -> Result<(), SessionError> {
-    pending.reserve(512);
-    match client.read_buf(pending).await {
-        Ok(0) => Err(gone),
-        Ok(_) => Ok(()),
-        Err(e) => Err(SessionError::ClientIo(e)),
+/// A read that did not produce the bytes a stage wanted.
+enum ReadFailure {
+    /// The stage's deadline passed.
+    Timeout,
+    Failed(SessionError),
+}
+
+impl ReadFailure {
+    /// The session error, with `timeout` standing for a passed deadline.
+    fn or_timeout(self, timeout: SessionError) -> SessionError {
+        match self {
+            ReadFailure::Timeout => timeout,
+            ReadFailure::Failed(error) => error,
+        }
     }
+}
+
+impl From<SessionError> for ReadFailure {
+    fn from(error: SessionError) -> Self {
+        ReadFailure::Failed(error)
+    }
+}
+
+/// Reads more client bytes into `pending` before `deadline`. End of stream
+/// is the client leaving during `stage`.
+async fn read_more(
+    client: &mut TcpStream,
+    pending: &mut Pending,
+    deadline: Instant,
+    stage: Stage,
+) -> Result<(), ReadFailure> {
+    pending.reserve(512);
+    match timeout_at(deadline, client.read_buf(pending)).await {
+        Err(_) => Err(ReadFailure::Timeout),
+        Ok(Ok(0)) if stage == Stage::Accept => Err(SessionError::ClientGone.into()),
+        Ok(Ok(0)) => Err(SessionError::ClientClosedEarly.into()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(SessionError::ClientIo(stage, e).into()),
+    }
+}
+
+/// Decode or read more: runs `decode` on the pending bytes until it yields a
+/// value, reading more client bytes while it answers "need more". `decode`
+/// returns the value and how many bytes it used (they are consumed).
+async fn read_decoded<T>(
+    client: &mut TcpStream,
+    pending: &mut Pending,
+    deadline: Instant,
+    stage: Stage,
+    mut decode: impl FnMut(&[u8]) -> Result<Option<(T, usize)>, SessionError>,
+) -> Result<T, ReadFailure> {
+    loop {
+        if let Some((value, used)) = decode(pending)? {
+            pending.advance(used);
+            return Ok(value);
+        }
+        read_more(client, pending, deadline, stage).await?;
+    }
+}
+
+/// A dial failure, with the operator hint an onion target needs.
+fn dial_failed(destination: &Destination, error: DialError) -> SessionError {
+    if let DialError::OnionNeedsUpstream(_) = &error {
+        info!(target = %destination.target, "onion targets need an upstream SOCKS5 proxy such as Tor; none is configured");
+    }
+    SessionError::Dial(error)
 }
 
 /// Credentials for the upstream under the isolation policy.
@@ -597,19 +781,19 @@ fn upstream_credentials(config: &Config, from_client: Option<Credentials>) -> Op
     }
 }
 
-/// SOCKS5 greeting, optional authentication and the request.
+/// SOCKS5 greeting, optional authentication and the request, each decode
+/// error tagged with the exchange it happened in.
 async fn negotiate(
     client: &mut TcpStream,
-    pending: &mut BytesMut,
+    pending: &mut Pending,
     config: &Config,
-) -> Result<(Command, Destination), SessionError> {
-    let greeting = loop {
-        if let Some((greeting, used)) = socks5::decode_greeting(pending)? {
-            pending.advance(used);
-            break greeting;
-        }
-        read_more(client, pending, SessionError::ClientGone).await?;
-    };
+    deadline: Instant,
+) -> Result<(Command, Destination), ReadFailure> {
+    let in_stage = |stage: SocksStage| move |error: Socks5Error| SessionError::Socks { stage, error };
+    let greeting = read_decoded(client, pending, deadline, Stage::Accept, |buf| {
+        socks5::decode_greeting(buf).map_err(in_stage(SocksStage::Greeting))
+    })
+    .await?;
 
     // Method choice: credentials only when we need them: configured client
     // authentication, or an upstream that isolates streams by the client's
@@ -627,21 +811,18 @@ async fn negotiate(
     } else {
         None
     };
-    let Some(method) = method else {
-        let _ = client.write_all(&socks5::encode_method_choice(socks5::METHOD_NO_ACCEPTABLE)).await;
-        return Err(SessionError::NoAcceptableMethod);
-    };
-    client.write_all(&socks5::encode_method_choice(method)).await.map_err(SessionError::ClientIo)?;
+    let Some(method) = method else { return Err(SessionError::NoAcceptableMethod.into()) };
+    client
+        .write_all(&socks5::encode_method_choice(method))
+        .await
+        .map_err(|e| SessionError::ClientIo(Stage::Accept, e))?;
 
     let mut client_credentials = None;
     if method == socks5::METHOD_USER_PASS {
-        let credentials = loop {
-            if let Some((credentials, used)) = socks5::decode_auth(pending)? {
-                pending.advance(used);
-                break credentials;
-            }
-            read_more(client, pending, SessionError::ClientGone).await?;
-        };
+        let credentials = read_decoded(client, pending, deadline, Stage::Accept, |buf| {
+            socks5::decode_auth(buf).map_err(in_stage(SocksStage::Auth))
+        })
+        .await?;
         let accepted = match &config.client_auth {
             None => true,
             Some(auth) => {
@@ -649,20 +830,20 @@ async fn negotiate(
                     & constant_time_eq(&credentials.password, auth.password.as_bytes())
             }
         };
-        client.write_all(&socks5::encode_auth_status(accepted)).await.map_err(SessionError::ClientIo)?;
         if !accepted {
-            return Err(SessionError::AuthFailed);
+            return Err(SessionError::AuthFailed.into());
         }
+        client
+            .write_all(&socks5::encode_auth_status(true))
+            .await
+            .map_err(|e| SessionError::ClientIo(Stage::Accept, e))?;
         client_credentials = Some(credentials);
     }
 
-    let request = loop {
-        if let Some((request, used)) = socks5::decode_request(pending)? {
-            pending.advance(used);
-            break request;
-        }
-        read_more(client, pending, SessionError::ClientGone).await?;
-    };
+    let request = read_decoded(client, pending, deadline, Stage::Accept, |buf| {
+        socks5::decode_request(buf).map_err(in_stage(SocksStage::Request))
+    })
+    .await?;
     match request.command {
         Command::Connect | Command::Resolve => {
             let destination = Destination {
@@ -672,7 +853,7 @@ async fn negotiate(
             };
             Ok((request.command, destination))
         }
-        other => Err(SessionError::CommandNotSupported(other)),
+        other => Err(SessionError::CommandNotSupported(other).into()),
     }
 }
 
@@ -683,155 +864,56 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// What the client's first bytes say it speaks.
-enum FirstBytes {
-    /// A v1 VERSION for an allowed network.
-    V1(Network),
-    /// Not v1: a client that runs BIP324 itself.
-    V2,
-}
-
-async fn sniff(client: &mut TcpStream, pending: &mut BytesMut, config: &Config) -> Result<FirstBytes, SessionError> {
-    let wait = config.timeouts.first_message;
-    let deadline = Instant::now() + wait;
-    while pending.len() < V1_PREFIX_LEN {
-        match timeout_at(deadline, read_more(client, pending, SessionError::ClientClosedEarly)).await {
-            Ok(result) => result?,
-            Err(_) => return Err(SessionError::FirstMessageTimeout(wait)),
-        }
-    }
-    let mut prefix = [0u8; V1_PREFIX_LEN];
-    prefix.copy_from_slice(&pending[..V1_PREFIX_LEN]);
-    classify(&prefix, config)
-}
-
-/// The sniff decision, on the first 16 bytes.
-fn classify(prefix: &[u8; V1_PREFIX_LEN], config: &Config) -> Result<FirstBytes, SessionError> {
-    let mut magic = [0u8; 4];
-    magic.copy_from_slice(&prefix[..4]);
-    let is_version = prefix[4..] == v1::VERSION_COMMAND;
-    if let Some(network) = config.networks.by_magic(&magic) {
-        return if is_version {
-            Ok(FirstBytes::V1(network.clone()))
-        } else {
-            Err(SessionError::FirstMessageNotVersion)
-        };
-    }
-    if is_version || config.known_networks.by_magic(&magic).is_some() {
-        // A v1 client of a network we do not carry; never pass it through.
-        return Err(SessionError::NetworkNotAllowed(hex::encode(magic)));
-    }
-    if looks_like_plaintext(prefix) {
-        return Err(SessionError::NotBitcoin(hex::encode(prefix)));
-    }
-    if config.passthrough { Ok(FirstBytes::V2) } else { Err(SessionError::PassthroughDisabled) }
-}
-
-/// A BIP324 initiator starts with 64 bytes indistinguishable from random.
-/// Printable text (HTTP, SMTP, SSH banners) or a TLS record header are not
-/// that, and must not turn the proxy into a generic tunnel.
-fn looks_like_plaintext(prefix: &[u8; V1_PREFIX_LEN]) -> bool {
-    let text = prefix.iter().all(|&b| b == b'\r' || b == b'\n' || b == b'\t' || (0x20..0x7f).contains(&b));
-    let tls = prefix[0] == 0x16 && prefix[1] == 0x03 && prefix[2] <= 0x04;
-    text || tls
-}
-
-/// Reads until `pending` starts with a whole, valid VERSION message; returns its length.
-async fn read_first_message(
-    client: &mut TcpStream,
-    pending: &mut BytesMut,
-    network: &Network,
-    config: &Config,
-) -> Result<usize, SessionError> {
-    let wait = config.timeouts.first_message;
-    let decoder = FrameDecoder::new(network.magic, true);
-    let deadline = Instant::now() + wait;
-    loop {
-        match decoder.decode(pending).map_err(SessionError::BadFirstMessage)? {
-            Decoded::Frame { len, .. } => return Ok(len),
-            Decoded::NeedMore { .. } => {
-                match timeout_at(deadline, read_more(client, pending, SessionError::ClientClosedEarly)).await {
-                    Ok(result) => result?,
-                    Err(_) => return Err(SessionError::FirstMessageTimeout(wait)),
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
 
     use super::*;
-
-    fn prefix(magic: [u8; 4], command: &[u8]) -> [u8; 16] {
-        let mut p = [0u8; 16];
-        p[..4].copy_from_slice(&magic);
-        p[4..4 + command.len()].copy_from_slice(command);
-        p
-    }
+    use crate::policy::DialRefusal;
 
     #[test]
-    fn classify_first_bytes() {
-        let config = Config::default();
-        let mainnet = [0xf9, 0xbe, 0xb4, 0xd9];
-        assert!(
-            matches!(classify(&prefix(mainnet, b"version"), &config), Ok(FirstBytes::V1(n)) if n.name == "mainnet")
-        );
-        assert!(matches!(classify(&prefix(mainnet, b"verack"), &config), Err(SessionError::FirstMessageNotVersion)));
-        // Another coin's v1 VERSION is not passed through.
-        assert!(matches!(
-            classify(&prefix([0xfb, 0xc0, 0xb6, 0xdb], b"version"), &config),
-            Err(SessionError::NetworkNotAllowed(_))
-        ));
-        assert!(matches!(classify(b"GET / HTTP/1.1\r\n", &config), Err(SessionError::NotBitcoin(_))));
-        let mut tls = [0x5au8; 16];
-        tls[..3].copy_from_slice(&[0x16, 0x03, 0x01]);
-        assert!(matches!(classify(&tls, &config), Err(SessionError::NotBitcoin(_))));
-        let random = [0x8f, 0x01, 0xee, 0x42, 0x10, 0x99, 0xfe, 0x00, 0x31, 0xc4, 0x77, 0x05, 0xaa, 0x3b, 0x60, 0xd2];
-        assert!(matches!(classify(&random, &config), Ok(FirstBytes::V2)));
-    }
-
-    #[test]
-    fn disallowed_network_is_refused_not_passed_through() {
-        let cli = crate::config::Cli { network: vec!["regtest".into()], ..Default::default() };
-        let config = Config::load(&cli).unwrap();
-        let mainnet = [0xf9, 0xbe, 0xb4, 0xd9];
-        assert!(matches!(classify(&prefix(mainnet, b"version"), &config), Err(SessionError::NetworkNotAllowed(_))));
-        assert!(matches!(classify(&prefix(mainnet, b"ping"), &config), Err(SessionError::NetworkNotAllowed(_))));
-    }
-
-    #[test]
-    fn passthrough_can_be_disabled() {
-        let cli = crate::config::Cli { passthrough: Some(false), ..Default::default() };
-        let config = Config::load(&cli).unwrap();
-        let random = [0x8f; 16];
-        assert!(matches!(classify(&random, &config), Err(SessionError::PassthroughDisabled)));
-    }
-
-    #[test]
-    fn reply_codes() {
+    fn socks_answers_follow_the_stage() {
         use std::io::{Error, ErrorKind};
+        let reply = |code| Some(SocksAnswer::Reply(code));
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let connect = |kind| SessionError::Dial(DialError::Connect { addr, source: Error::from(kind) });
-        assert_eq!(reply_code(&connect(ErrorKind::ConnectionRefused)), Some(ReplyCode::CONNECTION_REFUSED));
-        assert_eq!(reply_code(&connect(ErrorKind::HostUnreachable)), Some(ReplyCode::HOST_UNREACHABLE));
-        assert_eq!(reply_code(&connect(ErrorKind::NetworkUnreachable)), Some(ReplyCode::NETWORK_UNREACHABLE));
-        assert_eq!(reply_code(&connect(ErrorKind::Other)), Some(ReplyCode::GENERAL_FAILURE));
-        assert_eq!(reply_code(&SessionError::Dial(DialError::ConnectTimeout { addr })), Some(ReplyCode::TTL_EXPIRED));
+        assert_eq!(socks_answer(&connect(ErrorKind::ConnectionRefused)), reply(ReplyCode::CONNECTION_REFUSED));
+        assert_eq!(socks_answer(&connect(ErrorKind::HostUnreachable)), reply(ReplyCode::HOST_UNREACHABLE));
+        assert_eq!(socks_answer(&connect(ErrorKind::NetworkUnreachable)), reply(ReplyCode::NETWORK_UNREACHABLE));
+        assert_eq!(socks_answer(&connect(ErrorKind::Other)), reply(ReplyCode::GENERAL_FAILURE));
         assert_eq!(
-            reply_code(&SessionError::Dial(DialError::OnionNeedsUpstream("x.onion:8333".into()))),
-            Some(ReplyCode::HOST_UNREACHABLE)
+            socks_answer(&SessionError::Dial(DialError::ConnectTimeout { addr })),
+            reply(ReplyCode::TTL_EXPIRED)
         );
         assert_eq!(
-            reply_code(&SessionError::CommandNotSupported(Command::Bind)),
-            Some(ReplyCode::COMMAND_NOT_SUPPORTED)
+            socks_answer(&SessionError::Dial(DialError::OnionNeedsUpstream("x.onion:8333".into()))),
+            reply(ReplyCode::HOST_UNREACHABLE)
         );
         assert_eq!(
-            reply_code(&SessionError::Socks(socks5::Socks5Error::AddressTypeNotSupported(9))),
-            Some(ReplyCode::ADDRESS_TYPE_NOT_SUPPORTED)
+            socks_answer(&SessionError::Dial(DialError::Refused(DialRefusal::SelfTarget(addr)))),
+            reply(ReplyCode::NOT_ALLOWED)
         );
-        assert_eq!(reply_code(&SessionError::ClientClosedEarly), None);
+        assert_eq!(
+            socks_answer(&SessionError::CommandNotSupported(Command::Bind)),
+            reply(ReplyCode::COMMAND_NOT_SUPPORTED)
+        );
+        let socks = |stage, error| SessionError::Socks { stage, error };
+        assert_eq!(
+            socks_answer(&socks(SocksStage::Request, Socks5Error::AddressTypeNotSupported(9))),
+            reply(ReplyCode::ADDRESS_TYPE_NOT_SUPPORTED)
+        );
+        assert_eq!(
+            socks_answer(&socks(SocksStage::Request, Socks5Error::EmptyDomain)),
+            reply(ReplyCode::GENERAL_FAILURE)
+        );
+        // Greeting and authentication failures are answered in their own shape.
+        assert_eq!(socks_answer(&socks(SocksStage::Greeting, Socks5Error::NoMethods)), Some(SocksAnswer::NoMethod));
+        assert_eq!(socks_answer(&SessionError::NoAcceptableMethod), Some(SocksAnswer::NoMethod));
+        assert_eq!(
+            socks_answer(&socks(SocksStage::Auth, Socks5Error::BadAuthVersion(5))),
+            Some(SocksAnswer::AuthFailure)
+        );
+        assert_eq!(socks_answer(&SessionError::AuthFailed), Some(SocksAnswer::AuthFailure));
+        assert_eq!(socks_answer(&SessionError::ClientClosedEarly), None);
     }
 }

@@ -6,7 +6,7 @@
 //! version i32 LE | services u64 LE | timestamp i64 LE |
 //! addr_recv: services u64 LE, 16-byte IPv6 (IPv4 as ::ffff:a.b.c.d), port u16 BE | ...
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv6Addr, SocketAddr};
 
 /// Offset of addr_recv's 16 address bytes in the VERSION payload.
 const ADDR_RECV_IP: usize = 4 + 8 + 8 + 8;
@@ -51,39 +51,7 @@ pub fn addr_recv(payload: &[u8], allow_private: bool) -> Result<SocketAddr, Addr
     Ok(addr)
 }
 
-/// Bitcoin Core's CNetAddr::IsRoutable, for the address families VERSION can
-/// carry: not loopback, private (RFC 1918, RFC 4193), link-local, CGNAT,
-/// documentation, benchmarking or other reserved ranges.
-pub fn is_routable(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_unspecified()
-                || v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64) // RFC 6598 shared address space
-                || (o[0] == 198 && (o[1] & 0xfe) == 18) // RFC 2544 benchmarking
-                || o[0] >= 240) // RFC 1112 reserved, multicast above
-                && !v4.is_multicast()
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            !(v6.is_unspecified()
-                || v6.is_loopback()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // RFC 4193 unique local
-                || (s[0] & 0xffc0) == 0xfe80 // RFC 4862 link-local
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // RFC 3849 documentation
-                || (s[0] == 0x2001 && s[1] & 0xfff0 == 0x0010) // RFC 4843 ORCHID
-                || (s[0] == 0x2001 && s[1] & 0xfff0 == 0x0020) // RFC 7343 ORCHIDv2
-                || (s[0] & 0xff00) == 0xfc00)
-        }
-    }
-}
+pub use crate::policy::is_routable;
 
 #[cfg(test)]
 mod tests {
@@ -160,29 +128,5 @@ mod tests {
             assert_eq!(addr_recv(&p[..len], false), Err(AddrRecvError::TooShort { len }));
         }
         assert!(addr_recv(&p[..MIN_VERSION_PAYLOAD], false).is_ok());
-    }
-
-    #[test]
-    fn routability() {
-        for ok in ["8.8.8.8", "2a01:4f8::1", "15.61.23.23"] {
-            assert!(is_routable(&ok.parse().unwrap()), "{ok}");
-        }
-        for bad in [
-            "10.0.0.1",
-            "172.16.0.1",
-            "192.168.1.1",
-            "100.64.0.1",
-            "169.254.1.1",
-            "127.0.0.1",
-            "fd00::1",
-            "fe80::1",
-            "::1",
-            "2001:db8::1",
-            "240.0.0.1",
-            "224.0.0.1",
-            "198.18.0.1",
-        ] {
-            assert!(!is_routable(&bad.parse().unwrap()), "{bad}");
-        }
     }
 }

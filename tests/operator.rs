@@ -88,9 +88,14 @@ async fn probe_tells_v2_v1_and_unreachable_apart() {
     assert_eq!(status.code(), Some(0), "{out}");
     assert!(out.contains("speaks v2"), "{out}");
     assert!(out.contains(&hex::encode(v2.log.session_ids.lock().unwrap()[0])), "{out}");
-    let (status, out) = run_binary_stdout(&["probe", &v1.addr.to_string(), "--network", "regtest"]).await;
+    // Confirming v1 takes a plaintext VERSION: only where the policy allows plaintext.
+    let (status, out) =
+        run_binary_stdout(&["--fallback", "v1", "probe", &v1.addr.to_string(), "--network", "regtest"]).await;
     assert_eq!(status.code(), Some(1), "{out}");
     assert!(out.contains("speaks v1 only"), "{out}");
+    let (status, out) = run_binary_stdout(&["probe", &v1.addr.to_string(), "--network", "regtest"]).await;
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(out.contains("does not speak v2") && out.contains("v1 not tried"), "{out}");
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = closed.local_addr().unwrap().to_string();
     drop(closed);

@@ -1,0 +1,286 @@
+//! The promises of docs/SECURITY.md under attack, each in several spellings:
+//! the downgrade race under `fallback = "none"`, the proxy dialing itself,
+//! private targets for clients elsewhere, the v1 size limit from the remote,
+//! SOCKS5 answers in the shape of each stage, and canonical target display.
+//!
+//! The client that is not on this host runs in a network namespace the test
+//! creates (root is needed, as in CI), talking to the proxy over a veth pair.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bip324_proxy::config::{Cli, Config};
+use bip324_proxy::server::{Bound, Context};
+use bip324_proxy::session::FrontEnd;
+use clap::Parser;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Sends raw bytes and returns everything the proxy answers before it closes.
+async fn exchange(proxy: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer)).await.expect("proxy closes").unwrap_or_default();
+    answer
+}
+
+/// A SOCKS5 CONNECT (no auth) with DOMAINNAME `host`; the reply code.
+async fn connect_by_name(proxy: SocketAddr, host: &str, port: u16) -> u8 {
+    match socks_named(proxy, "x", host, port, false).await {
+        Ok(_) => 0,
+        Err(code) => code,
+    }
+}
+
+#[tokio::test]
+async fn fallback_none_stays_v2_only_when_another_session_learns_the_remote_is_v1_only() {
+    let node = spawn_v1_node(REGTEST).await;
+    let proxy = spawn_proxy(&[]).await;
+    // Session A: dialed and answered, VERSION not sent yet.
+    let mut early = socks_btcd(proxy.addr, node.addr).await.expect("A connects");
+    // Session B: its upgrade fails against the v1-only node, which the proxy remembers.
+    let mut b = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    expect_closed(&mut b).await;
+    // A's VERSION now: still v2 or nothing.
+    early.write_all(&version_message(REGTEST, node.addr)).await.unwrap();
+    expect_closed(&mut early).await;
+    // A later session is refused before a dial.
+    assert_eq!(socks_btcd(proxy.addr, node.addr).await.err(), Some(0x02));
+    let received = node.log.received.lock().unwrap();
+    assert!(received.iter().all(Vec::is_empty), "plaintext reached the v1 node: {received:?}");
+}
+
+#[tokio::test]
+async fn probe_sends_no_plaintext_under_fallback_none() {
+    let node = spawn_v1_node(REGTEST).await;
+    let target = node.addr.to_string();
+    let (status, stdout) = run_binary_stdout(&["probe", &target, "--network", "regtest"]).await;
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("v1 not tried"), "{stdout}");
+    assert!(node.log.received.lock().unwrap().iter().all(Vec::is_empty));
+
+    let (status, stdout) = run_binary_stdout(&["--fallback", "v1", "probe", &target, "--network", "regtest"]).await;
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("answered a v1 VERSION"), "{stdout}");
+}
+
+#[tokio::test]
+async fn the_proxy_never_dials_itself_in_any_spelling() {
+    let proxy = spawn_binary(&["--metrics-listen", "127.0.0.1:0"], "info").await;
+    let mut proxy = proxy;
+    let line = proxy.wait_for(&["metrics and status listening"]).await;
+    let metrics: SocketAddr =
+        line.split("listen=").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap();
+    for port in [proxy.addr.port(), metrics.port()] {
+        for host in ["localhost", "127.0.0.1", "127.1", "0.0.0.0", "0", "::", "[::]", "::1", "::ffff:127.0.0.1"] {
+            assert_eq!(connect_by_name(proxy.addr, host, port).await, 0x02, "{host}:{port}");
+        }
+        for target in [
+            SocketAddr::new("127.0.0.1".parse().unwrap(), port),
+            SocketAddr::new("0.0.0.0".parse().unwrap(), port),
+            SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), port),
+            SocketAddr::new("::".parse().unwrap(), port),
+        ] {
+            assert_eq!(socks_btcd(proxy.addr, target).await.err(), Some(0x02), "{target}");
+        }
+    }
+    // Pipelined CONNECTs to itself build no chain: the first is refused and
+    // the connection ends.
+    let mut pipelined = Vec::new();
+    for _ in 0..5 {
+        pipelined.extend_from_slice(&[0x05, 0x01, 0x00, 0x05, 0x01, 0x00, 0x03, 9]);
+        pipelined.extend_from_slice(b"localhost");
+        pipelined.extend_from_slice(&proxy.addr.port().to_be_bytes());
+    }
+    let answer = exchange(proxy.addr, &pipelined).await;
+    assert_eq!(answer, [0x05, 0x00, 0x05, 0x02, 0x00, 0x01, 0, 0, 0, 0, 0, 0]);
+    let line = proxy.wait_for(&["session closed", "own listener"]).await;
+    assert!(line.contains("stage=dial"), "{line}");
+}
+
+#[tokio::test]
+async fn transparent_mode_never_dials_the_proxy_itself() {
+    let mut proxy = spawn_binary(&["--allow-private-targets"], "info").await;
+    for target in [proxy.addr, SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), proxy.addr.port())] {
+        let mut client = open_transparent_session(proxy.addr, target, REGTEST).await;
+        expect_closed(&mut client).await;
+        let line = proxy.wait_for(&["session closed", "own listener"]).await;
+        assert!(line.contains("stage=dial"), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn socks_failures_are_answered_in_the_shape_of_their_stage() {
+    let proxy = spawn_proxy(&[]).await;
+    // Greeting with no methods, or a bad method count: method selection's `05 FF`.
+    assert_eq!(exchange(proxy.addr, &[0x05, 0x00]).await, [0x05, 0xff]);
+    assert_eq!(exchange(proxy.addr, &[0x05, 0x01, 0x80]).await, [0x05, 0xff]);
+    // A bad RFC 1929 version: an authentication status, not a request reply.
+    assert_eq!(exchange(proxy.addr, &[0x05, 0x01, 0x02, 0x05, 0x01, b'u', 0x01, b'p']).await, [0x05, 0x02, 0x01, 0x01]);
+    // A bad request: a 10-byte reply.
+    let empty_name = [0x05, 0x01, 0x00, 0x05, 0x01, 0x00, 0x03, 0x00, 0x20, 0x8d];
+    assert_eq!(exchange(proxy.addr, &empty_name).await, [0x05, 0x00, 0x05, 0x01, 0x00, 0x01, 0, 0, 0, 0, 0, 0]);
+    let bad_atyp = [0x05, 0x01, 0x00, 0x05, 0x01, 0x00, 0x09, 1, 2, 3, 4, 0x20, 0x8d];
+    assert_eq!(exchange(proxy.addr, &bad_atyp).await, [0x05, 0x00, 0x05, 0x08, 0x00, 0x01, 0, 0, 0, 0, 0, 0]);
+    // Configured authentication with wrong credentials: `01 01`.
+    let strict = spawn_proxy(&["--client-username", "alice", "--client-password", "secret"]).await;
+    assert_eq!(
+        exchange(strict.addr, &[0x05, 0x01, 0x02, 0x01, 0x01, b'u', 0x01, b'p']).await,
+        [0x05, 0x02, 0x01, 0x01]
+    );
+    assert_eq!(exchange(strict.addr, &[0x05, 0x01, 0x00]).await, [0x05, 0xff]);
+}
+
+#[tokio::test]
+async fn remote_messages_beyond_the_v1_limit_close_the_session() {
+    // 4,000,012 payload bytes fit a v2 packet but no v1 frame.
+    let node = spawn_v2_node(V2NodeOptions { flood: Some((1, 4_000_012)), ..Default::default() }).await;
+    let proxy = spawn_binary(&[], "info").await;
+    let mut proxy = proxy;
+    let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, client.read_to_end(&mut answer)).await.expect("closed").unwrap_or_default();
+    assert!(answer.is_empty(), "a frame reached the client: {} bytes", answer.len());
+    let line = proxy.wait_for(&["session closed"]).await;
+    assert!(line.contains("4000012") && line.contains("4000000"), "{line}");
+
+    // At the limit the message is carried.
+    let node = spawn_v2_node(V2NodeOptions { flood: Some((1, 4_000_000)), ..Default::default() }).await;
+    let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    let block = expect_frame(&mut client).await;
+    assert_eq!((block.command.as_str(), block.payload.len()), ("block", 4_000_000));
+}
+
+#[tokio::test]
+async fn bracketed_ipv6_names_are_shown_once_bracketed() {
+    let node = spawn_v2_node_on("[::1]:0", V2NodeOptions::default()).await;
+    let mut proxy = spawn_binary(&[], "info").await;
+    let mut client = socks_named(proxy.addr, "x", "[::1]", node.addr.port(), false).await.expect("CONNECT");
+    client.write_all(&version_message(REGTEST, node.addr)).await.unwrap();
+    expect_frame(&mut client).await;
+    let line = proxy.wait_for(&["session open"]).await;
+    assert!(line.contains(&format!("target=[::1]:{}", node.addr.port())), "{line}");
+    assert!(!line.contains("[[") && !line.contains("]]"), "{line}");
+}
+
+// ---------------------------------------------------------------- clients elsewhere
+
+/// A network namespace with a veth pair: the host side has `host_ip`, the
+/// namespace `peer_ip`. Removed on drop.
+struct Namespace {
+    name: String,
+    host_ip: String,
+    peer_ip: String,
+}
+
+fn run(args: &[&str]) {
+    let status = std::process::Command::new(args[0]).args(&args[1..]).status();
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "`{}` failed: this test needs root and iproute2 (the test entry point installs iproute2)",
+        args.join(" ")
+    );
+}
+
+impl Namespace {
+    fn create() -> Namespace {
+        let id = std::process::id() % 200 + 20;
+        let name = format!("b324sec{}", std::process::id());
+        let (host_if, peer_if) = (format!("b324h{id}"), format!("b324p{id}"));
+        let (host_ip, peer_ip) = (format!("10.253.{id}.1"), format!("10.253.{id}.2"));
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if]);
+        run(&["ip", "link", "set", &peer_if, "netns", &name]);
+        run(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        run(&["ip", "link", "set", &host_if, "up"]);
+        run(&["ip", "-n", &name, "addr", "add", &format!("{peer_ip}/30"), "dev", &peer_if]);
+        run(&["ip", "-n", &name, "link", "set", &peer_if, "up"]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Namespace { name, host_ip, peer_ip }
+    }
+
+    /// A SOCKS5 CONNECT from inside the namespace to `host:port` by name; the reply code.
+    fn socks_connect(&self, proxy: SocketAddr, host: &str, port: u16) -> u8 {
+        let script = format!(
+            "import socket\n\
+             s = socket.create_connection(('{}', {}), timeout=20)\n\
+             s.sendall(b'\\x05\\x01\\x00')\n\
+             assert s.recv(2) == b'\\x05\\x00'\n\
+             name = b'{host}'\n\
+             s.sendall(b'\\x05\\x01\\x00\\x03' + bytes([len(name)]) + name + ({port}).to_bytes(2, 'big'))\n\
+             reply = s.recv(10)\n\
+             print(reply[1])\n",
+            proxy.ip(),
+            proxy.port()
+        );
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "python3", "-c", &script])
+            .output()
+            .expect("python3 runs in the namespace");
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.trim().parse().unwrap_or_else(|_| panic!("{text} {}", String::from_utf8_lossy(&output.stderr)))
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// The proxy's library entry on `listen`, with `allow` as its allow-list.
+async fn proxy_on(listen: &str, args: &[&str]) -> (SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind(listen).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut all = vec!["bip324-proxy", "--listen", listen];
+    all.extend_from_slice(args);
+    let config = Arc::new(Config::load(&Cli::try_parse_from(all).unwrap()).unwrap());
+    let shutdown = CancellationToken::new();
+    let context = Arc::new(Context::new(config, Default::default()));
+    tokio::spawn(bip324_proxy::server::serve(
+        vec![Bound { listener, front: FrontEnd::Main }],
+        context,
+        shutdown.clone(),
+    ));
+    (addr, shutdown)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_elsewhere_reach_no_loopback_or_private_target() {
+    let ns = Namespace::create();
+    // Services on the proxy host: a v2 node on loopback and one on the host's veth address.
+    let loopback_node = spawn_v2_node(V2NodeOptions::default()).await;
+    let host_node = spawn_v2_node_on(&format!("{}:0", ns.host_ip), V2NodeOptions::default()).await;
+    let allow = format!("{}/32", ns.peer_ip);
+    let (proxy, _stop) = proxy_on(&format!("{}:0", ns.host_ip), &["--allow", &allow]).await;
+
+    let targets: [(&str, u16); 6] = [
+        ("127.0.0.1", loopback_node.addr.port()),
+        ("localhost", loopback_node.addr.port()),
+        ("127.0.0.2", loopback_node.addr.port()),
+        ("::ffff:127.0.0.1", loopback_node.addr.port()),
+        ("0.0.0.0", loopback_node.addr.port()),
+        (ns.host_ip.clone().leak(), host_node.addr.port()),
+    ];
+    let ns = Arc::new(ns);
+    for (host, port) in targets {
+        let (ns, host_owned) = (ns.clone(), host.to_owned());
+        let code = tokio::task::spawn_blocking(move || ns.socks_connect(proxy, &host_owned, port)).await.unwrap();
+        assert_eq!(code, 0x02, "{host}:{port} from a client elsewhere");
+    }
+    assert_eq!(loopback_node.log.accepts.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(host_node.log.accepts.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // With allow_private_targets the operator opts in.
+    let (open_proxy, _stop) =
+        proxy_on(&format!("{}:0", ns.host_ip), &["--allow", &allow, "--allow-private-targets"]).await;
+    let port = host_node.addr.port();
+    let (ns2, host) = (ns.clone(), ns.host_ip.clone());
+    let code = tokio::task::spawn_blocking(move || ns2.socks_connect(open_proxy, &host, port)).await.unwrap();
+    assert_eq!(code, 0x00);
+}
