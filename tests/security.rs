@@ -284,3 +284,37 @@ async fn clients_elsewhere_reach_no_loopback_or_private_target() {
     let code = tokio::task::spawn_blocking(move || ns2.socks_connect(open_proxy, &host, port)).await.unwrap();
     assert_eq!(code, 0x00);
 }
+
+#[tokio::test]
+async fn client_first_binary_protocols_are_not_tunnelled() {
+    // A plain TCP service that records whatever reaches it.
+    let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = service.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    let proxy = spawn_proxy(&[]).await;
+    let mut postgres = vec![0, 0, 0, 0x54, 0, 3, 0, 0];
+    postgres
+        .extend_from_slice(b"user\0postgres\0database\0postgres\0application_name\0psql\0client_encoding\0UTF8\0\0");
+    let mut samples = vec![postgres, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()];
+    let mut tls = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+    tls.extend(random_payload(200));
+    samples.push(tls);
+    for sample in samples {
+        let mut client = socks_btcd(proxy.addr, service_addr).await.expect("CONNECT");
+        client.write_all(&sample).await.unwrap();
+        expect_closed(&mut client).await;
+    }
+    assert!(received.lock().unwrap().is_empty(), "bytes were tunnelled");
+}
