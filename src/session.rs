@@ -391,6 +391,16 @@ impl Session<'_> {
     /// Transparent mode: the destination is addr_recv of the client's VERSION.
     async fn serve_transparent(&self, mut client: TcpStream, mut pending: Pending) -> Result<Ending, SessionError> {
         let config = self.config;
+        // Anything but a v1 message of an allowed network is refused at its first byte.
+        if pending.is_empty() {
+            let wait = config.timeouts.first_message;
+            read_more(&mut client, &mut pending, Instant::now() + wait, Stage::Sniff)
+                .await
+                .map_err(|e| e.or_timeout(SessionError::FirstMessageTimeout(wait)))?;
+        }
+        if !config.networks.iter().any(|n| n.magic[0] == pending[0]) {
+            return Err(SessionError::UnknownProtocol(pending[0]));
+        }
         let Client::V1 { network, version_len } = self.sniff(&mut client, &mut pending).await? else {
             return Err(SessionError::TransparentNeedsV1);
         };
