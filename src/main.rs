@@ -97,6 +97,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 transparent = config.transparent,
                 fallback = %config.fallback,
                 passthrough = config.passthrough,
+                allow_private_targets = config.allow_private_targets,
+                max_sessions = config.max_sessions,
+                max_sessions_per_client = config.max_sessions_per_client,
                 networks = %config.networks.names().join(","),
                 upstream = %config.upstream.as_ref().map_or_else(|| "none".to_owned(), |u| u.addr.to_string()),
                 "listening"
