@@ -42,6 +42,7 @@ pub struct Metrics {
     socks_replies: Family<[(&'static str, String); 1], Counter>,
     upgrade_failures: Family<Labels1, Counter>,
     v1_only_memory: Family<Labels1, Counter>,
+    connections_refused: Family<Labels1, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,6 +58,7 @@ impl Default for Metrics {
         let socks_replies = Family::<[(&'static str, String); 1], Counter>::default();
         let upgrade_failures = Family::<Labels1, Counter>::default();
         let v1_only_memory = Family::<Labels1, Counter>::default();
+        let connections_refused = Family::<Labels1, Counter>::default();
         registry.register(
             "sessions_opened",
             "Sessions whose relay started, by transport (v2, v1-fallback, passthrough)",
@@ -82,6 +84,12 @@ impl Default for Metrics {
             "Sessions decided by the v1-only peer memory, by action (refused, direct_v1)",
             v1_only_memory.clone(),
         );
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept, by reason (allow_list, session_limit, client_limit, \
+             metrics_allow_list, metrics_limit)",
+            connections_refused.clone(),
+        );
         Metrics {
             registry,
             sessions_opened,
@@ -93,6 +101,7 @@ impl Default for Metrics {
             socks_replies,
             upgrade_failures,
             v1_only_memory,
+            connections_refused,
         }
     }
 }
@@ -221,9 +230,22 @@ impl Observer {
         self.metrics.v1_only_memory.get_or_create(&[("action", action)]).inc();
     }
 
-    /// The session ended; its traffic goes into the totals.
+    /// A connection was closed at accept, before any session started.
+    pub fn refused(&self, reason: &'static str) {
+        self.metrics.connections_refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Whether the session is still listed (not yet [`Observer::closed`]).
+    pub fn is_open(&self, session: &LiveSession) -> bool {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&session.id)
+    }
+
+    /// The session ended; its traffic goes into the totals. Only the first
+    /// call for a session counts, so a guard may call it again on every path.
     pub fn closed(&self, session: &LiveSession, reason: &'static str) {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&session.id);
+        if self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&session.id).is_none() {
+            return;
+        }
         self.metrics.sessions_active.dec();
         let transport = session.transport().unwrap_or("none");
         self.metrics.sessions_closed.get_or_create(&[("transport", transport), ("reason", reason)]).inc();
