@@ -238,15 +238,15 @@ impl Config {
         let (networks, known_networks) = networks_section(&file, cli)?;
         let max_sessions = in_range("max_sessions", cli.max_sessions.unwrap_or(file.max_sessions), MAX_SESSIONS)?;
         let per_client = match cli.max_sessions_per_client.or(file.max_sessions_per_client) {
-            Some(value) => in_range("max_sessions_per_client", value, 1..=max_sessions).map_err(|e| {
-                ConfigError(format!("{} (at most max_sessions, {max_sessions})", e.0))
-            })?,
+            Some(value) => in_range("max_sessions_per_client", value, 1..=max_sessions)
+                .map_err(|e| ConfigError(format!("{} (at most max_sessions, {max_sessions})", e.0)))?,
             None => default_per_client(max_sessions),
         };
         let timeouts = timeouts_section(&file.timeouts, cli)?;
         let client_auth = client_auth_section(&file, cli)?;
         let allow = allow_section(&file, cli)?;
-        let transparent_listen = file.transparent_listen.as_deref().map(|t| socket_addr("transparent_listen", t)).transpose()?;
+        let transparent_listen =
+            file.transparent_listen.as_deref().map(|t| socket_addr("transparent_listen", t)).transpose()?;
         let upstream = upstream_section(&file, cli)?;
         let mut routes = Vec::new();
         for (i, route) in file.route.iter().enumerate() {
@@ -257,7 +257,8 @@ impl Config {
         let metrics = &file.metrics;
         let metrics_text = cli.metrics_listen.clone().or(metrics.listen.clone());
         let metrics_listen = metrics_text.as_deref().map(|t| socket_addr("metrics.listen", t)).transpose()?;
-        let metrics_max_connections = in_range("metrics.max_connections", metrics.max_connections, METRICS_MAX_CONNECTIONS)?;
+        let metrics_max_connections =
+            in_range("metrics.max_connections", metrics.max_connections, METRICS_MAX_CONNECTIONS)?;
         let metrics_request_timeout = Duration::from_secs(in_range(
             "metrics.request_timeout",
             metrics.request_timeout,
@@ -303,7 +304,9 @@ impl Config {
             let exposed: Vec<String> = self
                 .listen_addresses()
                 .into_iter()
-                .filter(|(key, addr)| !addr.ip().is_loopback() && (key == "metrics.listen" || self.client_auth.is_none()))
+                .filter(|(key, addr)| {
+                    !addr.ip().is_loopback() && (key == "metrics.listen" || self.client_auth.is_none())
+                })
                 .map(|(key, _)| key)
                 .collect();
             if let Some(key) = exposed.first() {
@@ -358,7 +361,10 @@ impl Config {
                 Some(addr) => vec![addr],
                 None => {
                     use std::net::ToSocketAddrs;
-                    (target.host.to_string().as_str(), target.port).to_socket_addrs().map(Iterator::collect).unwrap_or_default()
+                    (target.host.to_string().as_str(), target.port)
+                        .to_socket_addrs()
+                        .map(Iterator::collect)
+                        .unwrap_or_default()
                 }
             };
             for addr in addrs {
@@ -751,8 +757,7 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
         let line_text = text.lines().nth(line - 1).unwrap_or("");
         let key = line_text.split('=').next().unwrap_or("").trim().trim_matches(['"', '\'']);
-        if ["username", "password"].contains(&key) || line_text.contains("password") || line_text.contains("username")
-        {
+        if ["username", "password"].contains(&key) || line_text.contains("password") || line_text.contains("username") {
             ConfigError(format!("line {line}, column {column}: invalid `{key}` value (not shown)"))
         } else {
             ConfigError(format!("line {line}, column {column}: {}", e.message().trim_end()))

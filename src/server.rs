@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -231,8 +231,12 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
         );
         let (context, cancel, front) = (shared.context.clone(), shared.sessions_cancel.clone(), front.clone());
         let live = context.observer.accepted(id, client);
-        let guard =
-            SessionGuard { observer: context.observer.clone(), live: live.clone(), per_client: shared.per_client.clone(), client_ip };
+        let guard = SessionGuard {
+            observer: context.observer.clone(),
+            live: live.clone(),
+            per_client: shared.per_client.clone(),
+            client_ip,
+        };
         shared.tracker.spawn(
             async move {
                 let _guard = guard;
@@ -278,8 +282,12 @@ mod tests {
         let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         assert!(per_client.try_take(client.ip(), 4));
         let live = observer.accepted(1, client);
-        let guard =
-            SessionGuard { observer: observer.clone(), live: live.clone(), per_client: per_client.clone(), client_ip: client.ip() };
+        let guard = SessionGuard {
+            observer: observer.clone(),
+            live: live.clone(),
+            per_client: per_client.clone(),
+            client_ip: client.ip(),
+        };
         observer.closed(&live, "closed");
         drop(guard);
         let text = observer.encode_metrics();

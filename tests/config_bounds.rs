@@ -149,8 +149,15 @@ fn huge_timeouts_and_session_limits_are_refused_before_listening() {
 
 #[test]
 fn custom_network_names_are_short_lowercase_words() {
-    for name in ["\"\"", "\"my net\"", "\"tab\\there\"", "\"bell\\u0007\"", "\"Upper\"", "\"é\"", &format!("\"{}\"", "a".repeat(33))]
-    {
+    for name in [
+        "\"\"",
+        "\"my net\"",
+        "\"tab\\there\"",
+        "\"bell\\u0007\"",
+        "\"Upper\"",
+        "\"é\"",
+        &format!("\"{}\"", "a".repeat(33)),
+    ] {
         let err = load(&format!("[custom_networks]\n{name} = \"a1b2c3d4\"\n"), &[]).unwrap_err();
         assert!(err.0.contains("custom_networks"), "{name}: {err}");
         assert!(!err.0.chars().any(|c| c.is_control()), "{name}: control characters echoed: {err:?}");
@@ -204,7 +211,12 @@ fn config_errors_never_echo_credentials() {
         (format!("[client_auth]\nusername = \"u\"\npassword = \"{secret}\n"), vec![]),
         (format!("[client_auth]\nusername = \"u\"\npassword = {secret}\n"), vec![]),
         ("[client_auth]\nusername = \"u\"\npassword = 98765432123\n".into(), vec![]),
-        (format!("[upstream]\nsocks5 = \"tor:9050\"\nisolation = \"fixed\"\nusername = \"u\"\npassword = '{secret}\n"), vec![]),
+        (
+            format!(
+                "[upstream]\nsocks5 = \"tor:9050\"\nisolation = \"fixed\"\nusername = \"u\"\npassword = '{secret}\n"
+            ),
+            vec![],
+        ),
         (format!("[client_auth]\nusername = \"{secret}\"\n"), vec![]),
     ];
     for (toml, args) in cases {
@@ -221,30 +233,63 @@ fn static_route_or_upstream_pointing_at_our_own_listener_is_refused() {
     let any = format!("0.0.0.0:{port}");
     let allow = "allow = [\"127.0.0.0/8\"]\n";
     for (toml, args, key) in [
-        (format!("[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:{port}\"\n"), vec!["--listen", &listen], "route[0].target"),
-        (format!("{allow}[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:{port}\"\n"), vec!["--listen", &any], "route[0].target"),
-        (format!("{allow}[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"localhost:{port}\"\n"), vec!["--listen", &any], "route[0].target"),
-        (format!("[[route]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"127.0.0.1:{port}\"\n"), vec![], "route[0].target"),
-        (format!("[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"[::ffff:127.0.0.1]:{port}\"\n"), vec!["--listen", &listen], "route[0].target"),
+        (
+            format!("[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:{port}\"\n"),
+            vec!["--listen", &listen],
+            "route[0].target",
+        ),
+        (
+            format!("{allow}[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:{port}\"\n"),
+            vec!["--listen", &any],
+            "route[0].target",
+        ),
+        (
+            format!("{allow}[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"localhost:{port}\"\n"),
+            vec!["--listen", &any],
+            "route[0].target",
+        ),
+        (
+            format!("[[route]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"127.0.0.1:{port}\"\n"),
+            vec![],
+            "route[0].target",
+        ),
+        (
+            format!("[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"[::ffff:127.0.0.1]:{port}\"\n"),
+            vec!["--listen", &listen],
+            "route[0].target",
+        ),
         (format!("[upstream]\nsocks5 = \"127.0.0.1:{port}\"\n"), vec!["--listen", &listen], "upstream.socks5"),
         (format!("[upstream]\nsocks5 = \"localhost:{port}\"\n"), vec!["--listen", &listen], "upstream.socks5"),
         (format!("{allow}[upstream]\nsocks5 = \"127.0.0.1:{port}\"\n"), vec!["--listen", &any], "upstream.socks5"),
         (format!("[upstream]\nsocks5 = \"127.0.0.1:{port}\"\n"), vec!["--metrics-listen", &listen], "upstream.socks5"),
-        (format!("[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:{port}\"\n"), vec!["--metrics-listen", &listen], "route[0].target"),
-        (format!("transparent_listen = \"127.0.0.1:{port}\"\n[upstream]\nsocks5 = \"127.0.0.1:{port}\"\n"), vec![], "upstream.socks5"),
+        (
+            format!("[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:{port}\"\n"),
+            vec!["--metrics-listen", &listen],
+            "route[0].target",
+        ),
+        (
+            format!("transparent_listen = \"127.0.0.1:{port}\"\n[upstream]\nsocks5 = \"127.0.0.1:{port}\"\n"),
+            vec![],
+            "upstream.socks5",
+        ),
     ] {
         let err = load(&toml, &args).expect_err(&format!("{toml:?} {args:?}"));
         assert!(err.0.contains(key), "{toml:?} {args:?}: {err}");
     }
     // [::] takes IPv4 connections as well (dual stack).
-    let err = load(&format!("[upstream]\nsocks5 = \"127.0.0.1:{port}\"\n"), &["--listen", &format!("[::]:{port}"), "--allow", "::1"])
-        .unwrap_err();
+    let err = load(
+        &format!("[upstream]\nsocks5 = \"127.0.0.1:{port}\"\n"),
+        &["--listen", &format!("[::]:{port}"), "--allow", "::1"],
+    )
+    .unwrap_err();
     assert!(err.0.contains("upstream.socks5"), "{err}");
     // Another port, or another loopback address on the same port, is someone else.
     assert!(load(&format!("[upstream]\nsocks5 = \"127.0.0.1:{}\"\n", port ^ 1), &["--listen", &listen]).is_ok());
     assert!(load(&format!("[upstream]\nsocks5 = \"127.0.0.2:{port}\"\n"), &["--listen", &listen]).is_ok());
     // Through the upstream, a route target is the upstream's to reach, not ours.
-    let via_upstream = format!("[upstream]\nsocks5 = \"127.0.0.1:9050\"\n[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:{port}\"\n");
+    let via_upstream = format!(
+        "[upstream]\nsocks5 = \"127.0.0.1:9050\"\n[[route]]\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:{port}\"\n"
+    );
     assert!(load(&via_upstream, &["--listen", &listen]).is_ok());
 }
 
@@ -256,8 +301,20 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn boolean_environment_variables_take_the_usual_spellings() {
     for (value, expected) in [
-        ("1", true), ("true", true), ("TRUE", true), ("yes", true), ("Yes", true), ("on", true), ("ON", true),
-        ("0", false), ("false", false), ("False", false), ("no", false), ("NO", false), ("off", false), ("Off", false),
+        ("1", true),
+        ("true", true),
+        ("TRUE", true),
+        ("yes", true),
+        ("Yes", true),
+        ("on", true),
+        ("ON", true),
+        ("0", false),
+        ("false", false),
+        ("False", false),
+        ("no", false),
+        ("NO", false),
+        ("off", false),
+        ("Off", false),
     ] {
         for variable in ["BIP324_PROXY_PASSTHROUGH", "BIP324_PROXY_ALLOW_PRIVATE_TARGETS"] {
             let field = if variable.ends_with("PASSTHROUGH") { "passthrough" } else { "allow_private_targets" };
