@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::network::{self, Network, NetworkSet};
-use crate::socks5::Target;
+use crate::socks5::{Target, TargetError};
 
 /// Default listen address: loopback only, the port of the product.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1324";
@@ -86,6 +87,8 @@ pub struct Config {
     /// a v1 client of a disallowed network is refused, never passed through.
     pub known_networks: NetworkSet,
     pub max_sessions: usize,
+    /// Sessions one client address may hold at once.
+    pub max_sessions_per_client: usize,
     pub timeouts: Timeouts,
     pub client_auth: Option<ClientAuth>,
     /// Client addresses allowed to connect; empty means any.
@@ -101,6 +104,10 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Address of the metrics and status listener (off when `None`).
     pub metrics_listen: Option<SocketAddr>,
+    /// Connections the metrics listener serves at once; more are closed at accept.
+    pub metrics_max_connections: usize,
+    /// Time a metrics client has for a request's headers, idle keep-alive included.
+    pub metrics_request_timeout: Duration,
     /// v1-only peer memory: entries (0 = off) and how long one lasts.
     pub v1_only_memory: (usize, Duration),
 }
@@ -227,172 +234,39 @@ impl Config {
     }
 
     fn from_parts(file: FileConfig, cli: &Cli) -> Result<Config, ConfigError> {
-        let listen_text = cli.listen.clone().unwrap_or(file.listen);
-        let listen: SocketAddr = listen_text
-            .parse()
-            .map_err(|_| ConfigError(format!("listen: `{listen_text}` is not an IP:port address")))?;
-
-        let mut table = network::builtin();
-        for (name, magic_text) in &file.custom_networks {
-            let magic = network::parse_magic(magic_text)
-                .ok_or_else(|| ConfigError(format!("custom_networks.{name}: `{magic_text}` is not 8 hex digits")))?;
-            if let Some(clash) = table.iter().find(|n| n.name == *name || n.magic == magic) {
-                return Err(ConfigError(format!(
-                    "custom_networks.{name}: clashes with network `{}` ({})",
-                    clash.name,
-                    hex::encode(clash.magic)
-                )));
-            }
-            table.push(Network { name: name.clone(), magic });
-        }
-        let wanted = if !cli.network.is_empty() { Some(&cli.network) } else { file.networks.as_ref() };
-        let known_networks = NetworkSet::new(table.clone());
-        let networks = match wanted {
-            None => table,
-            Some(names) => {
-                let mut chosen = Vec::new();
-                for name in names {
-                    let net = table.iter().find(|n| n.name == *name).ok_or_else(|| {
-                        let known: Vec<&str> = table.iter().map(|n| n.name.as_str()).collect();
-                        ConfigError(format!("networks: unknown network `{name}` (known: {})", known.join(", ")))
-                    })?;
-                    if !chosen.contains(net) {
-                        chosen.push(net.clone());
-                    }
-                }
-                if chosen.is_empty() {
-                    return Err(ConfigError("networks: at least one network must be allowed".into()));
-                }
-                chosen
-            }
+        let listen = socket_addr("listen", &cli.listen.clone().unwrap_or_else(|| file.listen.clone()))?;
+        let (networks, known_networks) = networks_section(&file, cli)?;
+        let max_sessions = in_range("max_sessions", cli.max_sessions.unwrap_or(file.max_sessions), MAX_SESSIONS)?;
+        let per_client = match cli.max_sessions_per_client.or(file.max_sessions_per_client) {
+            Some(value) => in_range("max_sessions_per_client", value, 1..=max_sessions)
+                .map_err(|e| ConfigError(format!("{} (at most max_sessions, {max_sessions})", e.0)))?,
+            None => default_per_client(max_sessions),
         };
-
-        let max_sessions = cli.max_sessions.unwrap_or(file.max_sessions);
-        if max_sessions == 0 {
-            return Err(ConfigError("max_sessions: must be at least 1".into()));
-        }
-
-        let t = &file.timeouts;
-        let secs = |name: &str, value: u64| -> Result<Duration, ConfigError> {
-            if value == 0 {
-                Err(ConfigError(format!("timeouts.{name}: must be at least 1 second")))
-            } else {
-                Ok(Duration::from_secs(value))
-            }
-        };
-        let idle_secs = cli.idle_timeout.unwrap_or(t.idle);
-        if idle_secs != 0 && idle_secs < MIN_IDLE_TIMEOUT_SECS {
-            return Err(ConfigError(format!(
-                "timeouts.idle: {idle_secs} s is shorter than Bitcoin Core's own {MIN_IDLE_TIMEOUT_SECS} s \
-                 inactivity timeout; use 0 (off) or at least {MIN_IDLE_TIMEOUT_SECS}"
-            )));
-        }
-        let timeouts = Timeouts {
-            socks: secs("socks", t.socks)?,
-            connect: secs("connect", cli.connect_timeout.unwrap_or(t.connect))?,
-            first_message: secs("first_message", t.first_message)?,
-            handshake: secs("handshake", cli.handshake_timeout.unwrap_or(t.handshake))?,
-            idle: (idle_secs != 0).then(|| Duration::from_secs(idle_secs)),
-            shutdown: secs("shutdown", t.shutdown)?,
-        };
-
-        let username = cli.client_username.clone().or(file.client_auth.as_ref().map(|a| a.username.clone()));
-        let password = cli.client_password.clone().or(file.client_auth.as_ref().map(|a| a.password.clone()));
-        let client_auth = match (username, password) {
-            (None, None) => None,
-            (Some(username), Some(password)) => {
-                if username.is_empty() || username.len() > 255 || password.len() > 255 {
-                    return Err(ConfigError(
-                        "client_auth: username must be 1..=255 bytes and password at most 255 bytes".into(),
-                    ));
-                }
-                Some(ClientAuth { username, password })
-            }
-            _ => return Err(ConfigError("client_auth: set both username and password".into())),
-        };
-
-        let allow_texts = if cli.allow.is_empty() { &file.allow } else { &cli.allow };
-        let mut allow = Vec::new();
-        for text in allow_texts {
-            let net = text
-                .parse::<IpNet>()
-                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map_err(|_| ConfigError(format!("allow: `{text}` is not an address or CIDR network")))?;
-            allow.push(net);
-        }
-
-        let transparent_listen = match &file.transparent_listen {
-            None => None,
-            Some(text) => Some(
-                text.parse::<SocketAddr>()
-                    .map_err(|_| ConfigError(format!("transparent_listen: `{text}` is not an IP:port address")))?,
-            ),
-        };
-
-        let upstream_text = cli.upstream.clone().or(file.upstream.as_ref().and_then(|u| u.socks5.clone()));
-        let upstream = match upstream_text {
-            None => {
-                if file.upstream.is_some() {
-                    return Err(ConfigError("upstream: `socks5 = \"HOST:PORT\"` is required".into()));
-                }
-                None
-            }
-            Some(text) => {
-                let addr = Target::parse(&text)
-                    .map_err(|e| ConfigError(format!("upstream.socks5: `{text}` is not HOST:PORT ({e})")))?;
-                let section = file.upstream.as_ref();
-                let route = cli.upstream_route.or(section.map(|u| u.route)).unwrap_or_default();
-                let isolation = match section.map(|u| (u.isolation, u.username.clone(), u.password.clone())) {
-                    None => Isolation::Client,
-                    Some((FileIsolation::Client, None, None)) => Isolation::Client,
-                    Some((FileIsolation::Session, None, None)) => Isolation::Session,
-                    Some((FileIsolation::None, None, None)) => Isolation::None,
-                    Some((FileIsolation::Fixed, Some(username), Some(password))) => {
-                        if username.is_empty() || username.len() > 255 || password.len() > 255 {
-                            return Err(ConfigError(
-                                "upstream: username must be 1..=255 bytes and password at most 255 bytes".into(),
-                            ));
-                        }
-                        Isolation::Fixed { username, password }
-                    }
-                    Some((FileIsolation::Fixed, _, _)) => {
-                        return Err(ConfigError(
-                            "upstream: isolation = \"fixed\" needs both username and password".into(),
-                        ));
-                    }
-                    Some(_) => {
-                        return Err(ConfigError(
-                            "upstream: username and password go with isolation = \"fixed\" only".into(),
-                        ));
-                    }
-                };
-                Some(Upstream { addr, route, isolation })
-            }
-        };
-
+        let timeouts = timeouts_section(&file.timeouts, cli)?;
+        let client_auth = client_auth_section(&file, cli)?;
+        let allow = allow_section(&file, cli)?;
+        let transparent_listen =
+            file.transparent_listen.as_deref().map(|t| socket_addr("transparent_listen", t)).transpose()?;
+        let upstream = upstream_section(&file, cli)?;
         let mut routes = Vec::new();
         for (i, route) in file.route.iter().enumerate() {
-            let listen = route
-                .listen
-                .parse::<SocketAddr>()
-                .map_err(|_| ConfigError(format!("route[{i}].listen: `{}` is not an IP:port address", route.listen)))?;
-            let target = Target::parse(&route.target)
-                .map_err(|e| ConfigError(format!("route[{i}].target: `{}` is not HOST:PORT ({e})", route.target)))?;
+            let listen = socket_addr(&format!("route[{i}].listen"), &route.listen)?;
+            let target = target(&format!("route[{i}].target"), &route.target)?;
             routes.push(Route { listen, target });
         }
-
-        let metrics_text = cli.metrics_listen.clone().or(file.metrics.listen.clone());
-        let metrics_listen = match metrics_text {
-            None => None,
-            Some(text) => Some(
-                text.parse::<SocketAddr>()
-                    .map_err(|_| ConfigError(format!("metrics.listen: `{text}` is not an IP:port address")))?,
-            ),
-        };
+        let metrics = &file.metrics;
+        let metrics_text = cli.metrics_listen.clone().or(metrics.listen.clone());
+        let metrics_listen = metrics_text.as_deref().map(|t| socket_addr("metrics.listen", t)).transpose()?;
+        let metrics_max_connections =
+            in_range("metrics.max_connections", metrics.max_connections, METRICS_MAX_CONNECTIONS)?;
+        let metrics_request_timeout = Duration::from_secs(in_range(
+            "metrics.request_timeout",
+            metrics.request_timeout,
+            METRICS_REQUEST_TIMEOUT_SECS,
+        )?);
         let memory = &file.v1_only_memory;
-        if memory.capacity > 0 && memory.ttl == 0 {
-            return Err(ConfigError("v1_only_memory.ttl: must be at least 1 second (or capacity = 0)".into()));
-        }
+        let capacity = in_range("v1_only_memory.capacity", memory.capacity, V1_ONLY_MEMORY_CAPACITY)?;
+        let ttl = in_range("v1_only_memory.ttl", memory.ttl, V1_ONLY_MEMORY_TTL_SECS)?;
 
         let config = Config {
             listen,
@@ -400,41 +274,339 @@ impl Config {
             passthrough: cli.passthrough.unwrap_or(file.passthrough),
             networks: NetworkSet::new(networks),
             known_networks,
-            max_sessions,
+            max_sessions: to_usize(max_sessions),
+            max_sessions_per_client: to_usize(per_client),
             timeouts,
             client_auth,
             allow,
             socks5: file.socks5,
             transparent: file.transparent,
             transparent_listen,
-            allow_private_targets: cli.allow_private_targets || file.allow_private_targets,
+            allow_private_targets: cli.allow_private_targets.unwrap_or(file.allow_private_targets),
             upstream,
             routes,
             metrics_listen,
-            v1_only_memory: (memory.capacity, Duration::from_secs(memory.ttl)),
+            metrics_max_connections: to_usize(metrics_max_connections),
+            metrics_request_timeout,
+            v1_only_memory: (to_usize(capacity), Duration::from_secs(ttl)),
         };
-        if let Some(addr) = config.metrics_listen
+        config.check_exposure()?;
+        config.check_self_dial()?;
+        if !config.socks5 && !config.transparent && config.transparent_listen.is_none() && config.routes.is_empty() {
+            return Err(ConfigError("nothing to serve: socks5, transparent and every route are off".into()));
+        }
+        Ok(config)
+    }
+
+    /// A listener off loopback needs a real restriction on who may use it.
+    fn check_exposure(&self) -> Result<(), ConfigError> {
+        if let Some(family) = admits_every_address(&self.allow) {
+            let exposed: Vec<String> = self
+                .listen_addresses()
+                .into_iter()
+                .filter(|(key, addr)| {
+                    !addr.ip().is_loopback() && (key == "metrics.listen" || self.client_auth.is_none())
+                })
+                .map(|(key, _)| key)
+                .collect();
+            if let Some(key) = exposed.first() {
+                return Err(ConfigError(format!(
+                    "allow: the list admits every {family} address, so it restricts nothing; {key} is not a loopback \
+                     address and needs a narrower allow-list{}",
+                    if key == "metrics.listen" { "" } else { " or client authentication ([client_auth])" }
+                )));
+            }
+        }
+        if let Some(addr) = self.metrics_listen
             && !addr.ip().is_loopback()
-            && config.allow.is_empty()
+            && self.allow.is_empty()
         {
             return Err(ConfigError(format!(
                 "metrics.listen: {addr} is not a loopback address; the status page shows clients and targets, \
                  so serving it there needs a client allow-list (allow = [...])"
             )));
         }
-        for (key, addr) in config.proxy_listen_addresses() {
-            if !addr.ip().is_loopback() && !config.restricts_clients() {
+        for (key, addr) in self.proxy_listen_addresses() {
+            if !addr.ip().is_loopback() && !self.restricts_clients() {
                 return Err(ConfigError(format!(
                     "{key}: {addr} is not a loopback address; refusing to serve it without client \
                      authentication ([client_auth]) or a client allow-list (allow = [...])"
                 )));
             }
         }
-        if !config.socks5 && !config.transparent && config.transparent_listen.is_none() && config.routes.is_empty() {
-            return Err(ConfigError("nothing to serve: socks5, transparent and every route are off".into()));
-        }
-        Ok(config)
+        Ok(())
     }
+
+    /// The upstream and every route dialed directly must not be one of our
+    /// own listeners: each session would dial the proxy itself, again and
+    /// again, until every slot is taken.
+    fn check_self_dial(&self) -> Result<(), ConfigError> {
+        let own = self.listen_addresses();
+        let ports: Vec<u16> = own.iter().map(|(_, a)| a.port()).filter(|&p| p != 0).collect();
+        let mut dialed: Vec<(String, &Target)> = Vec::new();
+        if let Some(upstream) = &self.upstream {
+            dialed.push(("upstream.socks5".to_owned(), &upstream.addr));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if !self.upstream.as_ref().is_some_and(|u| u.carries(&route.target)) {
+                dialed.push((format!("route[{i}].target"), &route.target));
+            }
+        }
+        for (key, target) in dialed {
+            // Only a target on one of our ports can be us; names are resolved only then.
+            if !ports.contains(&target.port) || target.is_onion() {
+                continue;
+            }
+            let addrs: Vec<SocketAddr> = match target.socket_addr() {
+                Some(addr) => vec![addr],
+                None => {
+                    use std::net::ToSocketAddrs;
+                    (target.host.to_string().as_str(), target.port)
+                        .to_socket_addrs()
+                        .map(Iterator::collect)
+                        .unwrap_or_default()
+                }
+            };
+            for addr in addrs {
+                if let Some((listen_key, listen)) = own.iter().find(|(_, l)| same_socket(*l, addr)) {
+                    return Err(ConfigError(format!(
+                        "{key}: {target} is this proxy's own {listen_key} ({listen}); sessions would dial the proxy itself"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Documented ranges of the numeric settings (README, configuration reference).
+pub const MAX_SESSIONS: RangeInclusive<u64> = 1..=100_000;
+/// Every stage timeout and the shutdown drain, in seconds.
+pub const STAGE_TIMEOUT_SECS: RangeInclusive<u64> = 1..=3600;
+/// The idle timeout when on: Core's own inactivity timeout up to a week.
+pub const IDLE_TIMEOUT_SECS: RangeInclusive<u64> = MIN_IDLE_TIMEOUT_SECS..=7 * 24 * 3600;
+/// Entries of the v1-only memory (0 = off); the LRU allocates its table up front.
+pub const V1_ONLY_MEMORY_CAPACITY: RangeInclusive<u64> = 0..=100_000;
+pub const V1_ONLY_MEMORY_TTL_SECS: RangeInclusive<u64> = 1..=30 * 24 * 3600;
+pub const METRICS_MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1024;
+pub const METRICS_REQUEST_TIMEOUT_SECS: RangeInclusive<u64> = 1..=600;
+
+/// Sessions one client address may hold when `max_sessions_per_client` is
+/// not set: a quarter of `max_sessions`, but at least 32 (a Bitcoin Core node
+/// behind the proxy opens about 11 outbound connections, feelers and up to 8
+/// `-addnode` peers) and never more than `max_sessions`.
+pub fn default_per_client(max_sessions: u64) -> u64 {
+    (max_sessions / 4).max(32).min(max_sessions)
+}
+
+fn in_range(key: &str, value: u64, range: RangeInclusive<u64>) -> Result<u64, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError(format!("{key}: {value} is out of range {}..={}", range.start(), range.end())))
+    }
+}
+
+/// Every range above fits a `usize` on the 32- and 64-bit targets we build for.
+fn to_usize(value: u64) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
+}
+
+/// User text in an error message: anything before an `@` (credentials in a
+/// URL-style address) is left out and control characters are escaped.
+fn shown(text: &str) -> String {
+    let visible = match text.rsplit_once('@') {
+        Some((_, rest)) => format!("(credentials not shown)@{rest}"),
+        None => text.to_owned(),
+    };
+    visible.chars().flat_map(char::escape_default).collect()
+}
+
+fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| ConfigError(format!("{key}: `{}` is not an IP:port address", shown(text))))
+}
+
+/// A HOST:PORT the proxy dials. Credentials have their own keys; an address
+/// with `user:pass@` in it is refused without echoing it.
+fn target(key: &str, text: &str) -> Result<Target, ConfigError> {
+    if text.contains('@') || text.contains("://") {
+        return Err(ConfigError(format!(
+            "{key}: give HOST:PORT only; credentials and URL schemes are not taken here (address not shown)"
+        )));
+    }
+    Target::parse(text).map_err(|e| {
+        let why = match e {
+            TargetError::BadPort(_) => "invalid port, expected a number from 0 to 65535".to_owned(),
+            TargetError::BadHost(_) => "invalid host name".to_owned(),
+            other => other.to_string(),
+        };
+        ConfigError(format!("{key}: `{}` is not HOST:PORT ({why})", shown(text)))
+    })
+}
+
+/// Whether two addresses reach the same listening socket: equal, or the
+/// listener is on the unspecified address of the family (`[::]` takes IPv4
+/// too) and the other is one of this host's addresses.
+fn same_socket(listen: SocketAddr, dialed: SocketAddr) -> bool {
+    if listen.port() != dialed.port() {
+        return false;
+    }
+    let (l, d) = (listen.ip().to_canonical(), dialed.ip().to_canonical());
+    if l == d {
+        return true;
+    }
+    let covers = match l {
+        IpAddr::V4(v4) => v4.is_unspecified() && d.is_ipv4(),
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    };
+    // Binding port 0 on an address succeeds only for this host's own addresses; nothing is sent.
+    covers && (d.is_loopback() || d.is_unspecified() || std::net::UdpSocket::bind((d, 0)).is_ok())
+}
+
+/// `Some("IPv4")` or `Some("IPv6")` when the allow-list, taken together,
+/// admits every address of that family (e.g. `0.0.0.0/0`, or `0.0.0.0/1` with
+/// `128.0.0.0/1`).
+fn admits_every_address(allow: &[IpNet]) -> Option<&'static str> {
+    IpNet::aggregate(&allow.to_vec()).iter().find(|net| net.prefix_len() == 0).map(|net| match net {
+        IpNet::V4(_) => "IPv4",
+        IpNet::V6(_) => "IPv6",
+    })
+}
+
+/// A custom network's name: 1..=32 of `a-z 0-9 _ -`, so it is safe in logs,
+/// labels and `--network` lists.
+fn valid_network_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn networks_section(file: &FileConfig, cli: &Cli) -> Result<(Vec<Network>, NetworkSet), ConfigError> {
+    let mut table = network::builtin();
+    for (name, magic_text) in &file.custom_networks {
+        if !valid_network_name(name) {
+            return Err(ConfigError(format!(
+                "custom_networks: the name `{}` is not 1 to 32 characters of a-z, 0-9, `_` and `-`",
+                shown(name)
+            )));
+        }
+        let magic = network::parse_magic(magic_text).ok_or_else(|| {
+            ConfigError(format!("custom_networks.{name}: `{}` is not 8 hex digits", shown(magic_text)))
+        })?;
+        if let Some(clash) = table.iter().find(|n| n.name == *name || n.magic == magic) {
+            return Err(ConfigError(format!(
+                "custom_networks.{name}: clashes with network `{}` ({})",
+                clash.name,
+                hex::encode(clash.magic)
+            )));
+        }
+        table.push(Network { name: name.clone(), magic });
+    }
+    let wanted = if !cli.network.is_empty() { Some(&cli.network) } else { file.networks.as_ref() };
+    let known = NetworkSet::new(table.clone());
+    let Some(names) = wanted else {
+        return Ok((table, known));
+    };
+    let mut chosen = Vec::new();
+    for name in names {
+        let net = table.iter().find(|n| n.name == *name).ok_or_else(|| {
+            let known: Vec<&str> = table.iter().map(|n| n.name.as_str()).collect();
+            ConfigError(format!("networks: unknown network `{}` (known: {})", shown(name), known.join(", ")))
+        })?;
+        if !chosen.contains(net) {
+            chosen.push(net.clone());
+        }
+    }
+    if chosen.is_empty() {
+        return Err(ConfigError("networks: at least one network must be allowed".into()));
+    }
+    Ok((chosen, known))
+}
+
+fn timeouts_section(t: &FileTimeouts, cli: &Cli) -> Result<Timeouts, ConfigError> {
+    let stage = |name: &str, value: u64| -> Result<Duration, ConfigError> {
+        in_range(&format!("timeouts.{name}"), value, STAGE_TIMEOUT_SECS).map(Duration::from_secs)
+    };
+    let idle_secs = cli.idle_timeout.unwrap_or(t.idle);
+    if idle_secs != 0 && idle_secs < MIN_IDLE_TIMEOUT_SECS {
+        return Err(ConfigError(format!(
+            "timeouts.idle: {idle_secs} s is shorter than Bitcoin Core's own {MIN_IDLE_TIMEOUT_SECS} s \
+             inactivity timeout; use 0 (off) or at least {MIN_IDLE_TIMEOUT_SECS}"
+        )));
+    }
+    let idle = match idle_secs {
+        0 => None,
+        secs => Some(Duration::from_secs(in_range("timeouts.idle", secs, IDLE_TIMEOUT_SECS)?)),
+    };
+    Ok(Timeouts {
+        socks: stage("socks", t.socks)?,
+        connect: stage("connect", cli.connect_timeout.unwrap_or(t.connect))?,
+        first_message: stage("first_message", t.first_message)?,
+        handshake: stage("handshake", cli.handshake_timeout.unwrap_or(t.handshake))?,
+        idle,
+        shutdown: stage("shutdown", t.shutdown)?,
+    })
+}
+
+/// SOCKS5 (RFC 1929) length bytes: username 1..=255 bytes, password 0..=255.
+fn credentials_fit(key: &str, username: &str, password: &str) -> Result<(), ConfigError> {
+    if username.is_empty() || username.len() > 255 || password.len() > 255 {
+        return Err(ConfigError(format!("{key}: username must be 1..=255 bytes and password at most 255 bytes")));
+    }
+    Ok(())
+}
+
+fn client_auth_section(file: &FileConfig, cli: &Cli) -> Result<Option<ClientAuth>, ConfigError> {
+    let username = cli.client_username.clone().or(file.client_auth.as_ref().map(|a| a.username.clone()));
+    let password = cli.client_password.clone().or(file.client_auth.as_ref().map(|a| a.password.clone()));
+    match (username, password) {
+        (None, None) => Ok(None),
+        (Some(username), Some(password)) => {
+            credentials_fit("client_auth", &username, &password)?;
+            Ok(Some(ClientAuth { username, password }))
+        }
+        _ => Err(ConfigError("client_auth: set both username and password".into())),
+    }
+}
+
+fn allow_section(file: &FileConfig, cli: &Cli) -> Result<Vec<IpNet>, ConfigError> {
+    let texts = if cli.allow.is_empty() { &file.allow } else { &cli.allow };
+    texts
+        .iter()
+        .map(|text| {
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| ConfigError(format!("allow: `{}` is not an address or CIDR network", shown(text))))
+        })
+        .collect()
+}
+
+fn upstream_section(file: &FileConfig, cli: &Cli) -> Result<Option<Upstream>, ConfigError> {
+    let section = file.upstream.as_ref();
+    let Some(text) = cli.upstream.clone().or(section.and_then(|u| u.socks5.clone())) else {
+        if section.is_some() {
+            return Err(ConfigError("upstream: `socks5 = \"HOST:PORT\"` is required".into()));
+        }
+        return Ok(None);
+    };
+    let addr = target("upstream.socks5", &text)?;
+    let route = cli.upstream_route.or(section.map(|u| u.route)).unwrap_or_default();
+    let isolation = match section.map(|u| (u.isolation, u.username.clone(), u.password.clone())) {
+        None => Isolation::Client,
+        Some((FileIsolation::Client, None, None)) => Isolation::Client,
+        Some((FileIsolation::Session, None, None)) => Isolation::Session,
+        Some((FileIsolation::None, None, None)) => Isolation::None,
+        Some((FileIsolation::Fixed, Some(username), Some(password))) => {
+            credentials_fit("upstream", &username, &password)?;
+            Isolation::Fixed { username, password }
+        }
+        Some((FileIsolation::Fixed, _, _)) => {
+            return Err(ConfigError("upstream: isolation = \"fixed\" needs both username and password".into()));
+        }
+        Some(_) => {
+            return Err(ConfigError("upstream: username and password go with isolation = \"fixed\" only".into()));
+        }
+    };
+    Ok(Some(Upstream { addr, route, isolation }))
 }
 
 /// A configuration problem, ready to print.
@@ -451,7 +623,8 @@ pub struct FileConfig {
     passthrough: bool,
     networks: Option<Vec<String>>,
     custom_networks: BTreeMap<String, String>,
-    max_sessions: usize,
+    max_sessions: u64,
+    max_sessions_per_client: Option<u64>,
     allow: Vec<String>,
     timeouts: FileTimeouts,
     client_auth: Option<FileClientAuth>,
@@ -465,16 +638,24 @@ pub struct FileConfig {
     v1_only_memory: FileMemory,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct FileMetrics {
     listen: Option<String>,
+    max_connections: u64,
+    request_timeout: u64,
+}
+
+impl Default for FileMetrics {
+    fn default() -> Self {
+        FileMetrics { listen: None, max_connections: 64, request_timeout: 10 }
+    }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct FileMemory {
-    capacity: usize,
+    capacity: u64,
     ttl: u64,
 }
 
@@ -522,6 +703,7 @@ impl Default for FileConfig {
             networks: None,
             custom_networks: BTreeMap::new(),
             max_sessions: 512,
+            max_sessions_per_client: None,
             allow: Vec::new(),
             timeouts: FileTimeouts::default(),
             client_auth: None,
@@ -562,8 +744,49 @@ struct FileClientAuth {
 }
 
 /// Parses the TOML text; errors carry the line, column and offending key.
+/// An error on a line that holds a username or password says so without
+/// quoting the line or the value.
 pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_owned()))
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let Some(span) = e.span() else {
+            return ConfigError(e.message().trim_end().to_owned());
+        };
+        let start = span.start.min(text.len());
+        let before = text.get(..start).unwrap_or("");
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let line_text = text.lines().nth(line - 1).unwrap_or("");
+        let key = line_text.split('=').next().unwrap_or("").trim().trim_matches(['"', '\'']);
+        if ["username", "password"].contains(&key) || line_text.contains("password") || line_text.contains("username") {
+            ConfigError(format!("line {line}, column {column}: invalid `{key}` value (not shown)"))
+        } else {
+            ConfigError(format!("line {line}, column {column}: {}", e.message().trim_end()))
+        }
+    })
+}
+
+/// The boolean spellings flags and environment variables take.
+pub const BOOL_WORDS: &str = "1/0, true/false, yes/no or on/off";
+
+/// `1`, `true`, `yes`, `on` (any case) and their opposites.
+pub fn parse_bool_word(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn bool_word(text: &str, flag: &str, variable: &str) -> Result<bool, String> {
+    parse_bool_word(text).ok_or_else(|| format!("{flag} / {variable} takes {BOOL_WORDS} (case-insensitive)"))
+}
+
+fn passthrough_word(text: &str) -> Result<bool, String> {
+    bool_word(text, "--passthrough", "BIP324_PROXY_PASSTHROUGH")
+}
+
+fn private_targets_word(text: &str) -> Result<bool, String> {
+    bool_word(text, "--allow-private-targets", "BIP324_PROXY_ALLOW_PRIVATE_TARGETS")
 }
 
 /// Command-line flags; each also reads a `BIP324_PROXY_*` environment variable.
@@ -584,14 +807,17 @@ pub struct Cli {
     #[arg(long, env = "BIP324_PROXY_FALLBACK", value_enum)]
     pub fallback: Option<Fallback>,
     /// Relay clients that already speak v2 untouched [default: true].
-    #[arg(long, env = "BIP324_PROXY_PASSTHROUGH", value_name = "true|false")]
+    #[arg(long, env = "BIP324_PROXY_PASSTHROUGH", value_name = "BOOL", value_parser = passthrough_word)]
     pub passthrough: Option<bool>,
     /// Allow only this network (repeatable): mainnet, testnet3, testnet4, signet, regtest or a custom name.
     #[arg(long = "network", env = "BIP324_PROXY_NETWORKS", value_name = "NAME", value_delimiter = ',')]
     pub network: Vec<String>,
-    /// Most sessions open at once [default: 512].
+    /// Most sessions open at once, 1..=100000 [default: 512].
     #[arg(long, env = "BIP324_PROXY_MAX_SESSIONS", value_name = "N")]
-    pub max_sessions: Option<usize>,
+    pub max_sessions: Option<u64>,
+    /// Most sessions one client address may hold, 1..=max-sessions [default: max(max-sessions/4, 32)].
+    #[arg(long, env = "BIP324_PROXY_MAX_SESSIONS_PER_CLIENT", value_name = "N")]
+    pub max_sessions_per_client: Option<u64>,
     /// Client address or CIDR network allowed to connect (repeatable) [default: any].
     #[arg(long, env = "BIP324_PROXY_ALLOW", value_name = "CIDR", value_delimiter = ',')]
     pub allow: Vec<String>,
@@ -617,8 +843,16 @@ pub struct Cli {
     #[arg(long, env = "BIP324_PROXY_UPSTREAM_ROUTE", value_enum)]
     pub upstream_route: Option<UpstreamRoute>,
     /// Transparent mode may dial loopback and private addresses (tests, regtest).
-    #[arg(long, env = "BIP324_PROXY_ALLOW_PRIVATE_TARGETS")]
-    pub allow_private_targets: bool,
+    #[arg(
+        long,
+        env = "BIP324_PROXY_ALLOW_PRIVATE_TARGETS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = private_targets_word
+    )]
+    pub allow_private_targets: Option<bool>,
     /// Serve Prometheus /metrics, /status (JSON) and a status page on this address [default: off].
     #[arg(long, env = "BIP324_PROXY_METRICS_LISTEN", value_name = "ADDR:PORT")]
     pub metrics_listen: Option<String>,

@@ -97,6 +97,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 transparent = config.transparent,
                 fallback = %config.fallback,
                 passthrough = config.passthrough,
+                allow_private_targets = config.allow_private_targets,
+                max_sessions = config.max_sessions,
+                max_sessions_per_client = config.max_sessions_per_client,
                 networks = %config.networks.names().join(","),
                 upstream = %config.upstream.as_ref().map_or_else(|| "none".to_owned(), |u| u.addr.to_string()),
                 "listening"
@@ -110,22 +113,43 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let observer = Arc::new(Observer::default());
     let shutdown = CancellationToken::new();
     let context = Arc::new(ProxyContext::new(config.clone(), observer.clone()));
+    // The metrics listener outlives the drain, so operators can watch it.
+    let metrics_shutdown = CancellationToken::new();
+    let mut metrics_task = None;
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         let local = listener.local_addr().context("reading the bound address")?;
         context.add_listening(local);
-        info!(listen = %local, "metrics and status listening (/metrics, /status, /)");
-        let serving = bip324_proxy::metrics::serve(listener, observer.clone(), config.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        info!(
+            listen = %local,
+            max_connections = config.metrics_max_connections,
+            request_timeout_secs = config.metrics_request_timeout.as_secs(),
+            "metrics and status listening (/metrics, /status, /)"
+        );
+        let serving =
+            bip324_proxy::metrics::serve(listener, observer.clone(), config.clone(), metrics_shutdown.clone());
+        metrics_task = Some(tokio::spawn(async move {
             if let Err(e) = serving.await {
                 tracing::error!(error = %e, "metrics listener stopped");
             }
-        });
+        }));
     }
     tokio::spawn(watch_signals(shutdown.clone()));
-    bip324_proxy::server::serve(bound, context, shutdown).await.context("serving")
+    let served = bip324_proxy::server::serve(bound, context, shutdown).await.context("serving");
+    metrics_shutdown.cancel();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    served
 }
 
+/// Exit status after a second SIGINT: 128 + 2, as shells report it.
+const EXIT_SECOND_SIGINT: i32 = 130;
+/// Exit status after a second SIGTERM: 128 + 15.
+const EXIT_SECOND_SIGTERM: i32 = 143;
+
+/// The first SIGINT or SIGTERM starts the graceful shutdown; a second one
+/// (of either kind) ends the process at once, without waiting for the drain.
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
@@ -133,10 +157,16 @@ async fn watch_signals(shutdown: CancellationToken) {
         return;
     };
     tokio::select! {
-        _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
-        _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
+        _ = term.recv() => info!(signal = "SIGTERM", "shutting down (a second signal exits at once)"),
+        _ = int.recv() => info!(signal = "SIGINT", "shutting down (a second signal exits at once)"),
     }
     shutdown.cancel();
+    let code = tokio::select! {
+        _ = term.recv() => EXIT_SECOND_SIGTERM,
+        _ = int.recv() => EXIT_SECOND_SIGINT,
+    };
+    tracing::warn!(exit_code = code, "second signal: exiting now without draining");
+    std::process::exit(code);
 }
 
 /// Connects to the listen address (loopback when it is a wildcard) and

@@ -13,10 +13,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{Html, IntoResponse};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,7 +27,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
@@ -42,6 +46,7 @@ pub struct Metrics {
     socks_replies: Family<[(&'static str, String); 1], Counter>,
     upgrade_failures: Family<Labels1, Counter>,
     v1_only_memory: Family<Labels1, Counter>,
+    connections_refused: Family<Labels1, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,6 +62,7 @@ impl Default for Metrics {
         let socks_replies = Family::<[(&'static str, String); 1], Counter>::default();
         let upgrade_failures = Family::<Labels1, Counter>::default();
         let v1_only_memory = Family::<Labels1, Counter>::default();
+        let connections_refused = Family::<Labels1, Counter>::default();
         registry.register(
             "sessions_opened",
             "Sessions whose relay started, by transport (v2, v1-fallback, passthrough)",
@@ -82,6 +88,12 @@ impl Default for Metrics {
             "Sessions decided by the v1-only peer memory, by action (refused, direct_v1)",
             v1_only_memory.clone(),
         );
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept, by reason (allow_list, session_limit, client_limit, \
+             metrics_allow_list, metrics_limit)",
+            connections_refused.clone(),
+        );
         Metrics {
             registry,
             sessions_opened,
@@ -93,6 +105,7 @@ impl Default for Metrics {
             socks_replies,
             upgrade_failures,
             v1_only_memory,
+            connections_refused,
         }
     }
 }
@@ -221,9 +234,22 @@ impl Observer {
         self.metrics.v1_only_memory.get_or_create(&[("action", action)]).inc();
     }
 
-    /// The session ended; its traffic goes into the totals.
+    /// A connection was closed at accept, before any session started.
+    pub fn refused(&self, reason: &'static str) {
+        self.metrics.connections_refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Whether the session is still listed (not yet [`Observer::closed`]).
+    pub fn is_open(&self, session: &LiveSession) -> bool {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&session.id)
+    }
+
+    /// The session ended; its traffic goes into the totals. Only the first
+    /// call for a session counts, so a guard may call it again on every path.
     pub fn closed(&self, session: &LiveSession, reason: &'static str) {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&session.id);
+        if self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&session.id).is_none() {
+            return;
+        }
         self.metrics.sessions_active.dec();
         let transport = session.transport().unwrap_or("none");
         self.metrics.sessions_closed.get_or_create(&[("transport", transport), ("reason", reason)]).inc();
@@ -285,9 +311,21 @@ fn reply_label(code: u8) -> String {
 
 const STATUS_PAGE: &str = include_str!("status.html");
 
-/// Serves `/metrics`, `/status` and `/` until `shutdown`. Only clients the
-/// configuration allows are answered (the page shows client addresses and
-/// targets).
+/// A connection to the metrics listener lives at most this many request
+/// timeouts (60 s by default), so a client that never reads its response
+/// cannot hold a slot; scrapers simply reconnect.
+pub const CONNECTION_LIFETIME_TIMEOUTS: u32 = 6;
+/// At shutdown, how long an open metrics connection may finish its response.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves `/metrics`, `/status` and `/` until `shutdown`.
+///
+/// A client the allow-list refuses is closed at accept, before any HTTP (the
+/// page shows client addresses and targets). At most
+/// `metrics_max_connections` connections are served at once; more are closed
+/// at accept. A connection must deliver each request's headers within
+/// `metrics_request_timeout` (the wait on an idle keep-alive connection
+/// included) and is closed after [`CONNECTION_LIFETIME_TIMEOUTS`] of them in all.
 pub async fn serve(
     listener: TcpListener,
     observer: Arc<Observer>,
@@ -298,20 +336,55 @@ pub async fn serve(
         .route("/metrics", get(metrics_text))
         .route("/status", get(status_json))
         .route("/", get(status_page))
-        .layer(axum::middleware::from_fn_with_state(config, allow_list))
-        .with_state(observer);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-}
-
-async fn allow_list(
-    State(config): State<Arc<crate::config::Config>>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if config.allows(&client) { next.run(request).await } else { StatusCode::FORBIDDEN.into_response() }
+        .with_state(observer.clone());
+    let slots = Arc::new(Semaphore::new(config.metrics_max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(config.metrics_request_timeout);
+    let lifetime = config.metrics_request_timeout * CONNECTION_LIFETIME_TIMEOUTS;
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, client) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Refusals are counted, not logged one by one: a flood must not flood the log.
+        if !config.allows(&client) {
+            tracing::debug!(%client, "metrics connection refused: client address not in the allow-list");
+            observer.refused("metrics_allow_list");
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%client, "metrics connection refused: connection limit reached");
+            observer.refused("metrics_limit");
+            continue;
+        };
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = tokio::time::sleep(lifetime) => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+                }
+            }
+        });
+    }
+    connections.close();
+    let _ = tokio::time::timeout(CLOSE_GRACE * 2, connections.wait()).await;
+    Ok(())
 }
 
 async fn metrics_text(State(observer): State<Arc<Observer>>) -> impl IntoResponse {

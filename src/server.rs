@@ -4,8 +4,9 @@
 //! graceful shutdown (stop accepting, let sessions drain until the deadline,
 //! then close them).
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,11 +16,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, field, info, info_span, warn};
+use tracing::{Instrument, error, field, info, info_span, warn};
 
 use crate::config::Config;
 use crate::memory::V1OnlyMemory;
-use crate::metrics::Observer;
+use crate::metrics::{LiveSession, Observer};
 use crate::session::{self, FrontEnd};
 use crate::upgrade::KeyPool;
 
@@ -103,6 +104,61 @@ struct Shared {
     /// Cancelled only when the drain deadline passes.
     sessions_cancel: CancellationToken,
     next_id: AtomicU64,
+    per_client: Arc<PerClient>,
+}
+
+/// Live sessions per client address, for `max_sessions_per_client`.
+#[derive(Default)]
+pub struct PerClient {
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerClient {
+    /// Takes a slot for `ip` unless it already holds `max`.
+    pub fn try_take(&self, ip: IpAddr, max: usize) -> bool {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    pub fn release(&self, ip: IpAddr) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&ip);
+            }
+        }
+    }
+
+    pub fn held(&self, ip: IpAddr) -> usize {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).copied().unwrap_or(0)
+    }
+}
+
+/// Owned by a session's task from accept to its end, however it ends: its
+/// drop gives back the session's per-client slot and, if the session did not
+/// close its own status row (it panicked), closes it and logs one line, so
+/// `/status` and `sessions_active` never keep a dead session.
+pub struct SessionGuard {
+    pub observer: Arc<Observer>,
+    pub live: Arc<LiveSession>,
+    pub per_client: Arc<PerClient>,
+    pub client_ip: IpAddr,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.per_client.release(self.client_ip);
+        if self.observer.is_open(&self.live) {
+            error!(session = self.live.id, client = %self.live.client, "session task ended without closing (panic)");
+            self.observer.closed(&self.live, "panic");
+        }
+    }
 }
 
 /// Serves every listener until `shutdown` is cancelled, then drains.
@@ -114,6 +170,7 @@ pub async fn serve(bound: Vec<Bound>, context: Arc<Context>, shutdown: Cancellat
         tracker: TaskTracker::new(),
         sessions_cancel: CancellationToken::new(),
         next_id: AtomicU64::new(1),
+        per_client: Arc::new(PerClient::default()),
     });
     for b in &bound {
         if let Ok(addr) = b.listener.local_addr() {
@@ -162,14 +219,28 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
             }
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let observer = &shared.context.observer;
         if !config.allows(&client) {
             info!(session = id, %client, "connection refused: client address not in the allow-list");
+            observer.refused("allow_list");
             continue;
         }
         let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
             warn!(session = id, %client, max_sessions = config.max_sessions, "connection refused: session limit reached");
+            observer.refused("session_limit");
             continue;
         };
+        let client_ip = client.ip().to_canonical();
+        if !shared.per_client.try_take(client_ip, config.max_sessions_per_client) {
+            warn!(
+                session = id,
+                %client,
+                max_sessions_per_client = config.max_sessions_per_client,
+                "connection refused: per-client session limit reached"
+            );
+            observer.refused("client_limit");
+            continue;
+        }
         let span = info_span!(
             "session",
             id,
@@ -181,12 +252,68 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
         );
         let (context, cancel, front) = (shared.context.clone(), shared.sessions_cancel.clone(), front.clone());
         let live = context.observer.accepted(id, client);
+        let guard = SessionGuard {
+            observer: context.observer.clone(),
+            live: live.clone(),
+            per_client: shared.per_client.clone(),
+            client_ip,
+        };
         shared.tracker.spawn(
             async move {
+                let _guard = guard;
                 session::run(stream, front, live, context, cancel).await;
                 drop(permit);
             }
             .instrument(span),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_session_leaves_status_and_counts_consistent() {
+        let observer = Arc::new(Observer::default());
+        let per_client = Arc::new(PerClient::default());
+        let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let ip = client.ip();
+        assert!(per_client.try_take(ip, 1));
+        assert!(!per_client.try_take(ip, 1), "the cap holds");
+        let live = observer.accepted(7, client);
+        let guard = SessionGuard { observer: observer.clone(), live, per_client: per_client.clone(), client_ip: ip };
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("a bug in a session");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(observer.status().open_sessions, 0);
+        let text = observer.encode_metrics();
+        assert!(text.contains("bip324_proxy_sessions_active 0"), "{text}");
+        assert!(text.contains("bip324_proxy_sessions_closed_total{transport=\"none\",reason=\"panic\"} 1"), "{text}");
+        assert_eq!(per_client.held(ip), 0);
+        assert!(per_client.try_take(ip, 1), "the slot came back");
+    }
+
+    #[tokio::test]
+    async fn a_session_that_closed_itself_is_counted_once() {
+        let observer = Arc::new(Observer::default());
+        let per_client = Arc::new(PerClient::default());
+        let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert!(per_client.try_take(client.ip(), 4));
+        let live = observer.accepted(1, client);
+        let guard = SessionGuard {
+            observer: observer.clone(),
+            live: live.clone(),
+            per_client: per_client.clone(),
+            client_ip: client.ip(),
+        };
+        observer.closed(&live, "closed");
+        drop(guard);
+        let text = observer.encode_metrics();
+        assert!(text.contains("bip324_proxy_sessions_active 0"), "{text}");
+        assert!(!text.contains("reason=\"panic\""), "{text}");
+        assert_eq!(per_client.held(client.ip()), 0);
     }
 }
