@@ -98,7 +98,8 @@ pub struct Config {
     pub transparent: bool,
     /// An extra listener that serves transparent mode only.
     pub transparent_listen: Option<SocketAddr>,
-    /// Transparent mode may dial loopback, private and other unroutable addresses.
+    /// Transparent clients and SOCKS5 clients not on loopback may dial
+    /// loopback, private and other unroutable addresses.
     pub allow_private_targets: bool,
     pub upstream: Option<Upstream>,
     pub routes: Vec<Route>,
