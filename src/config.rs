@@ -843,7 +843,7 @@ pub struct Cli {
     /// Which targets go upstream: all, or only .onion [default: all].
     #[arg(long, env = "BIP324_PROXY_UPSTREAM_ROUTE", value_enum)]
     pub upstream_route: Option<UpstreamRoute>,
-    /// Transparent mode may dial loopback and private addresses (tests, regtest).
+    /// Transparent and non-loopback SOCKS5 clients may dial loopback and private addresses (tests, regtest).
     #[arg(
         long,
         env = "BIP324_PROXY_ALLOW_PRIVATE_TARGETS",
