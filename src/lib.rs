@@ -26,6 +26,7 @@ pub mod server;
 pub mod session;
 pub mod sniff;
 pub mod socks5;
+pub mod state;
 pub mod translate;
 pub mod transparent;
 pub mod upgrade;

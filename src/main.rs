@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bip324_proxy::config::{Cli, Config};
 use bip324_proxy::metrics::Observer;
-use bip324_proxy::server::Context as ProxyContext;
 use bip324_proxy::session::FrontEnd;
 use bip324_proxy::socks5::Target;
+use bip324_proxy::state::ProxyState;
 use clap::{CommandFactory, Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -112,7 +112,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let observer = Arc::new(Observer::default());
     let shutdown = CancellationToken::new();
-    let context = Arc::new(ProxyContext::new(config.clone(), observer.clone()));
+    let context = Arc::new(ProxyState::new(config.clone(), observer.clone()));
     // The metrics listener outlives the drain, so operators can watch it.
     let metrics_shutdown = CancellationToken::new();
     let mut metrics_task = None;

@@ -19,46 +19,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, field, info, info_span, warn};
 
 use crate::config::Config;
-use crate::memory::V1OnlyMemory;
 use crate::metrics::{LiveSession, Observer};
 use crate::session::{self, FrontEnd};
-use crate::upgrade::KeyPool;
-
-/// What every session of one proxy shares.
-pub struct Context {
-    pub config: Arc<Config>,
-    pub observer: Arc<Observer>,
-    pub v1_only: Option<V1OnlyMemory>,
-    /// Handshake keys made ahead of time for the allowed networks.
-    pub keys: Arc<KeyPool>,
-    /// Every address this proxy listens on, as bound (sessions never dial them).
-    listening: Mutex<Vec<SocketAddr>>,
-}
-
-/// Keys kept ready per allowed network.
-const KEY_POOL_DEPTH: usize = 8;
-
-impl Context {
-    pub fn new(config: Arc<Config>, observer: Arc<Observer>) -> Self {
-        let (capacity, ttl) = config.v1_only_memory;
-        let keys = KeyPool::new(config.networks.iter().map(|n| n.magic), KEY_POOL_DEPTH);
-        let listening = Mutex::new(config.listen_addresses().into_iter().map(|(_, addr)| addr).collect());
-        Context { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer, keys, listening }
-    }
-
-    /// Records an address a listener of this proxy is bound to.
-    pub fn add_listening(&self, addr: SocketAddr) {
-        let mut listening = self.listening.lock().unwrap_or_else(|e| e.into_inner());
-        if !listening.contains(&addr) {
-            listening.push(addr);
-        }
-    }
-
-    /// Every address this proxy listens on: configured and bound.
-    pub fn listening(&self) -> Vec<SocketAddr> {
-        self.listening.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
+use crate::state::ProxyState;
 
 /// After the drain deadline, sessions are cancelled; this is how long their
 /// tasks get to write their close lines.
@@ -92,13 +55,13 @@ pub async fn bind_all(config: &Config) -> io::Result<Vec<Bound>> {
 
 /// Serves one main listener until `shutdown` is cancelled, then drains.
 pub async fn run(listener: TcpListener, config: Arc<Config>, shutdown: CancellationToken) -> io::Result<()> {
-    let context = Arc::new(Context::new(config, Arc::new(Observer::default())));
-    serve(vec![Bound { listener, front: FrontEnd::Main }], context, shutdown).await
+    let state = Arc::new(ProxyState::new(config, Arc::new(Observer::default())));
+    serve(vec![Bound { listener, front: FrontEnd::Main }], state, shutdown).await
 }
 
 /// State the accept loops share.
 struct Shared {
-    context: Arc<Context>,
+    state: Arc<ProxyState>,
     tracker: TaskTracker,
     permits: Arc<Semaphore>,
     /// Cancelled only when the drain deadline passes.
@@ -162,11 +125,11 @@ impl Drop for SessionGuard {
 }
 
 /// Serves every listener until `shutdown` is cancelled, then drains.
-pub async fn serve(bound: Vec<Bound>, context: Arc<Context>, shutdown: CancellationToken) -> io::Result<()> {
-    let config = context.config.clone();
+pub async fn serve(bound: Vec<Bound>, state: Arc<ProxyState>, shutdown: CancellationToken) -> io::Result<()> {
+    let config = state.config.clone();
     let shared = Arc::new(Shared {
         permits: Arc::new(Semaphore::new(config.max_sessions)),
-        context,
+        state,
         tracker: TaskTracker::new(),
         sessions_cancel: CancellationToken::new(),
         next_id: AtomicU64::new(1),
@@ -174,7 +137,7 @@ pub async fn serve(bound: Vec<Bound>, context: Arc<Context>, shutdown: Cancellat
     });
     for b in &bound {
         if let Ok(addr) = b.listener.local_addr() {
-            shared.context.add_listening(addr);
+            shared.state.add_listening(addr);
         }
     }
     let mut loops = JoinSet::new();
@@ -203,7 +166,7 @@ pub async fn serve(bound: Vec<Bound>, context: Arc<Context>, shutdown: Cancellat
 }
 
 async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let config = &shared.context.config;
+    let config = &shared.state.config;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -219,7 +182,7 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
             }
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let observer = &shared.context.observer;
+        let observer = &shared.state.observer;
         if !config.allows(&client) {
             info!(session = id, %client, "connection refused: client address not in the allow-list");
             observer.refused("allow_list");
@@ -250,10 +213,10 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
             transport = field::Empty,
             session_id = field::Empty,
         );
-        let (context, cancel, front) = (shared.context.clone(), shared.sessions_cancel.clone(), front.clone());
-        let live = context.observer.accepted(id, client);
+        let (state, cancel, front) = (shared.state.clone(), shared.sessions_cancel.clone(), front.clone());
+        let live = state.observer.accepted(id, client);
         let guard = SessionGuard {
-            observer: context.observer.clone(),
+            observer: state.observer.clone(),
             live: live.clone(),
             per_client: shared.per_client.clone(),
             client_ip,
@@ -261,7 +224,7 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
         shared.tracker.spawn(
             async move {
                 let _guard = guard;
-                session::run(stream, front, live, context, cancel).await;
+                session::run(stream, front, live, state, cancel).await;
                 drop(permit);
             }
             .instrument(span),

@@ -32,9 +32,9 @@ use crate::network::Network;
 use crate::outbound::{self, Destination, DialError};
 use crate::policy::{self, DialRules, Evidence, PlaintextPermit, Plan};
 use crate::relay::{self, Leg, Passthrough, RelayReport, Side, V1ToV1, V1ToV2, V2ToV1};
-use crate::server::Context;
 use crate::sniff::{self, SniffError, Sniffed};
 use crate::socks5::{self, Command, Credentials, Host, ReplyCode, Socks5Error, Target};
+use crate::state::ProxyState;
 use crate::translate;
 use crate::transparent::{self, AddrRecvError};
 use crate::upgrade::{self, UpgradeError};
@@ -273,7 +273,7 @@ enum Client {
 /// One session's view of the proxy: shared state, its own status entry, and
 /// the token that ends it at the drain deadline.
 struct Session<'a> {
-    context: &'a Context,
+    state: &'a ProxyState,
     config: &'a Config,
     observer: &'a Observer,
     live: &'a LiveSession,
@@ -285,14 +285,13 @@ pub async fn run(
     client: TcpStream,
     front: FrontEnd,
     live: Arc<LiveSession>,
-    context: Arc<Context>,
+    state: Arc<ProxyState>,
     shutdown: CancellationToken,
 ) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let ms = || started.elapsed().as_millis() as u64;
-    let session =
-        Session { context: &context, config: &context.config, observer: &context.observer, live: &live, shutdown };
+    let session = Session { state: &state, config: &state.config, observer: &state.observer, live: &live, shutdown };
     let label = match session.serve(client, front).await {
         Ok(Ending::Relayed(transport, report)) => {
             info!(
@@ -316,7 +315,7 @@ pub async fn run(
             error.label()
         }
     };
-    context.observer.closed(&live, label);
+    state.observer.closed(&live, label);
 }
 
 /// Bytes read from the client and not yet used; each stage hands them on.
@@ -453,13 +452,13 @@ impl Session<'_> {
     fn dial_rules(&self, operator_target: bool) -> DialRules {
         let client_is_local = self.live.client.ip().to_canonical().is_loopback();
         DialRules {
-            listening: self.context.listening(),
+            listening: self.state.listening(),
             allow_private: self.config.allow_private_targets || operator_target || client_is_local,
         }
     }
 
     fn remembered_v1_only(&self, destination: &Destination) -> bool {
-        self.context.v1_only.as_ref().is_some_and(|memory| memory.is_v1_only(&destination.shown()))
+        self.state.v1_only.as_ref().is_some_and(|memory| memory.is_v1_only(&destination.shown()))
     }
 
     /// The policy for a session that has not tried the handshake yet.
@@ -593,7 +592,7 @@ impl Session<'_> {
         let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
         let started = Instant::now();
         let first = upgrade::FirstMessage { message_type: &message_type[..type_len], payload };
-        let upgraded = match self.context.keys.take(network.magic) {
+        let upgraded = match self.state.keys.take(network.magic) {
             Ok(key) => upgrade::upgrade(&mut remote, key, Some(first), config.timeouts.handshake).await,
             Err(error) => Err(error),
         };
@@ -602,7 +601,7 @@ impl Session<'_> {
             Err(error) => {
                 self.observer.upgrade_failed(error.label());
                 let remote_silent = error.remote_is_v1_only();
-                if remote_silent && let Some(memory) = &self.context.v1_only {
+                if remote_silent && let Some(memory) = &self.state.v1_only {
                     memory.remember(&destination.shown());
                 }
                 let Plan::Plaintext(permit) = policy::plan(config.fallback, Evidence::UpgradeFailed { remote_silent })

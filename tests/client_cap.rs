@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use bip324_proxy::config::{Cli, Config};
 use bip324_proxy::metrics::Observer;
-use bip324_proxy::server::{Bound, Context, serve};
+use bip324_proxy::server::{Bound, serve};
 use bip324_proxy::session::FrontEnd;
+use bip324_proxy::state::ProxyState;
 use clap::Parser;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,7 +26,7 @@ async fn proxy(args: &[&str]) -> (SocketAddr, Arc<Observer>, CancellationToken) 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let observer = Arc::new(Observer::default());
-    let context = Arc::new(Context::new(Arc::new(config), observer.clone()));
+    let context = Arc::new(ProxyState::new(Arc::new(config), observer.clone()));
     let shutdown = CancellationToken::new();
     tokio::spawn(serve(vec![Bound { listener, front: FrontEnd::Main }], context, shutdown.clone()));
     (addr, observer, shutdown)

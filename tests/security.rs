@@ -12,8 +12,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bip324_proxy::config::{Cli, Config};
-use bip324_proxy::server::{Bound, Context};
+use bip324_proxy::server::Bound;
 use bip324_proxy::session::FrontEnd;
+use bip324_proxy::state::ProxyState;
 use clap::Parser;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -241,7 +242,7 @@ async fn proxy_on(listen: &str, args: &[&str]) -> (SocketAddr, CancellationToken
     all.extend_from_slice(args);
     let config = Arc::new(Config::load(&Cli::try_parse_from(all).unwrap()).unwrap());
     let shutdown = CancellationToken::new();
-    let context = Arc::new(Context::new(config, Default::default()));
+    let context = Arc::new(ProxyState::new(config, Default::default()));
     tokio::spawn(bip324_proxy::server::serve(
         vec![Bound { listener, front: FrontEnd::Main }],
         context,

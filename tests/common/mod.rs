@@ -625,7 +625,7 @@ pub async fn spawn_proxy_fronts(
         bound.push(bip324_proxy::server::Bound { listener, front });
     }
     let shutdown = CancellationToken::new();
-    let context = Arc::new(bip324_proxy::server::Context::new(Arc::new(config), Default::default()));
+    let context = Arc::new(bip324_proxy::state::ProxyState::new(Arc::new(config), Default::default()));
     let task = tokio::spawn(bip324_proxy::server::serve(bound, context, shutdown.clone()));
     (Proxy { addr, shutdown, task }, extra_addrs)
 }

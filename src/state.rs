@@ -1,0 +1,50 @@
+//! What every session of one proxy shares: the validated configuration, the
+//! observer (metrics and status), the v1-only peer memory, the handshake key
+//! pool and the addresses the proxy listens on. Built once by `main` (or a
+//! test), handed to `server::serve`, read by every session; it depends on
+//! nothing that runs, so the accept loop, the sessions and their stages all
+//! point here and never at each other.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use crate::config::Config;
+use crate::memory::V1OnlyMemory;
+use crate::metrics::Observer;
+use crate::upgrade::KeyPool;
+
+/// What every session of one proxy shares.
+pub struct ProxyState {
+    pub config: Arc<Config>,
+    pub observer: Arc<Observer>,
+    pub v1_only: Option<V1OnlyMemory>,
+    /// Handshake keys made ahead of time for the allowed networks.
+    pub keys: Arc<KeyPool>,
+    /// Every address this proxy listens on, as bound (sessions never dial them).
+    listening: Mutex<Vec<SocketAddr>>,
+}
+
+/// Keys kept ready per allowed network.
+const KEY_POOL_DEPTH: usize = 8;
+
+impl ProxyState {
+    pub fn new(config: Arc<Config>, observer: Arc<Observer>) -> Self {
+        let (capacity, ttl) = config.v1_only_memory;
+        let keys = KeyPool::new(config.networks.iter().map(|n| n.magic), KEY_POOL_DEPTH);
+        let listening = Mutex::new(config.listen_addresses().into_iter().map(|(_, addr)| addr).collect());
+        ProxyState { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer, keys, listening }
+    }
+
+    /// Records an address a listener of this proxy is bound to.
+    pub fn add_listening(&self, addr: SocketAddr) {
+        let mut listening = self.listening.lock().unwrap_or_else(|e| e.into_inner());
+        if !listening.contains(&addr) {
+            listening.push(addr);
+        }
+    }
+
+    /// Every address this proxy listens on: configured and bound.
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        self.listening.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
