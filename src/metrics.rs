@@ -79,8 +79,8 @@ impl Default for Metrics {
             "Time for a successful BIP324 handshake with the remote",
             handshake_seconds.clone(),
         );
-        registry.register("bytes", "Bytes received, by direction", bytes.clone());
-        registry.register("messages", "P2P messages carried, by direction", messages.clone());
+        registry.register("bytes", "Bytes received, by direction, counted as they flow", bytes.clone());
+        registry.register("messages", "P2P messages carried, by direction, counted as they flow", messages.clone());
         registry.register("socks_replies", "SOCKS5 replies sent, by reply code", socks_replies.clone());
         registry.register("upgrade_failures", "Failed BIP324 handshakes, by reason", upgrade_failures.clone());
         registry.register(
@@ -110,13 +110,59 @@ impl Default for Metrics {
     }
 }
 
-/// Live counters of one session, shared with its relay.
+/// The direction traffic flows in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ClientToRemote,
+    RemoteToClient,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Direction::ClientToRemote => "client_to_remote",
+            Direction::RemoteToClient => "remote_to_client",
+        }
+    }
+}
+
+/// The proxy-wide byte and message totals, by direction (the Prometheus
+/// counters themselves: cloning shares them).
+#[derive(Debug, Clone, Default)]
+struct Totals {
+    bytes: [Counter; 2],
+    messages: [Counter; 2],
+}
+
+/// Live counters of one session, shared with its relay. Every batch the
+/// relay reads or translates moves the session's own counters and the
+/// proxy-wide totals at once, so a scrape during a days-long P2P session
+/// sees its traffic as it flows.
 #[derive(Debug, Default)]
 pub struct LiveCounters {
     pub bytes_client_to_remote: AtomicU64,
     pub bytes_remote_to_client: AtomicU64,
     pub messages_client_to_remote: AtomicU64,
     pub messages_remote_to_client: AtomicU64,
+    totals: Totals,
+}
+
+impl LiveCounters {
+    /// Counts `bytes` received and `messages` carried in `direction`.
+    pub fn add(&self, direction: Direction, bytes: u64, messages: u64) {
+        let (own_bytes, own_messages, i) = match direction {
+            Direction::ClientToRemote => (&self.bytes_client_to_remote, &self.messages_client_to_remote, 0),
+            Direction::RemoteToClient => (&self.bytes_remote_to_client, &self.messages_remote_to_client, 1),
+        };
+        if bytes > 0 {
+            own_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.totals.bytes[i].inc_by(bytes);
+        }
+        if messages > 0 {
+            own_messages.fetch_add(messages, Ordering::Relaxed);
+            self.totals.messages[i].inc_by(messages);
+        }
+    }
 }
 
 /// An open session as `/status` shows it.
@@ -205,7 +251,7 @@ impl Observer {
             network: OnceLock::new(),
             transport: OnceLock::new(),
             session_id: OnceLock::new(),
-            counters: Arc::new(LiveCounters::default()),
+            counters: Arc::new(LiveCounters { totals: self.totals(), ..Default::default() }),
         });
         self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(id, session.clone());
         self.metrics.sessions_active.inc();
@@ -253,13 +299,17 @@ impl Observer {
         self.metrics.sessions_active.dec();
         let transport = session.transport().unwrap_or("none");
         self.metrics.sessions_closed.get_or_create(&[("transport", transport), ("reason", reason)]).inc();
-        let c = &session.counters;
-        for (direction, bytes, messages) in [
-            ("client_to_remote", &c.bytes_client_to_remote, &c.messages_client_to_remote),
-            ("remote_to_client", &c.bytes_remote_to_client, &c.messages_remote_to_client),
-        ] {
-            self.metrics.bytes.get_or_create(&[("direction", direction)]).inc_by(bytes.load(Ordering::Relaxed));
-            self.metrics.messages.get_or_create(&[("direction", direction)]).inc_by(messages.load(Ordering::Relaxed));
+    }
+
+    /// The proxy-wide traffic counters, for a new session to move.
+    fn totals(&self) -> Totals {
+        let counter = |family: &Family<Labels1, Counter>, direction: Direction| {
+            family.get_or_create(&[("direction", direction.label())]).clone()
+        };
+        let directions = [Direction::ClientToRemote, Direction::RemoteToClient];
+        Totals {
+            bytes: directions.map(|d| counter(&self.metrics.bytes, d)),
+            messages: directions.map(|d| counter(&self.metrics.messages, d)),
         }
     }
 
@@ -417,7 +467,13 @@ mod tests {
         let b = observer.accepted(2, "127.0.0.1:2".parse().unwrap());
         observer.opened(&a, "v2");
         a.set_session_id("ab".repeat(32));
-        a.counters.bytes_client_to_remote.store(100, Ordering::Relaxed);
+        a.counters.add(Direction::ClientToRemote, 100, 1);
+        // Totals move while the session is open.
+        assert!(
+            observer.encode_metrics().contains("bip324_proxy_bytes_total{direction=\"client_to_remote\"} 100"),
+            "{}",
+            observer.encode_metrics()
+        );
         observer.opened(&b, "v1-fallback");
         let status = observer.status();
         assert_eq!(status.open_sessions, 2);

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::metrics::LiveCounters;
+use crate::metrics::{Direction, LiveCounters};
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
 use crate::v2::{DecodedPacket, PACKET_PREFIX, PacketDecoder, PacketEncoder, V2Error};
@@ -408,17 +408,18 @@ async fn pump(
         Side::Client => Side::Remote,
         Side::Remote => Side::Client,
     };
-    let (live_bytes, live_messages) = match from {
-        Side::Client => (&shared.live.bytes_client_to_remote, &shared.live.messages_client_to_remote),
-        Side::Remote => (&shared.live.bytes_remote_to_client, &shared.live.messages_remote_to_client),
+    let direction = match from {
+        Side::Client => Direction::ClientToRemote,
+        Side::Remote => Direction::RemoteToClient,
     };
+    let live = &shared.live;
     let mut stats = DirectionStats { bytes_in: inbound.pending.len() as u64, ..Default::default() };
-    live_bytes.fetch_add(stats.bytes_in, Ordering::Relaxed);
+    live.add(direction, stats.bytes_in, 0);
     let mut output = BytesMut::new();
     let end = loop {
         let messages_before = stats.messages;
         let translated = translator.translate(&mut inbound.pending, &mut output, &mut stats);
-        live_messages.fetch_add(stats.messages - messages_before, Ordering::Relaxed);
+        live.add(direction, 0, stats.messages - messages_before);
         let step = match translated {
             Ok(step) => step,
             Err(reason) => break Some(reason),
@@ -490,7 +491,7 @@ async fn pump(
             }
             Ok(n) => {
                 stats.bytes_in += n as u64;
-                live_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                live.add(direction, n as u64, 0);
                 shared.touch();
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -16,7 +16,6 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -27,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Span, info};
 
 use crate::config::{Config, Isolation};
-use crate::metrics::{LiveSession, Observer};
+use crate::metrics::{Direction, LiveSession, Observer};
 use crate::network::Network;
 use crate::outbound::{self, Destination, DialError};
 use crate::policy::{self, DialRules, Evidence, PlaintextPermit, Plan};
@@ -619,9 +618,7 @@ impl Session<'_> {
         self.open_line(Transport::V2, Some(&channel.session_id));
         // The VERSION went out in the handshake; it counts as carried.
         pending.advance(version_len);
-        let counters = &self.live.counters;
-        counters.bytes_client_to_remote.fetch_add(version_len as u64, Ordering::Relaxed);
-        counters.messages_client_to_remote.fetch_add(1, Ordering::Relaxed);
+        self.live.counters.add(Direction::ClientToRemote, version_len as u64, 1);
         let mut report = relay::run(
             Leg { stream: client, pending },
             Leg { stream: remote, pending: channel.leftover },

@@ -193,3 +193,32 @@ fn systemd_unit_is_hardened_and_runs_the_shipped_config() {
         assert!(unit.contains(section), "{section}");
     }
 }
+
+/// The value of a metric line (`name{labels} value`) in a scrape.
+fn metric_value(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `{prefix}` in:\n{text}"))
+}
+
+#[tokio::test]
+async fn byte_and_message_totals_grow_while_a_session_is_open() {
+    let v2 = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, metrics) = proxy_with_metrics(&[]).await;
+    let mut client = open_v1_session(proxy.addr, v2.addr, REGTEST).await;
+    expect_frame(&mut client).await;
+    let bytes_up = "bip324_proxy_bytes_total{direction=\"client_to_remote\"} ";
+    let messages_down = "bip324_proxy_messages_total{direction=\"remote_to_client\"} ";
+    let (_, first) = http_get(metrics, "/metrics").await;
+    let (bytes_before, messages_before) = (metric_value(&first, bytes_up), metric_value(&first, messages_down));
+    assert!(bytes_before > 0 && messages_before > 0, "{first}");
+    for i in 0..10u8 {
+        client.write_all(&frame(REGTEST, "ping", &[i; 8])).await.unwrap();
+        expect_frame(&mut client).await;
+    }
+    let (_, second) = http_get(metrics, "/metrics").await;
+    assert_eq!(metric_value(&second, bytes_up), bytes_before + 10 * 32, "{second}");
+    assert_eq!(metric_value(&second, messages_down), messages_before + 10, "{second}");
+    assert!(second.contains("bip324_proxy_sessions_active 1"), "the session is still open:\n{second}");
+}
