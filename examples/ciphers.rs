@@ -60,9 +60,11 @@ fn main() -> anyhow::Result<()> {
         }
         let crate_rate = TOTAL_BYTES as f64 / started.elapsed().as_secs_f64() / 1e6;
 
-        let keys = bip324_proxy::v2::SessionKeys::from_shared_secret(&[1; 32], true, &MAGIC);
+        use bip324_proxy::v2::{Role, SessionKeys};
+        let keys = SessionKeys::from_shared_secret(&[1; 32], Role::Initiator, &MAGIC);
+        let peer = SessionKeys::from_shared_secret(&[1; 32], Role::Responder, &MAGIC);
         let mut encoder = keys.encoder(0);
-        let mut decoder = bip324_proxy::v2::PacketDecoder::new(&keys.send_length_key, &keys.send_packet_key, 0);
+        let mut decoder = peer.decoder(0);
         let mut wire = BytesMut::with_capacity(size + 20);
         let started = Instant::now();
         for _ in 0..messages {

@@ -22,6 +22,7 @@ use rand::{Rng, RngCore};
 use secp256k1::{Secp256k1, SecretKey, SignOnly};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
+use zeroize::Zeroize;
 
 use crate::v1::Magic;
 use crate::v2::{
@@ -71,8 +72,26 @@ pub enum UpgradeError {
     Packet(#[from] V2Error),
     #[error("handshake I/O: {0}")]
     Io(io::Error),
-    #[error("internal: derived session id differs from the bip324 crate's")]
-    SessionIdMismatch,
+    /// Our own key derivation disagrees with the `bip324` crate's: a defect
+    /// here, never the remote's doing.
+    #[error("internal: derived {0} differs from the bip324 crate's")]
+    KeyMismatch(DerivedValue),
+}
+
+/// What our key derivation is checked against the crate's on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DerivedValue {
+    GarbageTerminator,
+    SessionId,
+}
+
+impl std::fmt::Display for DerivedValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DerivedValue::GarbageTerminator => "garbage terminator",
+            DerivedValue::SessionId => "session id",
+        })
+    }
 }
 
 fn describe_silence(silence: Silence) -> &'static str {
@@ -94,7 +113,7 @@ impl UpgradeError {
             UpgradeError::PacketTooLarge { .. } => "packet_too_large",
             UpgradeError::Protocol(_) | UpgradeError::Packet(_) => "protocol",
             UpgradeError::Io(_) => "io_error",
-            UpgradeError::SessionIdMismatch => "internal",
+            UpgradeError::KeyMismatch(_) => "internal",
         }
     }
 
@@ -115,8 +134,7 @@ impl FillBytes for KnownSecret {
 
 impl Drop for KnownSecret {
     fn drop(&mut self) {
-        self.0.fill(0);
-        std::hint::black_box(&mut self.0);
+        self.0.zeroize();
     }
 }
 
@@ -294,14 +312,14 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     theirs.copy_from_slice(&inbound[..ELLSWIFT_LEN]);
     inbound.advance(ELLSWIFT_LEN);
     let handshake = handshake.receive_key(theirs).map_err(UpgradeError::Protocol)?;
-    let keys = SessionKeys::derive(&secret, &ours, &theirs, true, &magic);
+    let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Initiator, &magic);
 
     // Garbage terminator + version packet from the crate, then the client's
     // first message under our own cipher (packet number 1), in one write.
     let mut second_flight = vec![0u8; Handshake::<ReceivedKey>::send_version_len(None)];
     let handshake = handshake.send_version(&mut second_flight, None).map_err(UpgradeError::Protocol)?;
-    if second_flight[..GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator {
-        return Err(UpgradeError::SessionIdMismatch);
+    if second_flight[..GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator()[..] {
+        return Err(UpgradeError::KeyMismatch(DerivedValue::GarbageTerminator));
     }
     let mut encoder = keys.encoder(1);
     let mut flight = BytesMut::from(&second_flight[..]);
@@ -342,8 +360,8 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
         packets_received += 1;
         match handshake.receive_version(&mut packet[LENGTH_LEN..]).map_err(UpgradeError::Protocol)? {
             VersionResult::Complete { cipher } => {
-                if cipher.id() != &keys.session_id {
-                    return Err(UpgradeError::SessionIdMismatch);
+                if cipher.id() != keys.session_id() {
+                    return Err(UpgradeError::KeyMismatch(DerivedValue::SessionId));
                 }
                 break;
             }
@@ -351,7 +369,12 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 
-    Ok(V2Channel { session_id: keys.session_id, encoder, decoder: keys.decoder(packets_received), leftover: inbound })
+    Ok(V2Channel {
+        session_id: *keys.session_id(),
+        encoder,
+        decoder: keys.decoder(packets_received),
+        leftover: inbound,
+    })
 }
 
 #[cfg(test)]

@@ -12,11 +12,13 @@
 
 use std::ops::Range;
 
+pub use bip324::Role;
 use bytes::{BufMut, BytesMut};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use ring::hkdf;
 use secp256k1::SecretKey;
 use secp256k1::ellswift::{ElligatorSwift, ElligatorSwiftParty};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::v1;
 
@@ -54,27 +56,17 @@ pub enum V2Error {
 }
 
 /// Everything HKDF derives from the ECDH secret (BIP324 "Shared secret
-/// computation"), already oriented for our role.
+/// computation"), already oriented for our role. The four cipher keys are
+/// private: they leave only as ciphers ([`SessionKeys::encoder`],
+/// [`SessionKeys::decoder`]) and are zeroized when the keys are dropped.
 pub struct SessionKeys {
-    pub session_id: [u8; 32],
-    pub send_length_key: [u8; 32],
-    pub send_packet_key: [u8; 32],
-    pub recv_length_key: [u8; 32],
-    pub recv_packet_key: [u8; 32],
-    pub send_garbage_terminator: [u8; GARBAGE_TERMINATOR_LEN],
-    pub recv_garbage_terminator: [u8; GARBAGE_TERMINATOR_LEN],
-}
-
-impl Drop for SessionKeys {
-    fn drop(&mut self) {
-        // Forward secrecy: the BIP asks implementations to wipe key material
-        // once the ciphers are set up.
-        for key in
-            [&mut self.send_length_key, &mut self.send_packet_key, &mut self.recv_length_key, &mut self.recv_packet_key]
-        {
-            wipe(key);
-        }
-    }
+    session_id: [u8; 32],
+    send_length_key: Zeroizing<[u8; 32]>,
+    send_packet_key: Zeroizing<[u8; 32]>,
+    recv_length_key: Zeroizing<[u8; 32]>,
+    recv_packet_key: Zeroizing<[u8; 32]>,
+    send_garbage_terminator: [u8; GARBAGE_TERMINATOR_LEN],
+    recv_garbage_terminator: [u8; GARBAGE_TERMINATOR_LEN],
 }
 
 impl std::fmt::Debug for SessionKeys {
@@ -90,45 +82,45 @@ impl SessionKeys {
         our_secret: &SecretKey,
         ours: &[u8; ELLSWIFT_LEN],
         theirs: &[u8; ELLSWIFT_LEN],
-        initiator: bool,
+        role: Role,
         magic: &v1::Magic,
     ) -> SessionKeys {
         let ours = ElligatorSwift::from_array(*ours);
         let theirs = ElligatorSwift::from_array(*theirs);
-        let (a, b, party) =
-            if initiator { (ours, theirs, ElligatorSwiftParty::A) } else { (theirs, ours, ElligatorSwiftParty::B) };
-        let mut shared = ElligatorSwift::shared_secret(a, b, *our_secret, party, None).to_secret_bytes();
-        let keys = Self::from_shared_secret(&shared, initiator, magic);
-        wipe(&mut shared);
-        keys
+        let (a, b, party) = match role {
+            Role::Initiator => (ours, theirs, ElligatorSwiftParty::A),
+            Role::Responder => (theirs, ours, ElligatorSwiftParty::B),
+        };
+        let shared = Zeroizing::new(ElligatorSwift::shared_secret(a, b, *our_secret, party, None).to_secret_bytes());
+        Self::from_shared_secret(&shared, role, magic)
     }
 
     /// HKDF-SHA256 with salt "bitcoin_v2_shared_secret" + magic.
-    pub fn from_shared_secret(shared: &[u8; 32], initiator: bool, magic: &v1::Magic) -> SessionKeys {
+    pub fn from_shared_secret(shared: &[u8; 32], role: Role, magic: &v1::Magic) -> SessionKeys {
         let mut salt = [0u8; 28];
         salt[..24].copy_from_slice(b"bitcoin_v2_shared_secret");
         salt[24..].copy_from_slice(magic);
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(shared);
-        let expand = |info: &[u8]| -> [u8; 32] {
-            let mut out = [0u8; 32];
+        let expand = |info: &[u8]| -> Zeroizing<[u8; 32]> {
+            let mut out = Zeroizing::new([0u8; 32]);
             // Both calls only fail for an output longer than 255 hash lengths.
             prk.expand(&[info], HkdfLen(32))
-                .and_then(|okm| okm.fill(&mut out))
+                .and_then(|okm| okm.fill(&mut out[..]))
                 .expect("32-byte HKDF output is always valid");
             out
         };
-        let session_id = expand(b"session_id");
-        let mut initiator_l = expand(b"initiator_L");
-        let mut initiator_p = expand(b"initiator_P");
-        let mut responder_l = expand(b"responder_L");
-        let mut responder_p = expand(b"responder_P");
+        let session_id = *expand(b"session_id");
+        let initiator_l = expand(b"initiator_L");
+        let initiator_p = expand(b"initiator_P");
+        let responder_l = expand(b"responder_L");
+        let responder_p = expand(b"responder_P");
         let terminators = expand(b"garbage_terminators");
         let mut initiator_t = [0u8; GARBAGE_TERMINATOR_LEN];
         let mut responder_t = [0u8; GARBAGE_TERMINATOR_LEN];
         initiator_t.copy_from_slice(&terminators[..16]);
         responder_t.copy_from_slice(&terminators[16..]);
-        let keys = if initiator {
-            SessionKeys {
+        match role {
+            Role::Initiator => SessionKeys {
                 session_id,
                 send_length_key: initiator_l,
                 send_packet_key: initiator_p,
@@ -136,9 +128,8 @@ impl SessionKeys {
                 recv_packet_key: responder_p,
                 send_garbage_terminator: initiator_t,
                 recv_garbage_terminator: responder_t,
-            }
-        } else {
-            SessionKeys {
+            },
+            Role::Responder => SessionKeys {
                 session_id,
                 send_length_key: responder_l,
                 send_packet_key: responder_p,
@@ -146,12 +137,23 @@ impl SessionKeys {
                 recv_packet_key: initiator_p,
                 send_garbage_terminator: responder_t,
                 recv_garbage_terminator: initiator_t,
-            }
-        };
-        for key in [&mut initiator_l, &mut initiator_p, &mut responder_l, &mut responder_p] {
-            wipe(key);
+            },
         }
-        keys
+    }
+
+    /// The BIP324 session id, as Bitcoin Core's `getpeerinfo` shows it (in hex).
+    pub fn session_id(&self) -> &[u8; 32] {
+        &self.session_id
+    }
+
+    /// The garbage terminator we send after our garbage.
+    pub fn send_garbage_terminator(&self) -> &[u8; GARBAGE_TERMINATOR_LEN] {
+        &self.send_garbage_terminator
+    }
+
+    /// The garbage terminator that ends the remote's garbage.
+    pub fn recv_garbage_terminator(&self) -> &[u8; GARBAGE_TERMINATOR_LEN] {
+        &self.recv_garbage_terminator
     }
 
     /// Encoder for our direction, positioned after `sent_packets` packets.
@@ -163,12 +165,6 @@ impl SessionKeys {
     pub fn decoder(&self, received_packets: u64) -> PacketDecoder {
         PacketDecoder::new(&self.recv_length_key, &self.recv_packet_key, received_packets)
     }
-}
-
-fn wipe(bytes: &mut [u8]) {
-    bytes.fill(0);
-    // Keeps the stores from being optimised away as dead writes.
-    std::hint::black_box(bytes);
 }
 
 struct HkdfLen(usize);
@@ -227,7 +223,7 @@ impl FsChaCha20 {
             self.block_counter = 0;
             // 224 * 3 + 32 = 704 bytes = 11 whole blocks: nothing is left over.
             self.block_pos = 64;
-            wipe(&mut key);
+            key.zeroize();
         }
         self.chunk_counter += 1;
     }
@@ -235,8 +231,8 @@ impl FsChaCha20 {
 
 impl Drop for FsChaCha20 {
     fn drop(&mut self) {
-        wipe(&mut self.key);
-        wipe(&mut self.block);
+        self.key.zeroize();
+        self.block.zeroize();
     }
 }
 
@@ -296,7 +292,7 @@ impl FsChaCha20Poly1305 {
                 .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut next)
                 .expect("32-byte rekey input");
             self.key = Self::aead_key(&next);
-            wipe(&mut next);
+            next.zeroize();
         }
         self.packet_counter += 1;
     }
@@ -495,6 +491,12 @@ mod tests {
         ciphertext_endswith: Vec<u8>,
     }
 
+    impl Row {
+        fn role(&self) -> Role {
+            if self.initiating { Role::Initiator } else { Role::Responder }
+        }
+    }
+
     fn arr<const N: usize>(s: &str) -> [u8; N] {
         hex::decode(s).unwrap().try_into().unwrap()
     }
@@ -549,23 +551,23 @@ mod tests {
                 &secret,
                 &row.ellswift_ours,
                 &row.ellswift_theirs,
-                row.initiating,
+                row.role(),
                 &[0xf9, 0xbe, 0xb4, 0xd9],
             );
             assert_eq!(keys.session_id, row.session_id, "row {}", row.idx);
-            assert_eq!(keys.send_garbage_terminator, row.send_terminator, "row {}", row.idx);
-            assert_eq!(keys.recv_garbage_terminator, row.recv_terminator, "row {}", row.idx);
+            assert_eq!(*keys.send_garbage_terminator(), row.send_terminator, "row {}", row.idx);
+            assert_eq!(*keys.recv_garbage_terminator(), row.recv_terminator, "row {}", row.idx);
             let (send_l, send_p, recv_l, recv_p) = if row.initiating {
                 (row.initiator_l, row.initiator_p, row.responder_l, row.responder_p)
             } else {
                 (row.responder_l, row.responder_p, row.initiator_l, row.initiator_p)
             };
-            assert_eq!(keys.send_length_key, send_l, "row {}", row.idx);
-            assert_eq!(keys.send_packet_key, send_p, "row {}", row.idx);
-            assert_eq!(keys.recv_length_key, recv_l, "row {}", row.idx);
-            assert_eq!(keys.recv_packet_key, recv_p, "row {}", row.idx);
+            assert_eq!(*keys.send_length_key, send_l, "row {}", row.idx);
+            assert_eq!(*keys.send_packet_key, send_p, "row {}", row.idx);
+            assert_eq!(*keys.recv_length_key, recv_l, "row {}", row.idx);
+            assert_eq!(*keys.recv_packet_key, recv_p, "row {}", row.idx);
             let from_secret =
-                SessionKeys::from_shared_secret(&row.shared_secret, row.initiating, &[0xf9, 0xbe, 0xb4, 0xd9]);
+                SessionKeys::from_shared_secret(&row.shared_secret, row.role(), &[0xf9, 0xbe, 0xb4, 0xd9]);
             assert_eq!(from_secret.session_id, row.session_id);
         }
     }
@@ -573,7 +575,7 @@ mod tests {
     #[test]
     fn official_vectors_packet_encryption_and_decryption() {
         for row in rows() {
-            let keys = SessionKeys::from_shared_secret(&row.shared_secret, row.initiating, &[0xf9, 0xbe, 0xb4, 0xd9]);
+            let keys = SessionKeys::from_shared_secret(&row.shared_secret, row.role(), &[0xf9, 0xbe, 0xb4, 0xd9]);
             // The vectors encrypt packet number `idx` of our sending direction.
             let mut encoder = keys.encoder(row.idx);
             let mut out = BytesMut::new();
@@ -600,7 +602,7 @@ mod tests {
     }
 
     fn pair() -> (PacketEncoder, PacketDecoder) {
-        let keys = SessionKeys::from_shared_secret(&[7; 32], true, &[0xfa, 0xbf, 0xb5, 0xda]);
+        let keys = SessionKeys::from_shared_secret(&[7; 32], Role::Initiator, &[0xfa, 0xbf, 0xb5, 0xda]);
         (keys.encoder(0), PacketDecoder::new(&keys.send_length_key, &keys.send_packet_key, 0))
     }
 
@@ -640,7 +642,7 @@ mod tests {
 
     #[test]
     fn in_place_encoding_matches_the_copying_encoder() {
-        let keys = SessionKeys::from_shared_secret(&[3; 32], true, &[0xfa, 0xbf, 0xb5, 0xda]);
+        let keys = SessionKeys::from_shared_secret(&[3; 32], Role::Initiator, &[0xfa, 0xbf, 0xb5, 0xda]);
         let (mut copying, mut in_place) = (keys.encoder(5), keys.encoder(5));
         for (message_type, payload) in [(&[2u8][..], vec![7u8; 100_000]), (&b"\0bigpayload\0\0"[..], vec![9u8; 70_000])]
         {
@@ -658,7 +660,7 @@ mod tests {
 
     #[test]
     fn oversize_length_rejected_before_body() {
-        let keys = SessionKeys::from_shared_secret(&[9; 32], true, &[0xfa, 0xbf, 0xb5, 0xda]);
+        let keys = SessionKeys::from_shared_secret(&[9; 32], Role::Initiator, &[0xfa, 0xbf, 0xb5, 0xda]);
         let mut encoder = keys.encoder(0);
         let big = vec![0u8; MAX_CONTENTS_BYTES + 1];
         let mut out = BytesMut::new();

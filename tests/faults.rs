@@ -66,7 +66,7 @@ async fn run_script(mut stream: TcpStream, script: Script) {
     let secp = secp256k1::Secp256k1::new();
     let secret = secp256k1::SecretKey::new(&mut rand::thread_rng());
     let ours = secp256k1::ellswift::ElligatorSwift::from_seckey(&secp, secret, None).to_array();
-    let keys = SessionKeys::derive(&secret, &ours, &theirs, false, &REGTEST);
+    let keys = SessionKeys::derive(&secret, &ours, &theirs, bip324_proxy::v2::Role::Responder, &REGTEST);
     let garbage = random_payload(300);
     let mut flight = ours.to_vec();
     flight.extend_from_slice(&garbage);
@@ -92,23 +92,23 @@ async fn run_script(mut stream: TcpStream, script: Script) {
             f
         }
         Script::CloseAfterTerminator => {
-            flight.extend_from_slice(&keys.send_garbage_terminator);
+            flight.extend_from_slice(&*keys.send_garbage_terminator());
             flight
         }
         Script::CloseMidPacket => {
-            flight.extend_from_slice(&keys.send_garbage_terminator);
+            flight.extend_from_slice(&*keys.send_garbage_terminator());
             flight.extend_from_slice(&version[..10]);
             flight
         }
         Script::HugePacket => {
-            flight.extend_from_slice(&keys.send_garbage_terminator);
+            flight.extend_from_slice(&*keys.send_garbage_terminator());
             let mut huge = bytes::BytesMut::new();
             keys.encoder(0).encode_packet(&[], &vec![0u8; 16_000_000], false, &garbage, &mut huge).unwrap();
             flight.extend_from_slice(&huge[..100]);
             flight
         }
         Script::BadTag => {
-            flight.extend_from_slice(&keys.send_garbage_terminator);
+            flight.extend_from_slice(&*keys.send_garbage_terminator());
             let mut packet = version.to_vec();
             let last = packet.len() - 1;
             packet[last] ^= 0x01;

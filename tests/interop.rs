@@ -64,8 +64,8 @@ fn sessions() -> (CipherSession, CipherSession, SessionKeys, SessionKeys) {
     from_initiator.extend_from_slice(&iflight);
     let crate_i = finish(initiator, &rflight);
     let crate_r = finish(responder, &from_initiator);
-    let keys_i = SessionKeys::derive(&si, &ours_i, &rk, true, &MAGIC);
-    let keys_r = SessionKeys::derive(&sr, &rk, &ours_i, false, &MAGIC);
+    let keys_i = SessionKeys::derive(&si, &ours_i, &rk, bip324_proxy::v2::Role::Initiator, &MAGIC);
+    let keys_r = SessionKeys::derive(&sr, &rk, &ours_i, bip324_proxy::v2::Role::Responder, &MAGIC);
     (crate_i, crate_r, keys_i, keys_r)
 }
 
@@ -105,9 +105,9 @@ fn ours_to_crate(encoder: &mut PacketEncoder, receiver: &mut CipherSession, coun
 #[test]
 fn our_keys_match_the_crates_in_both_roles() {
     let (crate_i, crate_r, keys_i, keys_r) = sessions();
-    assert_eq!(&keys_i.session_id, crate_i.id());
-    assert_eq!(&keys_r.session_id, crate_r.id());
-    assert_eq!(keys_i.send_garbage_terminator, keys_r.recv_garbage_terminator);
+    assert_eq!(keys_i.session_id(), crate_i.id());
+    assert_eq!(keys_r.session_id(), crate_r.id());
+    assert_eq!(*keys_i.send_garbage_terminator(), *keys_r.recv_garbage_terminator());
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use bip324_proxy::v1;
-use bip324_proxy::v2::{DecodedPacket, PacketDecoder, SessionKeys};
+use bip324_proxy::v2::{DecodedPacket, Role, SessionKeys};
 use bytes::BytesMut;
 
 /// Messages between two looks at the clock.
@@ -17,9 +17,10 @@ const ROUNDS_PER_CHECK: usize = 8;
 
 /// CPU seconds per MB (10^6 payload bytes) of the translation work alone.
 pub fn cpu_seconds_per_mb(payload_len: usize, run_for: Duration, ticks_per_second: u64) -> anyhow::Result<f64> {
-    let keys = SessionKeys::from_shared_secret(&[0x24; 32], true, &crate::MAGIC);
+    let keys = SessionKeys::from_shared_secret(&[0x24; 32], Role::Initiator, &crate::MAGIC);
+    let peer = SessionKeys::from_shared_secret(&[0x24; 32], Role::Responder, &crate::MAGIC);
     let mut encoder = keys.encoder(0);
-    let mut decoder = PacketDecoder::new(&keys.send_length_key, &keys.send_packet_key, 0);
+    let mut decoder = peer.decoder(0);
     let mut payload = vec![0u8; payload_len];
     rand::Rng::fill(&mut rand::thread_rng(), &mut payload[..]);
     // A short ID, as `block` and `tx` have.

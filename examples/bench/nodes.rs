@@ -111,7 +111,7 @@ async fn respond(stream: &mut TcpStream, magic: Magic) -> anyhow::Result<Establi
     theirs.copy_from_slice(&inbound[..ELLSWIFT_LEN]);
     inbound.advance(ELLSWIFT_LEN);
     ensure!(theirs[..magic.len()] != magic, "a v1 peer");
-    let keys = SessionKeys::derive(&secret, &ours, &theirs, false, &magic);
+    let keys = SessionKeys::derive(&secret, &ours, &theirs, bip324_proxy::v2::Role::Responder, &magic);
 
     // Key, garbage, garbage terminator and version packet in one write; the
     // version packet authenticates our garbage (BIP324: garbage as AAD of the
@@ -122,7 +122,7 @@ async fn respond(stream: &mut TcpStream, magic: Magic) -> anyhow::Result<Establi
     let mut flight = BytesMut::with_capacity(ELLSWIFT_LEN + garbage.len() + GARBAGE_TERMINATOR_LEN + 64);
     flight.put_slice(&ours);
     flight.put_slice(&garbage);
-    flight.put_slice(&keys.send_garbage_terminator);
+    flight.put_slice(&*keys.send_garbage_terminator());
     encoder.encode_packet(&[], &[], false, &garbage, &mut flight)?;
     stream.write_all(&flight).await?;
 
@@ -130,7 +130,7 @@ async fn respond(stream: &mut TcpStream, magic: Magic) -> anyhow::Result<Establi
     let search_limit = MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN;
     let terminator_end = loop {
         let window = &inbound[..inbound.len().min(search_limit)];
-        if let Some(at) = window.windows(GARBAGE_TERMINATOR_LEN).position(|w| w == keys.recv_garbage_terminator) {
+        if let Some(at) = window.windows(GARBAGE_TERMINATOR_LEN).position(|w| w == *keys.recv_garbage_terminator()) {
             break at + GARBAGE_TERMINATOR_LEN;
         }
         ensure!(inbound.len() < search_limit, "no garbage terminator");

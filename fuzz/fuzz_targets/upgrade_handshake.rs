@@ -106,7 +106,7 @@ async fn structured_remote(mut stream: DuplexStream, input: Vec<u8>) -> Option<[
     let secp = secp256k1::Secp256k1::new();
     let secret = secp256k1::SecretKey::new(&mut rand::thread_rng());
     let ours = secp256k1::ellswift::ElligatorSwift::from_seckey(&secp, secret, None).to_array();
-    let keys = SessionKeys::derive(&secret, &ours, &theirs, false, &MAGIC);
+    let keys = SessionKeys::derive(&secret, &ours, &theirs, bip324_proxy::v2::Role::Responder, &MAGIC);
     let mut encoder = keys.encoder(0);
 
     let garbage_len = usize::from(plan.u16()) % 5001;
@@ -114,7 +114,7 @@ async fn structured_remote(mut stream: DuplexStream, input: Vec<u8>) -> Option<[
     let mut wire = BytesMut::new();
     wire.extend_from_slice(&ours);
     wire.extend_from_slice(&garbage);
-    wire.extend_from_slice(&keys.send_garbage_terminator);
+    wire.extend_from_slice(&*keys.send_garbage_terminator());
     let decoys = plan.byte() % 4;
     let mut aad: &[u8] = &garbage;
     for _ in 0..decoys {
@@ -136,7 +136,7 @@ async fn structured_remote(mut stream: DuplexStream, input: Vec<u8>) -> Option<[
     // A well-formed handshake: the garbage fits the limit, and the first
     // occurrence of the terminator is the real one (random garbage that
     // happens to contain it earlier may legitimately fail).
-    let first_terminator = wire[64..].windows(16).position(|w| w == keys.send_garbage_terminator);
+    let first_terminator = wire[64..].windows(16).position(|w| w == *keys.send_garbage_terminator());
     let mut valid = garbage_len <= 4095 && first_terminator == Some(garbage_len);
     let corruption = plan.byte() % 4;
     let position = usize::from(plan.u16());

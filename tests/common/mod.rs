@@ -357,10 +357,16 @@ async fn serve_v2(
         stream.write_all(&version_flight).await?;
     } else {
         let secret_key = secp256k1::SecretKey::from_slice(&secret)?;
-        let keys = bip324_proxy::v2::SessionKeys::derive(&secret_key, &ours, &theirs, false, &opts.magic);
+        let keys = bip324_proxy::v2::SessionKeys::derive(
+            &secret_key,
+            &ours,
+            &theirs,
+            bip324_proxy::v2::Role::Responder,
+            &opts.magic,
+        );
         let mut encoder = keys.encoder(0);
         let mut flight = bytes::BytesMut::new();
-        flight.extend_from_slice(&keys.send_garbage_terminator);
+        flight.extend_from_slice(&*keys.send_garbage_terminator());
         // The first packet after the garbage authenticates it (AAD).
         let mut aad: &[u8] = &garbage;
         for decoy in &decoys {
