@@ -239,3 +239,67 @@ async fn gap4_client_panics_on_reply_codes_outside_rfc1928() {
     .await
     .expect("test timed out");
 }
+
+/// Gap 5: Tor's RESOLVE (command 0xF0, which btcd and lnd use for DNS seeds) never reaches code
+/// built on fast-socks5 1.0.0's server: `read_command` answers it with 0x07 (command not
+/// supported) itself, inside the call (its `try_notify!` on `Socks5Command::from_u8`), and only
+/// then returns an error. We forward RESOLVE upstream or answer it.
+#[tokio::test]
+async fn gap5_server_answers_tor_resolve_with_07_before_the_caller_sees_it() {
+    timeout(TEST_LIMIT, async {
+        let (listener, addr) = loopback_listener().await;
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let proto = Socks5ServerProtocol::accept_no_auth(stream).await.expect("no-auth greeting");
+            proto.read_command().await.map(|_| ())
+        });
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client.write_all(&[0x05, 0x01, 0x00]).await.expect("greet");
+        let mut choice = [0u8; 2];
+        client.read_exact(&mut choice).await.expect("method choice");
+        let mut resolve = domain_connect(b"seed.bitcoin.sipa.be", 0);
+        resolve[1] = 0xf0;
+        client.write_all(&resolve).await.expect("RESOLVE");
+        let error = server.await.expect("server task").expect_err("fast-socks5 refuses RESOLVE");
+        assert!(matches!(error, SocksServerError::UnknownCommand(0xf0)), "{error:?}");
+        let answer = read_until_closed(&mut client).await;
+        assert_eq!(answer.get(..2), Some(&[0x05, 0x07][..]), "answered before the caller could: {answer:02x?}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Gap 6: a server built on fast-socks5 1.0.0 cannot pass Tor's extended reply codes
+/// (0xF0..0xF7, e.g. 0xF6 for a bad onion address) back to its client: `reply_error` takes the
+/// closed `ReplyError` enum, whose every variant maps to an RFC 1928 code. The exhaustive match
+/// stops compiling when a variant is added (for instance the commented-out `OtherReply(u8)`).
+#[test]
+fn gap6_reply_error_cannot_carry_tor_reply_codes() {
+    let every = [
+        ReplyError::Succeeded,
+        ReplyError::GeneralFailure,
+        ReplyError::ConnectionNotAllowed,
+        ReplyError::NetworkUnreachable,
+        ReplyError::HostUnreachable,
+        ReplyError::ConnectionRefused,
+        ReplyError::ConnectionTimeout,
+        ReplyError::TtlExpired,
+        ReplyError::CommandNotSupported,
+        ReplyError::AddressTypeNotSupported,
+    ];
+    for error in every {
+        let code = match error {
+            ReplyError::Succeeded
+            | ReplyError::GeneralFailure
+            | ReplyError::ConnectionNotAllowed
+            | ReplyError::NetworkUnreachable
+            | ReplyError::HostUnreachable
+            | ReplyError::ConnectionRefused
+            | ReplyError::ConnectionTimeout
+            | ReplyError::TtlExpired
+            | ReplyError::CommandNotSupported
+            | ReplyError::AddressTypeNotSupported => error.as_u8(),
+        };
+        assert!(code <= 0x08, "{error:?} maps to {code:#04x}");
+    }
+}
