@@ -1,6 +1,9 @@
 //! The `bip324-proxy` binary: flags, logging, bind, serve until SIGINT or
 //! SIGTERM; and `healthcheck` for container health checks.
 
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;

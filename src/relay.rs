@@ -35,7 +35,6 @@ const KEEP_OUTPUT_CAPACITY: usize = 64 * 1024;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DirectionStats {
     pub bytes_in: u64,
-    pub bytes_out: u64,
     pub messages: u64,
 }
 
@@ -433,7 +432,6 @@ async fn pump(
             if let Err(e) = result {
                 break Some(CloseReason::Io(to, e));
             }
-            stats.bytes_out += output.len() as u64;
             if output.capacity() > KEEP_OUTPUT_CAPACITY {
                 output = BytesMut::new();
             } else {
@@ -444,7 +442,6 @@ async fn pump(
             Step::NeedMore(need) => need,
             Step::Direct(direct) => {
                 let pieces = [&direct.head[..], &inbound.pending[direct.body.clone()], &direct.tail[..]];
-                let written = pieces.iter().map(|p| p.len() as u64).sum::<u64>();
                 let result = tokio::select! {
                     result = write_all_vectored(&mut writer, &pieces) => result,
                     _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
@@ -452,7 +449,6 @@ async fn pump(
                 if let Err(e) = result {
                     break Some(CloseReason::Io(to, e));
                 }
-                stats.bytes_out += written;
                 inbound.pending.advance(direct.consumed);
                 continue;
             }

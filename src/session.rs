@@ -5,8 +5,8 @@
 //! CONNECT), transparent mode (from `addr_recv` of the client's VERSION) and
 //! static routes (fixed in the configuration). The main listener tells
 //! SOCKS5 from transparent clients by the first byte. Each front end only
-//! finds the destination; [`Session::connect`], [`Session::sniff`] and
-//! [`Session::carry`] are shared.
+//! finds the destination; `Session::connect`, `Session::sniff` and
+//! `Session::carry` are shared.
 //!
 //! Policy comes from [`crate::policy`] (when plaintext is allowed, what may
 //! be dialed) and [`crate::sniff`] (what the client speaks); this module asks

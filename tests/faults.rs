@@ -92,23 +92,23 @@ async fn run_script(mut stream: TcpStream, script: Script) {
             f
         }
         Script::CloseAfterTerminator => {
-            flight.extend_from_slice(&*keys.send_garbage_terminator());
+            flight.extend_from_slice(keys.send_garbage_terminator());
             flight
         }
         Script::CloseMidPacket => {
-            flight.extend_from_slice(&*keys.send_garbage_terminator());
+            flight.extend_from_slice(keys.send_garbage_terminator());
             flight.extend_from_slice(&version[..10]);
             flight
         }
         Script::HugePacket => {
-            flight.extend_from_slice(&*keys.send_garbage_terminator());
+            flight.extend_from_slice(keys.send_garbage_terminator());
             let mut huge = bytes::BytesMut::new();
             keys.encoder(0).encode_packet(&[], &vec![0u8; 16_000_000], false, &garbage, &mut huge).unwrap();
             flight.extend_from_slice(&huge[..100]);
             flight
         }
         Script::BadTag => {
-            flight.extend_from_slice(&*keys.send_garbage_terminator());
+            flight.extend_from_slice(keys.send_garbage_terminator());
             let mut packet = version.to_vec();
             let last = packet.len() - 1;
             packet[last] ^= 0x01;

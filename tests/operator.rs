@@ -14,7 +14,13 @@ async fn proxy_with_metrics(args: &[&str]) -> (BinaryProxy, std::net::SocketAddr
     all.extend_from_slice(args);
     let mut proxy = spawn_binary(&all, "info").await;
     let line = proxy.wait_for(&["metrics and status listening"]).await;
-    let addr = line.split("listen=").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap();
+    let addr = line
+        .split("listen=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("listen field")
+        .parse()
+        .expect("metrics address");
     (proxy, addr)
 }
 

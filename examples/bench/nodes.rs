@@ -122,7 +122,7 @@ async fn respond(stream: &mut TcpStream, magic: Magic) -> anyhow::Result<Establi
     let mut flight = BytesMut::with_capacity(ELLSWIFT_LEN + garbage.len() + GARBAGE_TERMINATOR_LEN + 64);
     flight.put_slice(&ours);
     flight.put_slice(&garbage);
-    flight.put_slice(&*keys.send_garbage_terminator());
+    flight.put_slice(keys.send_garbage_terminator());
     encoder.encode_packet(&[], &[], false, &garbage, &mut flight)?;
     stream.write_all(&flight).await?;
 

@@ -11,6 +11,8 @@
 //! independently of the proxy's own codec.
 
 #![allow(dead_code)]
+// Test helpers: a failed expectation is a panic with its message.
+#![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -366,7 +368,7 @@ async fn serve_v2(
         );
         let mut encoder = keys.encoder(0);
         let mut flight = bytes::BytesMut::new();
-        flight.extend_from_slice(&*keys.send_garbage_terminator());
+        flight.extend_from_slice(keys.send_garbage_terminator());
         // The first packet after the garbage authenticates it (AAD).
         let mut aad: &[u8] = &garbage;
         for decoy in &decoys {
