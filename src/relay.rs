@@ -63,6 +63,10 @@ pub enum CloseReason {
     BadV1(Side, V1Error),
     #[error("remote sent a bad v2 packet: {0}")]
     BadV2(V2Error),
+    /// Our own encoder refused a client message (its size is bounded far
+    /// below the packet limit, so this is a defect, not client input).
+    #[error("encrypting a client message failed: {0}")]
+    Encode(V2Error),
     /// A v2 message whose payload a v1 peer would reject (Bitcoin Core's
     /// `MAX_PROTOCOL_MESSAGE_LENGTH`): v2 allows a few bytes more.
     #[error("remote sent a `{command}` message of {len} payload bytes, more than the {max} a v1 client accepts")]
@@ -89,6 +93,7 @@ impl CloseReason {
             CloseReason::BadV1(Side::Client, _) => "bad_client_message",
             CloseReason::BadV1(Side::Remote, _) => "bad_remote_message",
             CloseReason::BadV2(_) => "bad_remote_packet",
+            CloseReason::Encode(_) => "internal",
             CloseReason::TooLargeForV1 { .. } => "remote_message_too_large",
             CloseReason::Truncated { .. } => "truncated",
             CloseReason::Io(Side::Client, _) => "client_io_error",
@@ -172,7 +177,7 @@ impl Translator for V1ToV2 {
                         let tag = self
                             .encoder
                             .encode_in_place(&mut input[..len], start, message_type)
-                            .map_err(CloseReason::BadV2)?;
+                            .map_err(CloseReason::Encode)?;
                         return Ok(Step::Direct(Direct {
                             head: Vec::new(),
                             body: start..len,
@@ -180,7 +185,7 @@ impl Translator for V1ToV2 {
                             consumed: len,
                         }));
                     }
-                    self.encoder.encode(message_type, &input[HEADER_LEN..len], output).map_err(CloseReason::BadV2)?;
+                    self.encoder.encode(message_type, &input[HEADER_LEN..len], output).map_err(CloseReason::Encode)?;
                     input.advance(len);
                 }
             }
