@@ -472,3 +472,70 @@ proptest! {
         prop_assert!(config::parse_file(&text).is_ok(), "{}", text);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The first-bytes decision and the dial rules.
+// ---------------------------------------------------------------------------------------------
+
+mod sniff_and_policy {
+    use bip324_proxy::network::{self, NetworkSet};
+    use bip324_proxy::policy::{DialRefusal, DialRules, is_routable};
+    use bip324_proxy::sniff::{self, Sniffed, V2_SNIFF_LEN};
+
+    use super::*;
+
+    fn all() -> NetworkSet {
+        NetworkSet::new(network::builtin())
+    }
+
+    proptest! {
+        #![proptest_config(cases(512))]
+
+        /// Any bytes: no panic, "need more" only below 64 bytes, and a decision
+        /// never changes when more bytes arrive.
+        #[test]
+        fn classify_is_total_and_stable(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let networks = all();
+            let full = sniff::classify(&bytes, &networks, &networks, true);
+            if let Ok(Sniffed::NeedMore(n)) = &full {
+                prop_assert!(*n > bytes.len() && *n <= V2_SNIFF_LEN);
+            }
+            for cut in 0..bytes.len() {
+                match sniff::classify(&bytes[..cut], &networks, &networks, true) {
+                    Ok(Sniffed::NeedMore(_)) => {}
+                    decided => prop_assert_eq!(&decided, &full, "decided at {} bytes", cut),
+                }
+            }
+        }
+
+        /// A uniformly random 64-byte key is passed through (the false-refusal
+        /// rate is 1.3e-10, so a failure here means the rule changed).
+        #[test]
+        fn random_keys_are_v2(key in any::<[u8; 32]>(), more in any::<[u8; 32]>()) {
+            let networks = all();
+            let mut bytes = key.to_vec();
+            bytes.extend_from_slice(&more);
+            prop_assert_eq!(sniff::classify(&bytes, &networks, &networks, true), Ok(Sniffed::V2));
+        }
+
+        /// Any candidate: no panic; a refused one is refused for a reason that
+        /// holds, and an allowed one is routable unless private targets are allowed.
+        #[test]
+        fn dial_rules_hold(ip in any::<[u8; 16]>(), port in any::<u16>(), v4 in any::<bool>(),
+                           listen_port in any::<u16>(), allow_private in any::<bool>()) {
+            let ip = if v4 { IpAddr::V4(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3])) } else { IpAddr::V6(Ipv6Addr::from(ip)) };
+            let candidate = SocketAddr::new(ip, port);
+            let rules = DialRules { listening: vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen_port)], allow_private };
+            match rules.check_candidate(candidate) {
+                Ok(()) => {
+                    prop_assert!(!ip.to_canonical().is_unspecified());
+                    prop_assert!(allow_private || is_routable(&ip.to_canonical()));
+                    prop_assert!(!(ip.to_canonical().is_loopback() && port == listen_port));
+                }
+                Err(DialRefusal::Unspecified(_)) => prop_assert!(ip.to_canonical().is_unspecified()),
+                Err(DialRefusal::SelfTarget(a)) => prop_assert_eq!(a.port(), listen_port),
+                Err(DialRefusal::Private(_)) => prop_assert!(!allow_private && !is_routable(&ip.to_canonical())),
+            }
+        }
+    }
+}
