@@ -16,7 +16,9 @@ const BAD_CHECKSUM_ONION: &str = "pg6mmjiyjmcrsslvykfwnntlaru7p5svn6y2ymmju6nubx
 const CONNECT: u8 = 0x01;
 const RESOLVE: u8 = 0xF0;
 
-async fn proxy_behind(tor: &Tor, isolation: &str) -> (BinaryProxy, std::path::PathBuf) {
+/// The binary with `tor` as its upstream; its configuration file is gone
+/// once the binary has read it.
+async fn proxy_behind(tor: &Tor, isolation: &str) -> BinaryProxy {
     let config = std::env::temp_dir().join(format!(
         "bip324-proxy-tor-{}-{:016x}.toml",
         std::process::id(),
@@ -24,7 +26,8 @@ async fn proxy_behind(tor: &Tor, isolation: &str) -> (BinaryProxy, std::path::Pa
     ));
     std::fs::write(&config, format!("[upstream]\nsocks5 = \"{}\"\n{isolation}", tor.socks)).unwrap();
     let proxy = spawn_binary(&["--config", config.to_str().unwrap()], "info").await;
-    (proxy, config)
+    let _ = std::fs::remove_file(config);
+    proxy
 }
 
 /// Runs `cases` (host, Tor's expected code) concurrently, each both straight
@@ -57,7 +60,7 @@ async fn codes(tor: &Tor, proxy: &BinaryProxy, command: u8, cases: &[(&str, u8)]
 #[tokio::test]
 async fn tor_connect_failure_codes_reach_the_client_unchanged() {
     let tor = spawn_tor().await;
-    let (proxy, config) = proxy_behind(&tor, "").await;
+    let proxy = proxy_behind(&tor, "").await;
     let cases = [
         // Malformed onion names: Tor's extended 0xF6 (onion address invalid).
         ("abc.onion", 0xF6),
@@ -71,13 +74,12 @@ async fn tor_connect_failure_codes_reach_the_client_unchanged() {
         assert_eq!(from_tor, expected, "Tor itself answered CONNECT {host} with {from_tor:#04x}");
         assert_eq!(to_client, from_tor, "CONNECT {host}: Tor said {from_tor:#04x}, the client got {to_client:#04x}");
     }
-    let _ = std::fs::remove_file(config);
 }
 
 #[tokio::test]
 async fn tor_resolve_failure_codes_reach_the_client_unchanged() {
     let tor = spawn_tor().await;
-    let (proxy, config) = proxy_behind(&tor, "").await;
+    let proxy = proxy_behind(&tor, "").await;
     // Tor answers every failed RESOLVE with 0x04 and address type 0.
     let cases = [
         // Refused at once: onion names cannot be resolved.
@@ -91,7 +93,6 @@ async fn tor_resolve_failure_codes_reach_the_client_unchanged() {
         assert_eq!(from_tor, expected, "Tor itself answered RESOLVE {host} with {from_tor:#04x}");
         assert_eq!(to_client, from_tor, "RESOLVE {host}: Tor said {from_tor:#04x}, the client got {to_client:#04x}");
     }
-    let _ = std::fs::remove_file(config);
 }
 
 /// A client of the proxy: Core-style with these credentials, or offering no
@@ -109,7 +110,7 @@ async fn streams_seen_by_tor(isolation: &str, clients: &[Client]) -> Vec<StreamE
     let tor = spawn_tor().await;
     let mut control = TorControl::connect(tor.control).await;
     control.watch_streams().await;
-    let (proxy, config) = proxy_behind(&tor, isolation).await;
+    let proxy = proxy_behind(&tor, isolation).await;
     let mut tasks = Vec::new();
     for (i, client) in clients.iter().enumerate() {
         let (via, host, client) = (proxy.addr, format!("client-{i}.example"), *client);
@@ -127,7 +128,6 @@ async fn streams_seen_by_tor(isolation: &str, clients: &[Client]) -> Vec<StreamE
     for task in tasks {
         assert_eq!(task.await.unwrap(), 0x06, "every held stream ends with Tor's TTL expired");
     }
-    let _ = std::fs::remove_file(config);
     events
 }
 
