@@ -264,15 +264,30 @@ async fn negotiate_upstream(
     out.clear();
     request.encode(&mut out).map_err(|e| protocol(e.to_string()))?;
     stream.write_all(&out).await.map_err(io_error)?;
+    // The reply code is final as soon as it arrives. A failed reply's bound
+    // address means nothing and is neither waited for nor parsed (Tor's
+    // failed RESOLVE replies carry address type 0): the upstream's code,
+    // whatever it is, goes back to the client unchanged.
+    let code = read_decoded(stream, &mut input, peek_reply_code).await.map_err(&protocol)?;
+    if code != ReplyCode::SUCCEEDED {
+        let target = request.destination.name.clone().unwrap_or_else(|| request.destination.target.to_string());
+        return Err(DialError::UpstreamRefused { upstream: upstream.to_owned(), target, code });
+    }
     let reply = read_decoded(stream, &mut input, socks5::decode_reply).await.map_err(&protocol)?;
     if !input.is_empty() {
         return Err(protocol("sent data after its reply, before the remote could".into()));
     }
-    if reply.code != ReplyCode::SUCCEEDED {
-        let target = request.destination.name.clone().unwrap_or_else(|| request.destination.target.to_string());
-        return Err(DialError::UpstreamRefused { upstream: upstream.to_owned(), target, code: reply.code });
-    }
     Ok(reply)
+}
+
+/// The code of a reply (`05 REP ...`) from its first two bytes, consuming
+/// nothing, so that the whole reply can still be decoded after it.
+fn peek_reply_code(buf: &[u8]) -> Result<Option<(ReplyCode, usize)>, Socks5Error> {
+    match buf {
+        [] | [_] => Ok(None),
+        [socks5::SOCKS_VERSION, code, ..] => Ok(Some((ReplyCode(*code), 0))),
+        [version, ..] => Err(Socks5Error::BadVersion(*version)),
+    }
 }
 
 /// A `socks5::decode_*` function: a value and the bytes it used, or "need more".
@@ -296,7 +311,113 @@ async fn read_decoded<T>(stream: &mut TcpStream, input: &mut BytesMut, decode: D
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use clap::Parser;
+    use tokio::net::TcpListener;
+
     use super::*;
+    use crate::config::Cli;
+
+    /// What a scripted upstream sends after `05 REP`.
+    #[derive(Debug, Clone, Copy)]
+    enum Tail {
+        /// A well-formed IPv4 bound address.
+        Ipv4,
+        /// Address type 0 and six zero bytes, as Tor answers a failed RESOLVE.
+        TorResolveFailure,
+        /// An address type no SOCKS5 version defines.
+        UnknownAddressType,
+        /// Nothing: the upstream closes.
+        Close,
+        /// Nothing: the upstream stays silent and keeps the connection.
+        Hold,
+    }
+
+    /// A SOCKS5 upstream on 127.0.0.1:0 that accepts no-auth, reads one
+    /// request and answers `05 code` then `tail`, for each (code, tail) in
+    /// turn, one per connection.
+    async fn scripted_upstream(script: Vec<(u8, Tail)>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for (code, tail) in script {
+                let Ok((mut s, _)) = listener.accept().await else { return };
+                let mut greeting = [0u8; 3];
+                let _ = s.read_exact(&mut greeting).await;
+                let _ = s.write_all(&[0x05, 0x00]).await;
+                // 05 CMD 00 03 LEN NAME PORT
+                let mut head = [0u8; 5];
+                let _ = s.read_exact(&mut head).await;
+                let mut rest = vec![0u8; usize::from(head[4]) + 2];
+                let _ = s.read_exact(&mut rest).await;
+                let mut reply = vec![0x05, code];
+                match tail {
+                    Tail::Ipv4 => reply.extend_from_slice(&[0x00, 0x01, 0, 0, 0, 0, 0, 0]),
+                    Tail::TorResolveFailure => reply.extend_from_slice(&[0x00, 0x00, 0, 0, 0, 0, 0, 0]),
+                    Tail::UnknownAddressType => reply.extend_from_slice(&[0x00, 0x09, 1, 2, 3]),
+                    Tail::Close | Tail::Hold => {}
+                }
+                let _ = s.write_all(&reply).await;
+                if let Tail::Hold = tail {
+                    tokio::spawn(async move {
+                        let mut sink = [0u8; 16];
+                        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                    });
+                }
+            }
+        });
+        addr
+    }
+
+    fn config_with_upstream(upstream: SocketAddr) -> Config {
+        let upstream = upstream.to_string();
+        let cli = Cli::try_parse_from(["bip324-proxy", "--upstream", upstream.as_str()]).unwrap();
+        Config::load(&cli).unwrap()
+    }
+
+    fn destination() -> Destination {
+        let target = Target { host: Host::Name("seed.example".into()), port: 8333 };
+        Destination { target, name: Some("seed.example".into()), upstream_credentials: None }
+    }
+
+    /// Every failure code 0x01..=0xFF the upstream sends, Tor's 0xF0..=0xF7
+    /// and unknown ones included, comes back as that code for CONNECT and for
+    /// RESOLVE, whatever follows it: the bound address of a failed reply
+    /// means nothing and is not waited for or parsed.
+    #[tokio::test]
+    async fn every_upstream_failure_code_is_returned_unchanged() {
+        let tails = [Tail::Ipv4, Tail::TorResolveFailure, Tail::UnknownAddressType, Tail::Close, Tail::Hold];
+        for command in [Command::Connect, Command::Resolve] {
+            let script: Vec<(u8, Tail)> =
+                (0x01..=0xFF).flat_map(|code| tails.iter().map(move |tail| (code, *tail))).collect();
+            let config = Arc::new(config_with_upstream(scripted_upstream(script.clone()).await));
+            for (code, tail) in script {
+                let attempt = async {
+                    match command {
+                        Command::Resolve => resolve(&destination(), &config, &DialRules::default()).await.map(|_| ()),
+                        _ => dial(&destination(), &config, &DialRules::default()).await.map(|_| ()),
+                    }
+                };
+                let result = timeout(Duration::from_secs(2), attempt).await;
+                match result {
+                    Ok(Err(DialError::UpstreamRefused { code: got, .. })) => {
+                        assert_eq!(got, ReplyCode(code), "{command:?} {tail:?}")
+                    }
+                    other => panic!("{command:?} code {code:#04x} then {tail:?}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reply_code_is_read_from_two_bytes_without_consuming() {
+        assert_eq!(peek_reply_code(&[]), Ok(None));
+        assert_eq!(peek_reply_code(&[0x05]), Ok(None));
+        assert_eq!(peek_reply_code(&[0x05, 0xF6]), Ok(Some((ReplyCode(0xF6), 0))));
+        assert_eq!(peek_reply_code(&[0x05, 0x00, 0x00, 0x01]), Ok(Some((ReplyCode::SUCCEEDED, 0))));
+        assert_eq!(peek_reply_code(&[0x04, 0x5A]), Err(Socks5Error::BadVersion(0x04)));
+    }
 
     #[test]
     fn ip_literals_are_shown_in_one_canonical_form() {

@@ -173,5 +173,5 @@ async fn structured_remote(mut stream: DuplexStream, input: Vec<u8>) -> Option<[
             break;
         }
     }
-    valid.then_some(keys.session_id)
+    valid.then_some(*keys.session_id())
 }
