@@ -9,7 +9,7 @@
 //! Pure modules (no I/O, no tokio; unit-tested on byte vectors and fuzzed):
 //! [`v1`] framing, [`translate`] short IDs, [`socks5`] codec, [`v2`] packet
 //! ciphers, [`network`] magics, [`config`] parsing. I/O modules: [`server`]
-//! (accept loop, shutdown), [`session`] (policy), [`outbound`], [`upgrade`],
+//! (accept loop, shutdown), [`stream`] (TCP or Unix-socket connections), [`session`] (policy), [`outbound`], [`upgrade`],
 //! [`relay`].
 
 #![forbid(unsafe_code)]
@@ -26,6 +26,7 @@ pub mod server;
 pub mod session;
 pub mod sniff;
 pub mod socks5;
+pub mod stream;
 pub mod translate;
 pub mod transparent;
 pub mod upgrade;

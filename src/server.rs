@@ -261,7 +261,7 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
         shared.tracker.spawn(
             async move {
                 let _guard = guard;
-                session::run(stream, front, live, context, cancel).await;
+                session::run(stream.into(), front, live, context, cancel).await;
                 drop(permit);
             }
             .instrument(span),
