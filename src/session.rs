@@ -452,7 +452,7 @@ impl Session<'_> {
     /// and private addresses only for a client on this host, an operator's
     /// route (`operator_target`) or with `allow_private_targets`.
     fn dial_rules(&self, operator_target: bool) -> DialRules {
-        let client_is_local = self.live.client.ip().to_canonical().is_loopback();
+        let client_is_local = self.live.client.is_local();
         DialRules {
             listening: self.context.listening(),
             allow_private: self.config.allow_private_targets || operator_target || client_is_local,

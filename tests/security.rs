@@ -243,7 +243,7 @@ async fn proxy_on(listen: &str, args: &[&str]) -> (SocketAddr, CancellationToken
     let shutdown = CancellationToken::new();
     let context = Arc::new(Context::new(config, Default::default()));
     tokio::spawn(bip324_proxy::server::serve(
-        vec![Bound { listener, front: FrontEnd::Main }],
+        vec![Bound { listener: listener.into(), front: FrontEnd::Main }],
         context,
         shutdown.clone(),
     ));
