@@ -88,6 +88,9 @@ async fn probe(config: &Config, target: &str, network: &str) -> anyhow::Result<(
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM right after the `listening` line is a graceful
+    // stop (and removes Unix socket files), not the default instant death.
+    let signals = install_signal_handlers();
     let bound = bip324_proxy::server::bind_all(&config).await?;
     for b in &bound {
         let local = b.listener.local().context("reading the bound address")?;
@@ -141,7 +144,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }));
     }
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(watch_signals(signals, shutdown.clone()));
     let served = bip324_proxy::server::serve(bound, context, shutdown).await.context("serving");
     metrics_shutdown.cancel();
     if let Some(task) = metrics_task {
@@ -155,14 +158,24 @@ const EXIT_SECOND_SIGINT: i32 = 130;
 /// Exit status after a second SIGTERM: 128 + 15.
 const EXIT_SECOND_SIGTERM: i32 = 143;
 
+type SignalHandlers = Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>;
+
+/// SIGTERM and SIGINT handlers, installed at once (registration is synchronous).
+fn install_signal_handlers() -> SignalHandlers {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            None
+        }
+    }
+}
+
 /// The first SIGINT or SIGTERM starts the graceful shutdown; a second one
 /// (of either kind) ends the process at once, without waiting for the drain.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
+async fn watch_signals(signals: SignalHandlers, shutdown: CancellationToken) {
+    let Some((mut term, mut int)) = signals else { return };
     tokio::select! {
         _ = term.recv() => info!(signal = "SIGTERM", "shutting down (a second signal exits at once)"),
         _ = int.recv() => info!(signal = "SIGINT", "shutting down (a second signal exits at once)"),
