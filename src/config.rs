@@ -1028,7 +1028,7 @@ pub struct Cli {
     /// Most sessions open at once, 1..=100000 [default: 512].
     #[arg(long, env = "BIP324_PROXY_MAX_SESSIONS", value_name = "N")]
     pub max_sessions: Option<u64>,
-    /// Most sessions one client address may hold, 1..=max-sessions [default: max(max-sessions/4, 32)].
+    /// Most sessions one client address (or user, on a Unix socket) may hold, 1..=max-sessions [default: max(max-sessions/4, 32)].
     #[arg(long, env = "BIP324_PROXY_MAX_SESSIONS_PER_CLIENT", value_name = "N")]
     pub max_sessions_per_client: Option<u64>,
     /// Client address or CIDR network allowed to connect (repeatable) [default: any].
