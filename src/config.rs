@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -21,6 +21,16 @@ use crate::socks5::{Target, TargetError};
 
 /// Default listen address: loopback only, the port of the product.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1324";
+/// Prefix of a Unix-socket listen address, as Bitcoin Core writes its
+/// `-proxy=unix:/path` (`ADDR_PREFIX_UNIX` in netbase.h).
+pub const UNIX_PREFIX: &str = "unix:";
+/// Longest Unix-socket path, in bytes: `sun_path` is 108 bytes on Linux and
+/// holds the terminating NUL.
+pub const MAX_UNIX_PATH_BYTES: usize = 107;
+/// Most `listen` addresses.
+pub const MAX_LISTEN_ADDRESSES: usize = 16;
+/// Default mode of a Unix-socket listener: owner and group may connect.
+pub const DEFAULT_UNIX_SOCKET_MODE: &str = "0660";
 /// Bitcoin Core's own inactivity timeout (TIMEOUT_INTERVAL, 20 minutes): an
 /// idle timeout shorter than that would cut sessions Core still considers live.
 pub const MIN_IDLE_TIMEOUT_SECS: u64 = 20 * 60;
@@ -76,10 +86,57 @@ impl fmt::Debug for ClientAuth {
     }
 }
 
+/// An address the main front end (SOCKS5 and transparent) listens on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    /// A Unix socket at this absolute path (`unix:/path`).
+    Unix(PathBuf),
+}
+
+/// `127.0.0.1:1324` or `unix:/run/bip324-proxy/socks.sock`.
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(addr) => write!(f, "{addr}"),
+            Listen::Unix(path) => write!(f, "{UNIX_PREFIX}{}", path.display()),
+        }
+    }
+}
+
+/// The group a Unix-socket listener is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnixGroup {
+    /// Looked up when the socket is bound.
+    Name(String),
+    Gid(u32),
+}
+
+impl fmt::Display for UnixGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnixGroup::Name(name) => f.write_str(name),
+            UnixGroup::Gid(gid) => write!(f, "{gid}"),
+        }
+    }
+}
+
+/// File mode and group of every Unix-socket listener: they are its access
+/// control (connecting needs write permission on the socket file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocket {
+    /// Permission bits, at most 0o777.
+    pub mode: u32,
+    /// `None`: the proxy's own group.
+    pub group: Option<UnixGroup>,
+}
+
 /// The validated configuration every other module reads.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
+    /// Where the main front end listens: TCP addresses and Unix sockets.
+    pub listen: Vec<Listen>,
+    pub unix_socket: UnixSocket,
     pub fallback: Fallback,
     pub passthrough: bool,
     pub networks: NetworkSet,
@@ -212,7 +269,7 @@ impl Config {
     pub fn proxy_listen_addresses(&self) -> Vec<(String, SocketAddr)> {
         let mut all = Vec::new();
         if self.socks5 || self.transparent {
-            all.push(("listen".to_owned(), self.listen));
+            all.extend(self.tcp_listen().map(|addr| ("listen".to_owned(), addr)));
         }
         if let Some(addr) = self.transparent_listen {
             all.push(("transparent_listen".to_owned(), addr));
@@ -221,6 +278,22 @@ impl Config {
             all.push((format!("route[{i}].listen"), route.listen));
         }
         all
+    }
+
+    /// The TCP addresses of `listen`.
+    pub fn tcp_listen(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.listen.iter().filter_map(|l| match l {
+            Listen::Tcp(addr) => Some(*addr),
+            Listen::Unix(_) => None,
+        })
+    }
+
+    /// The Unix-socket paths of `listen`.
+    pub fn unix_listen(&self) -> impl Iterator<Item = &Path> + '_ {
+        self.listen.iter().filter_map(|l| match l {
+            Listen::Tcp(_) => None,
+            Listen::Unix(path) => Some(path.as_path()),
+        })
     }
 
     /// True when a client must prove who it is or where it comes from.
@@ -235,7 +308,8 @@ impl Config {
     }
 
     fn from_parts(file: FileConfig, cli: &Cli) -> Result<Config, ConfigError> {
-        let listen = socket_addr("listen", &cli.listen.clone().unwrap_or_else(|| file.listen.clone()))?;
+        let listen = listen_section(if cli.listen.is_empty() { &file.listen.0 } else { &cli.listen })?;
+        let unix_socket = unix_socket_section(&file, cli)?;
         let (networks, known_networks) = networks_section(&file, cli)?;
         let max_sessions = in_range("max_sessions", cli.max_sessions.unwrap_or(file.max_sessions), MAX_SESSIONS)?;
         let per_client = match cli.max_sessions_per_client.or(file.max_sessions_per_client) {
@@ -271,6 +345,7 @@ impl Config {
 
         let config = Config {
             listen,
+            unix_socket,
             fallback: cli.fallback.unwrap_or(file.fallback),
             passthrough: cli.passthrough.unwrap_or(file.passthrough),
             networks: NetworkSet::new(networks),
@@ -421,6 +496,97 @@ fn shown(text: &str) -> String {
         None => text.to_owned(),
     };
     visible.chars().flat_map(char::escape_default).collect()
+}
+
+/// `listen`: 1..=16 addresses, each `IP:PORT` or `unix:/absolute/path`, none twice.
+fn listen_section(texts: &[String]) -> Result<Vec<Listen>, ConfigError> {
+    if texts.is_empty() {
+        return Err(ConfigError("listen: give at least one address".into()));
+    }
+    if texts.len() > MAX_LISTEN_ADDRESSES {
+        return Err(ConfigError(format!(
+            "listen: {} addresses given; at most {MAX_LISTEN_ADDRESSES} are allowed",
+            texts.len()
+        )));
+    }
+    let mut all: Vec<Listen> = Vec::with_capacity(texts.len());
+    for text in texts {
+        let listen = listen_addr(text)?;
+        // Port 0 twice is two ephemeral ports; anything else twice cannot be bound twice.
+        let repeatable = matches!(listen, Listen::Tcp(addr) if addr.port() == 0);
+        if !repeatable && all.contains(&listen) {
+            return Err(ConfigError(format!("listen: `{listen}` is given twice")));
+        }
+        all.push(listen);
+    }
+    Ok(all)
+}
+
+/// One `listen` address: `IP:PORT`, or `unix:` and an absolute path that fits
+/// a socket address (no abstract sockets: they have no file permissions).
+pub fn listen_addr(text: &str) -> Result<Listen, ConfigError> {
+    let Some(path) = text.strip_prefix(UNIX_PREFIX) else {
+        return socket_addr("listen", text).map(Listen::Tcp);
+    };
+    let why = if !path.starts_with('/') {
+        "needs an absolute path"
+    } else if path.contains('\0') {
+        "contains a NUL byte"
+    } else if path.len() > MAX_UNIX_PATH_BYTES {
+        "is longer than a Unix socket address holds (107 bytes)"
+    } else if path.ends_with('/') {
+        "names a directory"
+    } else {
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    };
+    Err(ConfigError(format!("listen: `{}` {why}", shown(text))))
+}
+
+/// `unix_socket_mode` and `unix_socket_group`.
+fn unix_socket_section(file: &FileConfig, cli: &Cli) -> Result<UnixSocket, ConfigError> {
+    let mode_text = cli.unix_socket_mode.as_deref().or(file.unix_socket_mode.as_deref());
+    let mode = parse_socket_mode(mode_text.unwrap_or(DEFAULT_UNIX_SOCKET_MODE)).ok_or_else(|| {
+        ConfigError(format!(
+            "unix_socket_mode: `{}` is not an octal mode from 000 to 0777 (e.g. \"0660\")",
+            shown(mode_text.unwrap_or_default())
+        ))
+    })?;
+    let group = match cli.unix_socket_group.as_deref().or(file.unix_socket_group.as_deref()) {
+        None => None,
+        Some(text) => Some(parse_socket_group(text).ok_or_else(|| {
+            ConfigError(format!("unix_socket_group: `{}` is neither a group name nor a numeric group id", shown(text)))
+        })?),
+    };
+    Ok(UnixSocket { mode, group })
+}
+
+/// An octal permission string: three digits, or four with a leading `0`
+/// (`660`, `0660`). Special bits (setuid, setgid, sticky) mean nothing on a
+/// socket and are refused.
+pub fn parse_socket_mode(text: &str) -> Option<u32> {
+    let digits = match text.len() {
+        3 => text,
+        4 => text.strip_prefix('0')?,
+        _ => return None,
+    };
+    if !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok()
+}
+
+/// A group by numeric id (all digits, fits 32 bits) or by name: 1..=64
+/// bytes of letters, digits, `.`, `_` and `-` (not first) and an optional
+/// trailing `$`, the portable set `groupadd` takes.
+pub fn parse_socket_group(text: &str) -> Option<UnixGroup> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse().ok().map(UnixGroup::Gid);
+    }
+    let body = text.strip_suffix('$').unwrap_or(text);
+    let portable = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+    let valid =
+        (1..=64).contains(&text.len()) && !body.starts_with('-') && !body.is_empty() && body.bytes().all(portable);
+    valid.then(|| UnixGroup::Name(text.to_owned()))
 }
 
 fn socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -619,7 +785,9 @@ pub struct ConfigError(pub String);
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileConfig {
-    listen: String,
+    listen: ListenList,
+    unix_socket_mode: Option<String>,
+    unix_socket_group: Option<String>,
     fallback: Fallback,
     passthrough: bool,
     networks: Option<Vec<String>>,
@@ -637,6 +805,42 @@ pub struct FileConfig {
     route: Vec<FileRoute>,
     metrics: FileMetrics,
     v1_only_memory: FileMemory,
+}
+
+/// `listen = "ADDR"` or `listen = ["ADDR", ...]`.
+#[derive(Debug)]
+struct ListenList(Vec<String>);
+
+impl<'de> Deserialize<'de> for ListenList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ListenList;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address (\"IP:PORT\" or \"unix:/path\") or an array of addresses")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ListenList, E> {
+                Ok(ListenList(vec![text.to_owned()]))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ListenList, A::Error> {
+                let mut all = Vec::new();
+                while let Some(text) = seq.next_element::<String>()? {
+                    // Bounded before it grows: the count is checked again with a clear message.
+                    if all.len() > MAX_LISTEN_ADDRESSES {
+                        return Err(serde::de::Error::custom(format!(
+                            "more than {MAX_LISTEN_ADDRESSES} listen addresses"
+                        )));
+                    }
+                    all.push(text);
+                }
+                Ok(ListenList(all))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -698,7 +902,9 @@ struct FileRoute {
 impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
-            listen: DEFAULT_LISTEN.to_owned(),
+            listen: ListenList(vec![DEFAULT_LISTEN.to_owned()]),
+            unix_socket_mode: None,
+            unix_socket_group: None,
             fallback: Fallback::None,
             passthrough: true,
             networks: None,
@@ -801,9 +1007,15 @@ pub struct Cli {
     /// TOML configuration file (see config/bip324-proxy.toml).
     #[arg(long, env = "BIP324_PROXY_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:1324].
-    #[arg(long, env = "BIP324_PROXY_LISTEN", value_name = "ADDR:PORT")]
-    pub listen: Option<String>,
+    /// Address to listen on, IP:PORT or unix:/PATH (repeatable, or comma-separated) [default: 127.0.0.1:1324].
+    #[arg(long, env = "BIP324_PROXY_LISTEN", value_name = "ADDR", value_delimiter = ',')]
+    pub listen: Vec<String>,
+    /// Octal mode of unix: listen sockets [default: 0660].
+    #[arg(long, env = "BIP324_PROXY_UNIX_SOCKET_MODE", value_name = "MODE")]
+    pub unix_socket_mode: Option<String>,
+    /// Group of unix: listen sockets, by name or numeric id [default: the proxy's own group].
+    #[arg(long, env = "BIP324_PROXY_UNIX_SOCKET_GROUP", value_name = "GROUP")]
+    pub unix_socket_group: Option<String>,
     /// What to do when the remote does not speak v2 [default: none].
     #[arg(long, env = "BIP324_PROXY_FALLBACK", value_enum)]
     pub fallback: Option<Fallback>,
@@ -816,7 +1028,7 @@ pub struct Cli {
     /// Most sessions open at once, 1..=100000 [default: 512].
     #[arg(long, env = "BIP324_PROXY_MAX_SESSIONS", value_name = "N")]
     pub max_sessions: Option<u64>,
-    /// Most sessions one client address may hold, 1..=max-sessions [default: max(max-sessions/4, 32)].
+    /// Most sessions one client address (or user, on a Unix socket) may hold, 1..=max-sessions [default: max(max-sessions/4, 32)].
     #[arg(long, env = "BIP324_PROXY_MAX_SESSIONS_PER_CLIENT", value_name = "N")]
     pub max_sessions_per_client: Option<u64>,
     /// Client address or CIDR network allowed to connect (repeatable) [default: any].
@@ -876,7 +1088,8 @@ mod tests {
     #[test]
     fn embedded_defaults() {
         let c = Config::default();
-        assert_eq!(c.listen.to_string(), "127.0.0.1:1324");
+        assert_eq!(c.listen, vec![Listen::Tcp("127.0.0.1:1324".parse().unwrap())]);
+        assert_eq!(c.unix_socket, UnixSocket { mode: 0o660, group: None });
         assert_eq!(c.fallback, Fallback::None);
         assert!(c.passthrough);
         assert_eq!(c.networks.names(), vec!["mainnet", "testnet3", "testnet4", "signet", "regtest"]);
@@ -958,7 +1171,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.fallback, Fallback::None);
         assert!(!c.passthrough);
-        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.listen, vec![Listen::Tcp("127.0.0.1:0".parse().unwrap())]);
     }
 
     #[test]
@@ -983,6 +1196,83 @@ mod tests {
         assert!(err.0.contains("refusing"), "{err}");
         assert!(load_text("allow = [\"172.16.0.0/12\"]\n", &["--listen", "0.0.0.0:1324"]).is_ok());
         assert!(load_text("[client_auth]\nusername = \"u\"\npassword = \"p\"\n", &["--listen", "[::]:1324"]).is_ok());
+    }
+
+    #[test]
+    fn listen_takes_one_address_or_a_list_with_unix_sockets() {
+        let tcp = |t: &str| Listen::Tcp(t.parse().unwrap());
+        let unix = |p: &str| Listen::Unix(PathBuf::from(p));
+        let c = load_text("listen = \"127.0.0.1:5\"\n", &[]).unwrap();
+        assert_eq!(c.listen, vec![tcp("127.0.0.1:5")]);
+        let c =
+            load_text("listen = [\"127.0.0.1:5\", \"unix:/run/bip324-proxy/socks.sock\", \"[::1]:6\"]\n", &[]).unwrap();
+        assert_eq!(c.listen, vec![tcp("127.0.0.1:5"), unix("/run/bip324-proxy/socks.sock"), tcp("[::1]:6")]);
+        assert_eq!(c.tcp_listen().count(), 2);
+        assert_eq!(c.unix_listen().collect::<Vec<_>>(), vec![Path::new("/run/bip324-proxy/socks.sock")]);
+        // Only TCP addresses are proxy addresses a session could dial.
+        assert!(c.listen_addresses().iter().all(|(key, _)| key == "listen") && c.listen_addresses().len() == 2);
+        // Flags replace the file's list; repeated or comma-separated.
+        let c = load_text("listen = [\"127.0.0.1:5\"]\n", &["--listen", "127.0.0.1:7,unix:/tmp/a.sock"]).unwrap();
+        assert_eq!(c.listen, vec![tcp("127.0.0.1:7"), unix("/tmp/a.sock")]);
+        let c = load_text("", &["--listen", "unix:/tmp/a.sock", "--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+            .unwrap();
+        assert_eq!(c.listen, vec![unix("/tmp/a.sock"), tcp("127.0.0.1:0"), tcp("127.0.0.1:0")]);
+        assert_eq!(c.listen[0].to_string(), "unix:/tmp/a.sock");
+    }
+
+    #[test]
+    fn bad_listen_addresses_are_named() {
+        let err = |toml: &str, args: &[&str]| load_text(toml, args).unwrap_err().0;
+        assert_eq!(err("", &["--listen", "nope"]), "listen: `nope` is not an IP:port address");
+        assert!(err("listen = []\n", &[]).contains("at least one"));
+        assert!(err("listen = 5\n", &[]).contains("an address (\"IP:PORT\" or \"unix:/path\") or an array"));
+        assert!(err("listen = [\"127.0.0.1:1\", 5]\n", &[]).contains("line 1"));
+        let many = format!("listen = [{}]\n", vec!["\"127.0.0.1:0\""; 17].join(","));
+        assert!(err(&many, &[]).contains("16"), "{}", err(&many, &[]));
+        assert!(err("", &["--listen", &vec!["127.0.0.1:0"; 17].join(",")]).contains("at most 16"));
+        assert!(err("", &["--listen", "unix:relative.sock"]).contains("absolute path"));
+        assert!(err("", &["--listen", "unix:"]).contains("absolute path"));
+        assert!(err("", &["--listen", "unix:/tmp/"]).contains("directory"));
+        assert!(err("listen = \"unix:/tmp/a\\u0000b\"\n", &[]).contains("NUL"));
+        let long = format!("unix:/{}", "a".repeat(107));
+        assert!(err("", &["--listen", &long]).contains("107 bytes"));
+        assert!(load_text("", &["--listen", &format!("unix:/{}", "a".repeat(106))]).is_ok());
+        assert!(err("", &["--listen", "unix:/tmp/a.sock,unix:/tmp/a.sock"]).contains("given twice"));
+        assert!(err("", &["--listen", "127.0.0.1:5,127.0.0.1:5"]).contains("given twice"));
+    }
+
+    #[test]
+    fn unix_listeners_are_local_for_the_exposure_check() {
+        assert!(load_text("", &["--listen", "unix:/tmp/a.sock"]).is_ok());
+        // A TCP listener off loopback next to it still needs a restriction.
+        let err = load_text("", &["--listen", "unix:/tmp/a.sock,0.0.0.0:1324"]).unwrap_err();
+        assert!(err.0.contains("listen: 0.0.0.0:1324 is not a loopback address"), "{err}");
+    }
+
+    #[test]
+    fn unix_socket_mode_and_group() {
+        let c = load_text("unix_socket_mode = \"0600\"\nunix_socket_group = \"bitcoin\"\n", &[]).unwrap();
+        assert_eq!(c.unix_socket, UnixSocket { mode: 0o600, group: Some(UnixGroup::Name("bitcoin".into())) });
+        let c = load_text("unix_socket_mode = \"666\"\nunix_socket_group = \"0\"\n", &[]).unwrap();
+        assert_eq!(c.unix_socket, UnixSocket { mode: 0o666, group: Some(UnixGroup::Gid(0)) });
+        let c = load_text("unix_socket_mode = \"0600\"\n", &["--unix-socket-mode", "0640", "--unix-socket-group", "7"])
+            .unwrap();
+        assert_eq!(c.unix_socket, UnixSocket { mode: 0o640, group: Some(UnixGroup::Gid(7)) });
+        for bad in ["", "8", "0o660", "1777", "4755", "0888", "07777", "rw-rw----", "+660", " 660"] {
+            assert_eq!(parse_socket_mode(bad), None, "{bad:?}");
+            let err = load_text(&format!("unix_socket_mode = \"{bad}\"\n"), &[]).unwrap_err();
+            assert!(err.0.starts_with("unix_socket_mode:"), "{err}");
+        }
+        assert!(load_text("unix_socket_mode = 0o660\n", &[]).is_err(), "a string, not a number");
+        for good in ["bitcoin", "_bitcoin", "node-users", "machine$", "a.b", &"g".repeat(64)] {
+            assert_eq!(parse_socket_group(good), Some(UnixGroup::Name(good.to_owned())), "{good:?}");
+        }
+        assert_eq!(parse_socket_group("4294967295"), Some(UnixGroup::Gid(u32::MAX)));
+        for bad in ["", "-x", "a b", "a:b", "4294967296", "$", "a\n", &"g".repeat(65), "grüppe"] {
+            assert_eq!(parse_socket_group(bad), None, "{bad:?}");
+        }
+        let err = load_text("unix_socket_group = \"a:b\"\n", &[]).unwrap_err();
+        assert!(err.0.starts_with("unix_socket_group:"), "{err}");
     }
 
     #[test]

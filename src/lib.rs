@@ -21,7 +21,8 @@
 //! shares), [`memory`] (the v1-only peer memory), [`metrics`] (counters,
 //! the status table; its HTTP listener is the one I/O part).
 //!
-//! I/O modules, in stage order: [`server`] (accept loops, limits, shutdown)
+//! I/O modules, in stage order: [`server`] (accept loops, limits, shutdown;
+//! [`stream`]: a TCP or Unix-socket connection)
 //! -> [`session`] (one session: the front ends, asking `sniff` and `policy`,
 //! the relay's wiring) -> [`outbound`] (dial directly or through an upstream)
 //! -> [`upgrade`] (the BIP324 handshake as initiator) -> [`relay`] (the two
@@ -46,6 +47,7 @@ pub mod session;
 pub mod sniff;
 pub mod socks5;
 pub mod state;
+pub mod stream;
 pub mod translate;
 pub mod transparent;
 pub mod upgrade;

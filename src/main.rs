@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bip324_proxy::config::{Cli, Config};
+use bip324_proxy::config::{Cli, Config, Listen};
 use bip324_proxy::metrics::Observer;
 use bip324_proxy::session::FrontEnd;
 use bip324_proxy::socks5::Target;
 use bip324_proxy::state::ProxyState;
+use bip324_proxy::stream::Stream;
 use clap::{CommandFactory, Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -90,12 +91,21 @@ async fn probe(config: &Config, target: &str, network: &str) -> anyhow::Result<(
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM right after the `listening` line is a graceful
+    // stop (and removes Unix socket files), not the default instant death.
+    let signals = install_signal_handlers();
     let bound = bip324_proxy::server::bind_all(&config).await?;
     for b in &bound {
-        let local = b.listener.local_addr().context("reading the bound address")?;
+        let local = b.listener.local().context("reading the bound address")?;
+        // A Unix socket's line also shows who may connect: its mode and group.
+        let unix = matches!(local, Listen::Unix(_));
+        let socket_mode = unix.then(|| format!("{:04o}", config.unix_socket.mode));
+        let socket_group = unix.then(|| config.unix_socket.group.as_ref().map_or("own".to_owned(), |g| g.to_string()));
         match &b.front {
             FrontEnd::Main => info!(
                 listen = %local,
+                socket_mode = socket_mode.as_ref().map(tracing::field::display),
+                socket_group = socket_group.as_ref().map(tracing::field::display),
                 socks5 = config.socks5,
                 transparent = config.transparent,
                 fallback = %config.fallback,
@@ -137,7 +147,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }));
     }
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(watch_signals(signals, shutdown.clone()));
     let served = bip324_proxy::server::serve(bound, context, shutdown).await.context("serving");
     metrics_shutdown.cancel();
     if let Some(task) = metrics_task {
@@ -151,14 +161,24 @@ const EXIT_SECOND_SIGINT: i32 = 130;
 /// Exit status after a second SIGTERM: 128 + 15.
 const EXIT_SECOND_SIGTERM: i32 = 143;
 
+type SignalHandlers = Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>;
+
+/// SIGTERM and SIGINT handlers, installed at once (registration is synchronous).
+fn install_signal_handlers() -> SignalHandlers {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            None
+        }
+    }
+}
+
 /// The first SIGINT or SIGTERM starts the graceful shutdown; a second one
 /// (of either kind) ends the process at once, without waiting for the drain.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
+async fn watch_signals(signals: SignalHandlers, shutdown: CancellationToken) {
+    let Some((mut term, mut int)) = signals else { return };
     tokio::select! {
         _ = term.recv() => info!(signal = "SIGTERM", "shutting down (a second signal exits at once)"),
         _ = int.recv() => info!(signal = "SIGINT", "shutting down (a second signal exits at once)"),
@@ -172,17 +192,26 @@ async fn watch_signals(shutdown: CancellationToken) {
     std::process::exit(code);
 }
 
-/// Connects to the listen address (loopback when it is a wildcard) and
-/// expects a SOCKS5 method choice back.
+/// Connects to the first listen address (loopback when it is a wildcard, the
+/// socket file for `unix:`) and expects a SOCKS5 method choice back.
 async fn healthcheck(config: &Config) -> anyhow::Result<()> {
-    let ip = match config.listen.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
+    let Some(first) = config.listen.first() else { bail!("no listen address") };
+    let addr = match first {
+        Listen::Tcp(listen) => {
+            let ip = match listen.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ip => ip,
+            };
+            Listen::Tcp(SocketAddr::new(ip, listen.port()))
+        }
+        unix => unix.clone(),
     };
-    let addr = SocketAddr::new(ip, config.listen.port());
     let check = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let mut stream: Stream = match &addr {
+            Listen::Tcp(addr) => tokio::net::TcpStream::connect(addr).await?.into(),
+            Listen::Unix(path) => tokio::net::UnixStream::connect(path).await?.into(),
+        };
         stream.write_all(&[0x05, 0x01, 0x00]).await?;
         let mut choice = [0u8; 2];
         stream.read_exact(&mut choice).await?;

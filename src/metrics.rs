@@ -7,7 +7,6 @@
 //! (transport, reason, direction, reply code), never from client input.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -30,6 +29,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::stream::Peer;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
@@ -169,7 +170,8 @@ impl LiveCounters {
 #[derive(Debug)]
 pub struct LiveSession {
     pub id: u64,
-    pub client: SocketAddr,
+    /// `/status` shows it as text: an address, or `unix:uid=..,pid=..`.
+    pub client: Peer,
     started: Instant,
     started_unix: u64,
     target: OnceLock<String>,
@@ -240,7 +242,8 @@ impl Default for Observer {
 
 impl Observer {
     /// A session was accepted; it is listed until [`Observer::closed`].
-    pub fn accepted(&self, id: u64, client: SocketAddr) -> Arc<LiveSession> {
+    pub fn accepted(&self, id: u64, client: impl Into<Peer>) -> Arc<LiveSession> {
+        let client = client.into();
         let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let session = Arc::new(LiveSession {
             id,
@@ -463,8 +466,8 @@ mod tests {
     #[test]
     fn sessions_are_listed_until_closed_and_counted() {
         let observer = Observer::default();
-        let a = observer.accepted(1, "127.0.0.1:1".parse().unwrap());
-        let b = observer.accepted(2, "127.0.0.1:2".parse().unwrap());
+        let a = observer.accepted(1, "127.0.0.1:1".parse::<std::net::SocketAddr>().unwrap());
+        let b = observer.accepted(2, "127.0.0.1:2".parse::<std::net::SocketAddr>().unwrap());
         observer.opened(&a, "v2");
         a.set_session_id("ab".repeat(32));
         a.counters.add(Direction::ClientToRemote, 100, 1);

@@ -15,13 +15,12 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::metrics::{Direction, LiveCounters};
+use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
 use crate::v2::{DecodedPacket, PACKET_PREFIX, PacketDecoder, PacketEncoder, V2Error};
@@ -333,14 +332,14 @@ impl Shared {
 
 /// One direction's input: the socket plus bytes already read from it.
 struct Inbound {
-    reader: OwnedReadHalf,
+    reader: ReadHalf,
     pending: BytesMut,
 }
 
 /// One side of the session as the relay receives it: the socket and the
 /// bytes earlier stages read from it but did not use.
 pub struct Leg {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub pending: BytesMut,
 }
 
@@ -402,7 +401,7 @@ pub async fn run(
 /// stream, why it stopped.
 async fn pump(
     mut inbound: Inbound,
-    mut writer: OwnedWriteHalf,
+    mut writer: WriteHalf,
     mut translator: impl Translator,
     from: Side,
     shared: Arc<Shared>,
@@ -507,7 +506,7 @@ async fn pump(
 }
 
 /// Writes every piece, in order, with as few system calls as the socket allows.
-async fn write_all_vectored(writer: &mut OwnedWriteHalf, pieces: &[&[u8]]) -> io::Result<()> {
+async fn write_all_vectored(writer: &mut WriteHalf, pieces: &[&[u8]]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = pieces.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)).collect();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {

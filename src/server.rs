@@ -3,25 +3,36 @@
 //! per session, a semaphore permit per session for the concurrency cap, and
 //! graceful shutdown (stop accepting, let sessions drain until the deadline,
 //! then close them).
+//!
+//! Listeners are TCP sockets or Unix sockets. A Unix socket is bound with its
+//! mode and group set before it listens, so no client connects in between; a
+//! stale socket file nobody listens on is replaced, anything else at the path
+//! stops the start; the file is removed when its listener closes. Its clients
+//! are local: the IP allow-list does not apply to them (the file's
+//! permissions are the access control) and the per-client cap counts them by
+//! user id.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, field, info, info_span, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Listen, UnixGroup, UnixSocket};
 use crate::metrics::{LiveSession, Observer};
 use crate::session::{self, FrontEnd};
 use crate::state::ProxyState;
+use crate::stream::{ClientKey, Peer, Stream};
 
 /// After the drain deadline, sessions are cancelled; this is how long their
 /// tasks get to write their close lines.
@@ -29,8 +40,161 @@ const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 /// A bound listener and what it serves.
 pub struct Bound {
-    pub listener: TcpListener,
+    pub listener: Listener,
     pub front: FrontEnd,
+}
+
+/// A listening socket: TCP, or a Unix socket with the file it made.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixSocketListener),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(listener: TcpListener) -> Self {
+        Listener::Tcp(listener)
+    }
+}
+
+impl Listener {
+    /// The address as bound: the TCP port chosen, or the socket's path.
+    pub fn local(&self) -> io::Result<Listen> {
+        match self {
+            Listener::Tcp(listener) => listener.local_addr().map(Listen::Tcp),
+            Listener::Unix(unix) => Ok(Listen::Unix(unix.file.path.clone())),
+        }
+    }
+
+    async fn accept(&self) -> io::Result<(Stream, Peer)> {
+        match self {
+            Listener::Tcp(listener) => listener.accept().await.map(|(stream, addr)| (stream.into(), addr.into())),
+            Listener::Unix(unix) => unix.listener.accept().await.map(|(stream, _)| {
+                let peer = Peer::of_unix(&stream);
+                (stream.into(), peer)
+            }),
+        }
+    }
+}
+
+/// A Unix-socket listener; dropping it removes its socket file.
+#[derive(Debug)]
+pub struct UnixSocketListener {
+    listener: UnixListener,
+    file: SocketFile,
+}
+
+/// The socket file a listener created, known by device and inode so that a
+/// file someone else put at the path later is never removed.
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn is_ours(&self) -> bool {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if self.is_ours() {
+            match std::fs::remove_file(&self.path) {
+                Ok(()) => info!(path = %self.path.display(), "socket file removed"),
+                Err(e) => warn!(path = %self.path.display(), error = %e, "cannot remove socket file"),
+            }
+        }
+    }
+}
+
+/// Queue of connections not yet accepted on a Unix socket (the TCP
+/// listeners get tokio's default, also 1024).
+const UNIX_BACKLOG: i32 = 1024;
+/// How long the probe of an existing socket file waits for a connect.
+const STALE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Binds a Unix-socket listener at `path`: replaces a stale socket file,
+/// binds, sets group and mode, and only then listens, so the socket never
+/// accepts a client under looser permissions.
+pub async fn bind_unix(path: &Path, settings: &UnixSocket) -> io::Result<UnixSocketListener> {
+    let shown = format!("unix:{}", path.display());
+    let failed = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} {shown}: {e}"));
+    clear_stale(path, &shown).await?;
+    let gid = settings.group.as_ref().map(resolve_group).transpose()?;
+
+    let socket =
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).map_err(|e| failed("binding", e))?;
+    let addr = socket2::SockAddr::unix(path).map_err(|e| failed("binding", e))?;
+    socket.bind(&addr).map_err(|e| failed("binding", e))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| failed("binding", e))?;
+    // From here on a failure removes the file again.
+    let file = SocketFile { path: path.to_owned(), dev: meta.dev(), ino: meta.ino() };
+    if let Some(gid) = gid {
+        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| failed(&format!("giving group {gid} to"), e))?;
+    }
+    if !file.is_ours() {
+        return Err(io::Error::other(format!("binding {shown}: the socket file was replaced while binding")));
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(settings.mode))
+        .map_err(|e| failed(&format!("setting mode {:04o} on", settings.mode), e))?;
+    socket.listen(UNIX_BACKLOG).map_err(|e| failed("listening on", e))?;
+    socket.set_nonblocking(true).map_err(|e| failed("listening on", e))?;
+    let listener = UnixListener::from_std(socket.into()).map_err(|e| failed("listening on", e))?;
+    Ok(UnixSocketListener { listener, file })
+}
+
+/// What is at `path` before binding: nothing, or a socket file nobody
+/// listens on (connect is refused), which is removed. A socket someone
+/// listens on, or anything that is not a socket, stops the start.
+async fn clear_stale(path: &Path, shown: &str) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("binding {shown}: {e}"))),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("binding {shown}: the path exists and is not a socket; not replacing it"),
+        ));
+    }
+    let in_use = || {
+        io::Error::new(io::ErrorKind::AddrInUse, format!("binding {shown}: already in use (a process listens on it)"))
+    };
+    match tokio::time::timeout(STALE_PROBE_TIMEOUT, UnixStream::connect(path)).await {
+        Ok(Ok(_)) => Err(in_use()),
+        // Something is there but its queue is full: in use all the same.
+        Err(_) => Err(in_use()),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("binding {shown}: cannot remove the stale socket file: {e}"))
+            })?;
+            info!(path = %path.display(), "removed a stale socket file nobody listened on");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(io::Error::new(
+            e.kind(),
+            format!("binding {shown}: cannot tell whether the existing socket is in use: {e}"),
+        )),
+    }
+}
+
+/// The numeric group id of `unix_socket_group`; names are looked up through
+/// the system's group database (NSS: /etc/group, LDAP, systemd-userdb...).
+fn resolve_group(group: &UnixGroup) -> io::Result<u32> {
+    match group {
+        UnixGroup::Gid(gid) => Ok(*gid),
+        UnixGroup::Name(name) => match nix::unistd::Group::from_name(name) {
+            Ok(Some(group)) => Ok(group.gid.as_raw()),
+            Ok(None) => {
+                Err(io::Error::new(io::ErrorKind::NotFound, format!("unix_socket_group: no group named `{name}`")))
+            }
+            Err(e) => Err(io::Error::other(format!("unix_socket_group: looking up `{name}`: {e}"))),
+        },
+    }
 }
 
 /// Binds every listener the configuration asks for.
@@ -39,10 +203,18 @@ pub async fn bind_all(config: &Config) -> io::Result<Vec<Bound>> {
     let bind = |addr: SocketAddr, front: FrontEnd| async move {
         let listener =
             TcpListener::bind(addr).await.map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
-        Ok::<_, io::Error>(Bound { listener, front })
+        Ok::<_, io::Error>(Bound { listener: listener.into(), front })
     };
     if config.socks5 || config.transparent {
-        bound.push(bind(config.listen, FrontEnd::Main).await?);
+        for listen in &config.listen {
+            match listen {
+                Listen::Tcp(addr) => bound.push(bind(*addr, FrontEnd::Main).await?),
+                Listen::Unix(path) => {
+                    let unix = bind_unix(path, &config.unix_socket).await?;
+                    bound.push(Bound { listener: Listener::Unix(unix), front: FrontEnd::Main });
+                }
+            }
+        }
     }
     if let Some(addr) = config.transparent_listen {
         bound.push(bind(addr, FrontEnd::Transparent).await?);
@@ -56,7 +228,7 @@ pub async fn bind_all(config: &Config) -> io::Result<Vec<Bound>> {
 /// Serves one main listener until `shutdown` is cancelled, then drains.
 pub async fn run(listener: TcpListener, config: Arc<Config>, shutdown: CancellationToken) -> io::Result<()> {
     let state = Arc::new(ProxyState::new(config, Arc::new(Observer::default())));
-    serve(vec![Bound { listener, front: FrontEnd::Main }], state, shutdown).await
+    serve(vec![Bound { listener: listener.into(), front: FrontEnd::Main }], state, shutdown).await
 }
 
 /// State the accept loops share.
@@ -70,17 +242,18 @@ struct Shared {
     per_client: Arc<PerClient>,
 }
 
-/// Live sessions per client address, for `max_sessions_per_client`.
+/// Live sessions per client (address, or user of a Unix-socket client), for
+/// `max_sessions_per_client`.
 #[derive(Default)]
 pub struct PerClient {
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    counts: Mutex<HashMap<ClientKey, usize>>,
 }
 
 impl PerClient {
-    /// Takes a slot for `ip` unless it already holds `max`.
-    pub fn try_take(&self, ip: IpAddr, max: usize) -> bool {
+    /// Takes a slot for `key` unless it already holds `max`.
+    pub fn try_take(&self, key: ClientKey, max: usize) -> bool {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let count = counts.entry(ip).or_insert(0);
+        let count = counts.entry(key).or_insert(0);
         if *count >= max {
             return false;
         }
@@ -88,18 +261,18 @@ impl PerClient {
         true
     }
 
-    pub fn release(&self, ip: IpAddr) {
+    pub fn release(&self, key: ClientKey) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = counts.get_mut(&ip) {
+        if let Some(count) = counts.get_mut(&key) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                counts.remove(&ip);
+                counts.remove(&key);
             }
         }
     }
 
-    pub fn held(&self, ip: IpAddr) -> usize {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).copied().unwrap_or(0)
+    pub fn held(&self, key: ClientKey) -> usize {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied().unwrap_or(0)
     }
 }
 
@@ -111,12 +284,12 @@ pub struct SessionGuard {
     pub observer: Arc<Observer>,
     pub live: Arc<LiveSession>,
     pub per_client: Arc<PerClient>,
-    pub client_ip: IpAddr,
+    pub client_key: ClientKey,
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.per_client.release(self.client_ip);
+        self.per_client.release(self.client_key);
         if self.observer.is_open(&self.live) {
             error!(session = self.live.id, client = %self.live.client, "session task ended without closing (panic)");
             self.observer.closed(&self.live, "panic");
@@ -136,7 +309,9 @@ pub async fn serve(bound: Vec<Bound>, state: Arc<ProxyState>, shutdown: Cancella
         per_client: Arc::new(PerClient::default()),
     });
     for b in &bound {
-        if let Ok(addr) = b.listener.local_addr() {
+        if let Listener::Tcp(listener) = &b.listener
+            && let Ok(addr) = listener.local_addr()
+        {
             shared.state.add_listening(addr);
         }
     }
@@ -165,7 +340,7 @@ pub async fn serve(bound: Vec<Bound>, state: Arc<ProxyState>, shutdown: Cancella
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn accept_loop(listener: Listener, front: FrontEnd, shared: Arc<Shared>, shutdown: CancellationToken) {
     let config = &shared.state.config;
     loop {
         let accepted = tokio::select! {
@@ -183,7 +358,10 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let observer = &shared.state.observer;
-        if !config.allows(&client) {
+        // Unix-socket clients passed the socket file's permissions instead.
+        if let Some(addr) = client.socket_addr()
+            && !config.allows(&addr)
+        {
             info!(session = id, %client, "connection refused: client address not in the allow-list");
             observer.refused("allow_list");
             continue;
@@ -193,8 +371,8 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
             observer.refused("session_limit");
             continue;
         };
-        let client_ip = client.ip().to_canonical();
-        if !shared.per_client.try_take(client_ip, config.max_sessions_per_client) {
+        let client_key = client.key();
+        if !shared.per_client.try_take(client_key, config.max_sessions_per_client) {
             warn!(
                 session = id,
                 %client,
@@ -219,7 +397,7 @@ async fn accept_loop(listener: TcpListener, front: FrontEnd, shared: Arc<Shared>
             observer: state.observer.clone(),
             live: live.clone(),
             per_client: shared.per_client.clone(),
-            client_ip,
+            client_key,
         };
         shared.tracker.spawn(
             async move {
@@ -241,11 +419,11 @@ mod tests {
         let observer = Arc::new(Observer::default());
         let per_client = Arc::new(PerClient::default());
         let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let ip = client.ip();
+        let ip = Peer::from(client).key();
         assert!(per_client.try_take(ip, 1));
         assert!(!per_client.try_take(ip, 1), "the cap holds");
         let live = observer.accepted(7, client);
-        let guard = SessionGuard { observer: observer.clone(), live, per_client: per_client.clone(), client_ip: ip };
+        let guard = SessionGuard { observer: observer.clone(), live, per_client: per_client.clone(), client_key: ip };
         let task = tokio::spawn(async move {
             let _guard = guard;
             panic!("a bug in a session");
@@ -264,19 +442,20 @@ mod tests {
         let observer = Arc::new(Observer::default());
         let per_client = Arc::new(PerClient::default());
         let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        assert!(per_client.try_take(client.ip(), 4));
+        let key = Peer::from(client).key();
+        assert!(per_client.try_take(key, 4));
         let live = observer.accepted(1, client);
         let guard = SessionGuard {
             observer: observer.clone(),
             live: live.clone(),
             per_client: per_client.clone(),
-            client_ip: client.ip(),
+            client_key: key,
         };
         observer.closed(&live, "closed");
         drop(guard);
         let text = observer.encode_metrics();
         assert!(text.contains("bip324_proxy_sessions_active 0"), "{text}");
         assert!(!text.contains("reason=\"panic\""), "{text}");
-        assert_eq!(per_client.held(client.ip()), 0);
+        assert_eq!(per_client.held(key), 0);
     }
 }

@@ -35,6 +35,7 @@ use crate::relay::{self, Leg, Passthrough, RelayReport, Side, V1ToV1, V1ToV2, V2
 use crate::sniff::{self, SniffError, Sniffed};
 use crate::socks5::{self, Command, Credentials, Host, ReplyCode, Socks5Error, Target};
 use crate::state::ProxyState;
+use crate::stream::Stream;
 use crate::translate;
 use crate::transparent::{self, AddrRecvError};
 use crate::upgrade::{self, UpgradeError};
@@ -282,7 +283,7 @@ struct Session<'a> {
 
 /// Runs one accepted connection to its end and writes its close line.
 pub async fn run(
-    client: TcpStream,
+    client: Stream,
     front: FrontEnd,
     live: Arc<LiveSession>,
     state: Arc<ProxyState>,
@@ -322,7 +323,7 @@ pub async fn run(
 type Pending = BytesMut;
 
 impl Session<'_> {
-    async fn serve(&self, mut client: TcpStream, front: FrontEnd) -> Result<Ending, SessionError> {
+    async fn serve(&self, mut client: Stream, front: FrontEnd) -> Result<Ending, SessionError> {
         let config = self.config;
         let mut pending = Pending::new();
         match front {
@@ -350,7 +351,7 @@ impl Session<'_> {
     /// SOCKS5: negotiate, dial, reply, then sniff and carry.
     async fn serve_socks(
         &self,
-        mut client: TcpStream,
+        mut client: Stream,
         mut pending: Pending,
         deadline: Instant,
     ) -> Result<Ending, SessionError> {
@@ -388,7 +389,7 @@ impl Session<'_> {
     }
 
     /// Transparent mode: the destination is addr_recv of the client's VERSION.
-    async fn serve_transparent(&self, mut client: TcpStream, mut pending: Pending) -> Result<Ending, SessionError> {
+    async fn serve_transparent(&self, mut client: Stream, mut pending: Pending) -> Result<Ending, SessionError> {
         let config = self.config;
         // Anything but a v1 message of an allowed network is refused at its first byte.
         if pending.is_empty() {
@@ -421,7 +422,7 @@ impl Session<'_> {
     /// are upgraded, v2 clients passed through.
     async fn serve_route(
         &self,
-        mut client: TcpStream,
+        mut client: Stream,
         mut pending: Pending,
         target: Target,
     ) -> Result<Ending, SessionError> {
@@ -450,7 +451,7 @@ impl Session<'_> {
     /// and private addresses only for a client on this host, an operator's
     /// route (`operator_target`) or with `allow_private_targets`.
     fn dial_rules(&self, operator_target: bool) -> DialRules {
-        let client_is_local = self.live.client.ip().to_canonical().is_loopback();
+        let client_is_local = self.live.client.is_local();
         DialRules {
             listening: self.state.listening(),
             allow_private: self.config.allow_private_targets || operator_target || client_is_local,
@@ -482,7 +483,7 @@ impl Session<'_> {
 
     /// sniff: the client's first bytes decide v1 (then its whole VERSION is
     /// read) or v2; anything else is refused.
-    async fn sniff(&self, client: &mut TcpStream, pending: &mut Pending) -> Result<Client, SessionError> {
+    async fn sniff(&self, client: &mut Stream, pending: &mut Pending) -> Result<Client, SessionError> {
         let config = self.config;
         let wait = config.timeouts.first_message;
         let deadline = Instant::now() + wait;
@@ -504,7 +505,7 @@ impl Session<'_> {
     /// Reads until `pending` starts with a whole, valid VERSION message.
     async fn read_version(
         &self,
-        client: &mut TcpStream,
+        client: &mut Stream,
         pending: &mut Pending,
         network: &Network,
     ) -> Result<Client, SessionError> {
@@ -526,7 +527,7 @@ impl Session<'_> {
     /// upgraded, or spoken to in v1 only when [`policy::plan`] says so now.
     async fn carry(
         &self,
-        client: TcpStream,
+        client: Stream,
         pending: Pending,
         remote: TcpStream,
         speaks: Client,
@@ -542,11 +543,11 @@ impl Session<'_> {
     }
 
     /// Relays a client that speaks v2 itself, untouched.
-    async fn passthrough(&self, client: TcpStream, pending: Pending, remote: TcpStream) -> Ending {
+    async fn passthrough(&self, client: Stream, pending: Pending, remote: TcpStream) -> Ending {
         self.open_line(Transport::Passthrough, None);
         let report = relay::run(
             Leg { stream: client, pending },
-            Leg { stream: remote, pending: BytesMut::new() },
+            Leg { stream: remote.into(), pending: BytesMut::new() },
             Passthrough,
             Passthrough,
             self.config.timeouts.idle,
@@ -563,7 +564,7 @@ impl Session<'_> {
     #[allow(clippy::too_many_arguments)]
     async fn carry_v1(
         &self,
-        client: TcpStream,
+        client: Stream,
         mut pending: Pending,
         mut remote: TcpStream,
         network: Network,
@@ -622,7 +623,7 @@ impl Session<'_> {
         self.live.counters.add(Direction::ClientToRemote, version_len as u64, 1);
         let mut report = relay::run(
             Leg { stream: client, pending },
-            Leg { stream: remote, pending: channel.leftover },
+            Leg { stream: remote.into(), pending: channel.leftover },
             V1ToV2 { decoder: FrameDecoder::new(network.magic, true), encoder: channel.encoder },
             V2ToV1 { decoder: channel.decoder, magic: network.magic },
             config.timeouts.idle,
@@ -641,7 +642,7 @@ impl Session<'_> {
     async fn relay_v1(
         &self,
         _permit: PlaintextPermit,
-        client: TcpStream,
+        client: Stream,
         pending: Pending,
         remote: TcpStream,
         network: &Network,
@@ -649,7 +650,7 @@ impl Session<'_> {
         self.open_line(Transport::V1Fallback, None);
         let report = relay::run(
             Leg { stream: client, pending },
-            Leg { stream: remote, pending: BytesMut::new() },
+            Leg { stream: remote.into(), pending: BytesMut::new() },
             V1ToV1 { decoder: FrameDecoder::new(network.magic, true), side: Side::Client },
             V1ToV1 { decoder: FrameDecoder::new(network.magic, false), side: Side::Remote },
             self.config.timeouts.idle,
@@ -678,7 +679,7 @@ impl Session<'_> {
     }
 
     /// Sends the answer `error` calls for, if any, and hands the error back.
-    async fn refuse(&self, client: &mut TcpStream, error: SessionError) -> SessionError {
+    async fn refuse(&self, client: &mut Stream, error: SessionError) -> SessionError {
         match socks_answer(&error) {
             Some(SocksAnswer::NoMethod) => {
                 let _ = client.write_all(&socks5::encode_method_choice(socks5::METHOD_NO_ACCEPTABLE)).await;
@@ -695,7 +696,7 @@ impl Session<'_> {
         error
     }
 
-    async fn send_reply(&self, client: &mut TcpStream, code: ReplyCode, bound: &Target) -> Result<(), SessionError> {
+    async fn send_reply(&self, client: &mut Stream, code: ReplyCode, bound: &Target) -> Result<(), SessionError> {
         let mut reply = Vec::with_capacity(22);
         socks5::encode_reply(code, bound, &mut reply)
             .map_err(|e| SessionError::ClientIo(Stage::Accept, std::io::Error::other(e)))?;
@@ -730,7 +731,7 @@ impl From<SessionError> for ReadFailure {
 /// Reads more client bytes into `pending` before `deadline`. End of stream
 /// is the client leaving during `stage`.
 async fn read_more(
-    client: &mut TcpStream,
+    client: &mut Stream,
     pending: &mut Pending,
     deadline: Instant,
     stage: Stage,
@@ -749,7 +750,7 @@ async fn read_more(
 /// value, reading more client bytes while it answers "need more". `decode`
 /// returns the value and how many bytes it used (they are consumed).
 async fn read_decoded<T>(
-    client: &mut TcpStream,
+    client: &mut Stream,
     pending: &mut Pending,
     deadline: Instant,
     stage: Stage,
@@ -791,7 +792,7 @@ fn upstream_credentials(config: &Config, from_client: Option<Credentials>) -> Op
 /// SOCKS5 greeting, optional authentication and the request, each decode
 /// error tagged with the exchange it happened in.
 async fn negotiate(
-    client: &mut TcpStream,
+    client: &mut Stream,
     pending: &mut Pending,
     config: &Config,
     deadline: Instant,

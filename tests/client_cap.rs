@@ -28,7 +28,7 @@ async fn proxy(args: &[&str]) -> (SocketAddr, Arc<Observer>, CancellationToken) 
     let observer = Arc::new(Observer::default());
     let context = Arc::new(ProxyState::new(Arc::new(config), observer.clone()));
     let shutdown = CancellationToken::new();
-    tokio::spawn(serve(vec![Bound { listener, front: FrontEnd::Main }], context, shutdown.clone()));
+    tokio::spawn(serve(vec![Bound { listener: listener.into(), front: FrontEnd::Main }], context, shutdown.clone()));
     (addr, observer, shutdown)
 }
 

@@ -244,7 +244,7 @@ async fn proxy_on(listen: &str, args: &[&str]) -> (SocketAddr, CancellationToken
     let shutdown = CancellationToken::new();
     let context = Arc::new(ProxyState::new(config, Default::default()));
     tokio::spawn(bip324_proxy::server::serve(
-        vec![Bound { listener, front: FrontEnd::Main }],
+        vec![Bound { listener: listener.into(), front: FrontEnd::Main }],
         context,
         shutdown.clone(),
     ));

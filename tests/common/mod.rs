@@ -632,12 +632,13 @@ pub async fn spawn_proxy_fronts(
     let config = Config::load(&Cli::try_parse_from(all).unwrap()).unwrap();
     let main = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = main.local_addr().unwrap();
-    let mut bound = vec![bip324_proxy::server::Bound { listener: main, front: bip324_proxy::session::FrontEnd::Main }];
+    let mut bound =
+        vec![bip324_proxy::server::Bound { listener: main.into(), front: bip324_proxy::session::FrontEnd::Main }];
     let mut extra_addrs = Vec::new();
     for front in extra {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         extra_addrs.push(listener.local_addr().unwrap());
-        bound.push(bip324_proxy::server::Bound { listener, front });
+        bound.push(bip324_proxy::server::Bound { listener: listener.into(), front });
     }
     let shutdown = CancellationToken::new();
     let context = Arc::new(bip324_proxy::state::ProxyState::new(Arc::new(config), Default::default()));
