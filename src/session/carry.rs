@@ -1,0 +1,159 @@
+//! upgrade -> relay: a client that speaks v2 itself is passed through; a v1
+//! client is upgraded, or spoken to in v1 only with the policy's permit,
+//! asked at the moment plaintext could go out.
+
+use bytes::{Buf, BytesMut};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::Span;
+
+use super::{Client, Ending, Pending, Session, SessionError, Transport};
+use crate::metrics::Direction;
+use crate::network::Network;
+use crate::outbound::{self, Destination};
+use crate::policy::{self, DialRules, Evidence, PlaintextPermit, Plan};
+use crate::relay::{self, Leg, Passthrough, Side, V1ToV1, V1ToV2, V2ToV1};
+use crate::stream::Stream;
+use crate::translate;
+use crate::upgrade;
+use crate::v1::{self, FrameDecoder, HEADER_LEN};
+
+impl Session<'_> {
+    /// upgrade -> relay: a v2 client is passed through; a v1 client is
+    /// upgraded, or spoken to in v1 only when [`policy::plan`] says so now.
+    pub(super) async fn carry(
+        &self,
+        client: Stream,
+        pending: Pending,
+        remote: TcpStream,
+        speaks: Client,
+        destination: &Destination,
+        rules: &DialRules,
+    ) -> Result<Ending, SessionError> {
+        match speaks {
+            Client::V2 => Ok(self.passthrough(client, pending, remote).await),
+            Client::V1 { network, version_len } => {
+                self.carry_v1(client, pending, remote, network, version_len, destination, rules).await
+            }
+        }
+    }
+
+    /// Relays a client that speaks v2 itself, untouched.
+    pub(super) async fn passthrough(&self, client: Stream, pending: Pending, remote: TcpStream) -> Ending {
+        self.open_line(Transport::Passthrough, None);
+        let report = relay::run(
+            Leg { stream: client, pending },
+            Leg { stream: remote.into(), pending: BytesMut::new() },
+            Passthrough,
+            Passthrough,
+            self.config.timeouts.idle,
+            self.live.counters.clone(),
+            self.shutdown.clone(),
+        )
+        .await;
+        Ending::Relayed(Transport::Passthrough, report)
+    }
+
+    /// Upgrade to v2 with the client's VERSION (the first `version_len` bytes
+    /// of `pending`) in the first flight, or speak v1 when the policy allows
+    /// it at this moment; then relay.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn carry_v1(
+        &self,
+        client: Stream,
+        mut pending: Pending,
+        mut remote: TcpStream,
+        network: Network,
+        version_len: usize,
+        destination: &Destination,
+        rules: &DialRules,
+    ) -> Result<Ending, SessionError> {
+        let config = self.config;
+        Span::current().record("network", tracing::field::display(&network));
+        self.live.set_network(network.name.clone());
+        // Asked again now: another session may have found the remote v1-only
+        // since this one was dialed.
+        match self.plan_untried(destination) {
+            Plan::Upgrade => {}
+            Plan::Plaintext(permit) => {
+                self.observer.v1_only_memory("direct_v1");
+                return Ok(self.relay_v1(permit, client, pending, remote, &network).await);
+            }
+            Plan::Refuse(_) => {
+                self.observer.v1_only_memory("refused");
+                return Err(SessionError::RememberedV1Only(destination.shown()));
+            }
+        }
+        let payload = &pending[HEADER_LEN..version_len];
+        let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
+        let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
+        let started = Instant::now();
+        let first = upgrade::FirstMessage { message_type: &message_type[..type_len], payload };
+        let upgraded = match self.state.keys.take(network.magic) {
+            Ok(key) => upgrade::upgrade(&mut remote, key, Some(first), config.timeouts.handshake).await,
+            Err(error) => Err(error),
+        };
+        let channel = match upgraded {
+            Ok(channel) => channel,
+            Err(error) => {
+                self.observer.upgrade_failed(error.label());
+                let remote_silent = error.remote_is_v1_only();
+                if remote_silent && let Some(memory) = &self.state.v1_only {
+                    memory.remember(&destination.shown());
+                }
+                let Plan::Plaintext(permit) = policy::plan(config.fallback, Evidence::UpgradeFailed { remote_silent })
+                else {
+                    return Err(SessionError::Upgrade(error));
+                };
+                drop(remote);
+                let remote = outbound::dial(destination, config, rules)
+                    .await
+                    .map_err(|dial| SessionError::FallbackDial(error, dial))?;
+                return Ok(self.relay_v1(permit, client, pending, remote, &network).await);
+            }
+        };
+        self.observer.handshake_done(started.elapsed());
+        self.open_line(Transport::V2, Some(&channel.session_id));
+        // The VERSION went out in the handshake; it counts as carried.
+        pending.advance(version_len);
+        self.live.counters.add(Direction::ClientToRemote, version_len as u64, 1);
+        let mut report = relay::run(
+            Leg { stream: client, pending },
+            Leg { stream: remote.into(), pending: channel.leftover },
+            V1ToV2 { decoder: FrameDecoder::new(network.magic, true), encoder: channel.encoder },
+            V2ToV1 { decoder: channel.decoder, magic: network.magic },
+            config.timeouts.idle,
+            self.live.counters.clone(),
+            self.shutdown.clone(),
+        )
+        .await;
+        report.client_to_remote.bytes_in += version_len as u64;
+        report.client_to_remote.messages += 1;
+        Ok(Ending::Relayed(Transport::V2, report))
+    }
+
+    /// The v1 fallback: the client's bytes so far, VERSION first, are
+    /// replayed in v1, and both sides stay framed. Only reachable with the
+    /// policy's permit.
+    pub(super) async fn relay_v1(
+        &self,
+        _permit: PlaintextPermit,
+        client: Stream,
+        pending: Pending,
+        remote: TcpStream,
+        network: &Network,
+    ) -> Ending {
+        self.open_line(Transport::V1Fallback, None);
+        let report = relay::run(
+            Leg { stream: client, pending },
+            Leg { stream: remote.into(), pending: BytesMut::new() },
+            V1ToV1 { decoder: FrameDecoder::new(network.magic, true), side: Side::Client },
+            V1ToV1 { decoder: FrameDecoder::new(network.magic, false), side: Side::Remote },
+            self.config.timeouts.idle,
+            self.live.counters.clone(),
+            self.shutdown.clone(),
+        )
+        .await;
+        Ending::Relayed(Transport::V1Fallback, report)
+    }
+}
