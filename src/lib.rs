@@ -33,6 +33,7 @@
 // its reason), and output goes through `tracing`.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::print_stderr, clippy::print_stdout))]
 
+pub mod advertise;
 pub mod config;
 pub mod memory;
 pub mod metrics;
@@ -41,6 +42,7 @@ pub mod outbound;
 pub mod policy;
 pub mod probe;
 pub mod relay;
+pub mod respond;
 pub mod server;
 pub mod session;
 pub mod sniff;
