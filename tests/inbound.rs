@@ -570,3 +570,63 @@ async fn faults_close_only_their_own_session_with_one_line_each() {
     let closes = proxy.seen.iter().filter(|l| l.contains("inbound session closed")).count();
     assert_eq!(closes, 6, "{}", proxy.seen.join("\n"));
 }
+
+/// Handshake cost per inbound session and how fast junk is shed, measured
+/// on loopback (run with `--ignored --nocapture`; numbers vary by machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn measure_inbound_handshake_cost_and_junk_shedding() {
+    let node = spawn_v1_node(REGTEST).await;
+    let proxy = inbound_to(node.addr, &["--max-inbound", "4096", "--max-inbound-per-source", "4096"]).await;
+    let rounds = 300;
+    let started = std::time::Instant::now();
+    for _ in 0..rounds {
+        let peer = V2Peer::connect(proxy.inbound[0], InitiatorShape::default()).await;
+        drop(peer);
+    }
+    let elapsed = started.elapsed();
+    let metrics = proxy.observer.encode_metrics();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let sum = value("bip324_proxy_inbound_handshake_duration_seconds_sum");
+    let count = value("bip324_proxy_inbound_handshake_duration_seconds_count");
+    println!(
+        "{rounds} sequential handshakes (initiator in the same process): {:.0} us per session end to end; \
+         responder-side accept-to-handshake mean {:.0} us",
+        elapsed.as_micros() as f64 / rounds as f64,
+        sum / count * 1e6
+    );
+
+    // Junk: 64 random bytes then close, as fast as 8 clients can.
+    let junk_rounds = 2000;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let addr = proxy.inbound[0];
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..junk_rounds / 8 {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(&random_payload(64 + 200)).await.unwrap();
+                s.shutdown().await.unwrap();
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{junk_rounds} junk connections (64-byte fake key, 200 bytes of garbage, close) shed in {:?}: {:.0} per second",
+        elapsed,
+        junk_rounds as f64 / elapsed.as_secs_f64()
+    );
+}
