@@ -168,6 +168,12 @@ pub struct Config {
     pub metrics_request_timeout: Duration,
     /// v1-only peer memory: entries (0 = off) and how long one lasts.
     pub v1_only_memory: (usize, Duration),
+    /// Inbound listeners (internet-facing; exempt from the loopback rule).
+    pub inbound: Vec<Inbound>,
+    /// Most inbound sessions open at once, apart from `max_sessions`.
+    pub max_inbound: usize,
+    /// Most inbound sessions one peer address may hold at once.
+    pub max_inbound_per_source: usize,
 }
 
 /// Which targets go through the upstream proxy.
@@ -228,6 +234,40 @@ impl Upstream {
     }
 }
 
+/// What an inbound listener does with a peer that speaks v1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum V1Peers {
+    /// Relay it to the node, every message checked as a v1 message.
+    #[default]
+    Relay,
+    /// Close the connection: the node is reached over v2 only.
+    Refuse,
+}
+
+impl fmt::Display for V1Peers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            V1Peers::Relay => "relay",
+            V1Peers::Refuse => "refuse",
+        })
+    }
+}
+
+/// An inbound listener: the public side of a v1-only node. Peers connect to
+/// `listen`; v2 peers are answered as BIP324 responder and translated, v1
+/// peers relayed or refused; every session goes to `node` in v1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub listen: SocketAddr,
+    /// The node's own v1 listener (normally on loopback).
+    pub node: Target,
+    pub network: Network,
+    pub v1: V1Peers,
+    /// The address the node announces for itself (its `-externalip`).
+    pub advertise: Option<SocketAddr>,
+}
+
 /// A static route: every connection to `listen` is a session to `target`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -259,6 +299,7 @@ impl Config {
     /// Every address the proxy listens on, with the key that set it.
     pub fn listen_addresses(&self) -> Vec<(String, SocketAddr)> {
         let mut all = self.proxy_listen_addresses();
+        all.extend(self.inbound_listen_addresses());
         if let Some(addr) = self.metrics_listen {
             all.push(("metrics.listen".to_owned(), addr));
         }
@@ -294,6 +335,11 @@ impl Config {
             Listen::Tcp(_) => None,
             Listen::Unix(path) => Some(path.as_path()),
         })
+    }
+
+    /// The inbound listeners' addresses, with the key that set each.
+    pub fn inbound_listen_addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.inbound.iter().enumerate().map(|(i, inbound)| (format!("inbound[{i}].listen"), inbound.listen)).collect()
     }
 
     /// True when a client must prove who it is or where it comes from.
@@ -342,6 +388,13 @@ impl Config {
         let memory = &file.v1_only_memory;
         let capacity = in_range("v1_only_memory.capacity", memory.capacity, V1_ONLY_MEMORY_CAPACITY)?;
         let ttl = in_range("v1_only_memory.ttl", memory.ttl, V1_ONLY_MEMORY_TTL_SECS)?;
+        let inbound = inbound_section(&file, cli, &networks, &known_networks)?;
+        let max_inbound = in_range("max_inbound", cli.max_inbound.unwrap_or(file.max_inbound), MAX_INBOUND)?;
+        let max_inbound_per_source = match cli.max_inbound_per_source.or(file.max_inbound_per_source) {
+            Some(value) => in_range("max_inbound_per_source", value, 1..=max_inbound)
+                .map_err(|e| ConfigError(format!("{} (at most max_inbound, {max_inbound})", e.0)))?,
+            None => default_inbound_per_source(max_inbound),
+        };
 
         let config = Config {
             listen,
@@ -365,11 +418,21 @@ impl Config {
             metrics_max_connections: to_usize(metrics_max_connections),
             metrics_request_timeout,
             v1_only_memory: (to_usize(capacity), Duration::from_secs(ttl)),
+            inbound,
+            max_inbound: to_usize(max_inbound),
+            max_inbound_per_source: to_usize(max_inbound_per_source),
         };
         config.check_exposure()?;
         config.check_self_dial()?;
-        if !config.socks5 && !config.transparent && config.transparent_listen.is_none() && config.routes.is_empty() {
-            return Err(ConfigError("nothing to serve: socks5, transparent and every route are off".into()));
+        if !config.socks5
+            && !config.transparent
+            && config.transparent_listen.is_none()
+            && config.routes.is_empty()
+            && config.inbound.is_empty()
+        {
+            return Err(ConfigError(
+                "nothing to serve: socks5, transparent, every route and every inbound listener are off".into(),
+            ));
         }
         Ok(config)
     }
@@ -381,7 +444,11 @@ impl Config {
                 .listen_addresses()
                 .into_iter()
                 .filter(|(key, addr)| {
-                    !addr.ip().is_loopback() && (key == "metrics.listen" || self.client_auth.is_none())
+                    // Inbound listeners are public by design (they serve
+                    // peers, never SOCKS5 or transparent clients).
+                    !key.starts_with("inbound[")
+                        && !addr.ip().is_loopback()
+                        && (key == "metrics.listen" || self.client_auth.is_none())
                 })
                 .map(|(key, _)| key)
                 .collect();
@@ -428,6 +495,9 @@ impl Config {
                 dialed.push((format!("route[{i}].target"), &route.target));
             }
         }
+        for (i, inbound) in self.inbound.iter().enumerate() {
+            dialed.push((format!("inbound[{i}].node"), &inbound.node));
+        }
         for (key, target) in dialed {
             // Only a target on one of our ports can be us; names are resolved only then.
             if !ports.contains(&target.port) || target.is_onion() {
@@ -466,6 +536,15 @@ pub const V1_ONLY_MEMORY_CAPACITY: RangeInclusive<u64> = 0..=100_000;
 pub const V1_ONLY_MEMORY_TTL_SECS: RangeInclusive<u64> = 1..=30 * 24 * 3600;
 pub const METRICS_MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1024;
 pub const METRICS_REQUEST_TIMEOUT_SECS: RangeInclusive<u64> = 1..=600;
+/// Inbound sessions open at once, counted apart from `max_sessions`.
+pub const MAX_INBOUND: RangeInclusive<u64> = 1..=100_000;
+
+/// Inbound sessions one peer address may hold when `max_inbound_per_source`
+/// is not set: 8 (a peer has no reason for more than one or two; 8 leaves
+/// room for several nodes behind one NAT), never more than `max_inbound`.
+pub fn default_inbound_per_source(max_inbound: u64) -> u64 {
+    8.min(max_inbound)
+}
 
 /// Sessions one client address may hold when `max_sessions_per_client` is
 /// not set: a quarter of `max_sessions`, but at least 32 (a Bitcoin Core node
@@ -747,6 +826,67 @@ fn allow_section(file: &FileConfig, cli: &Cli) -> Result<Vec<IpNet>, ConfigError
         .collect()
 }
 
+/// `[[inbound]]` sections, then every `--inbound LISTEN=NODE[@NETWORK]`.
+/// Without a network, the one allowed network is used when exactly one is.
+fn inbound_section(
+    file: &FileConfig,
+    cli: &Cli,
+    allowed: &[Network],
+    known: &NetworkSet,
+) -> Result<Vec<Inbound>, ConfigError> {
+    let network = |key: &str, name: Option<&str>| -> Result<Network, ConfigError> {
+        match name {
+            Some(name) => known.iter().find(|n| n.name == name).cloned().ok_or_else(|| {
+                ConfigError(format!(
+                    "{key}.network: unknown network `{}` (known: {})",
+                    shown(name),
+                    known.names().join(", ")
+                ))
+            }),
+            None => match allowed {
+                [only] => Ok(only.clone()),
+                _ => Err(ConfigError(format!(
+                    "{key}: no network given and {} networks are allowed; set `network` (flag: \
+                     LISTEN=NODE@NETWORK) or allow exactly one network",
+                    allowed.len()
+                ))),
+            },
+        }
+    };
+    let mut all = Vec::new();
+    for (i, section) in file.inbound.iter().enumerate() {
+        let key = format!("inbound[{i}]");
+        all.push(Inbound {
+            listen: socket_addr(&format!("{key}.listen"), &section.listen)?,
+            node: target(&format!("{key}.node"), &section.node)?,
+            network: network(&key, section.network.as_deref())?,
+            v1: section.v1,
+            advertise: section.advertise.as_deref().map(|a| socket_addr(&format!("{key}.advertise"), a)).transpose()?,
+        });
+    }
+    for text in &cli.inbound {
+        let key = format!("inbound[{}]", all.len());
+        let Some((listen, rest)) = text.split_once('=') else {
+            return Err(ConfigError(format!(
+                "--inbound: `{}` is not LISTEN=NODE[@NETWORK] (e.g. 0.0.0.0:8333=127.0.0.1:8334@mainnet)",
+                shown(text)
+            )));
+        };
+        let (node, name) = match rest.rsplit_once('@') {
+            Some((node, name)) => (node, Some(name)),
+            None => (rest, None),
+        };
+        all.push(Inbound {
+            listen: socket_addr(&format!("{key}.listen"), listen)?,
+            node: target(&format!("{key}.node"), node)?,
+            network: network(&key, name)?,
+            v1: V1Peers::Relay,
+            advertise: None,
+        });
+    }
+    Ok(all)
+}
+
 fn upstream_section(file: &FileConfig, cli: &Cli) -> Result<Option<Upstream>, ConfigError> {
     let section = file.upstream.as_ref();
     let Some(text) = cli.upstream.clone().or(section.and_then(|u| u.socks5.clone())) else {
@@ -805,6 +945,20 @@ pub struct FileConfig {
     route: Vec<FileRoute>,
     metrics: FileMetrics,
     v1_only_memory: FileMemory,
+    inbound: Vec<FileInbound>,
+    max_inbound: u64,
+    max_inbound_per_source: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileInbound {
+    listen: String,
+    node: String,
+    network: Option<String>,
+    #[serde(default)]
+    v1: V1Peers,
+    advertise: Option<String>,
 }
 
 /// `listen = "ADDR"` or `listen = ["ADDR", ...]`.
@@ -922,6 +1076,9 @@ impl Default for FileConfig {
             route: Vec::new(),
             metrics: FileMetrics::default(),
             v1_only_memory: FileMemory::default(),
+            inbound: Vec::new(),
+            max_inbound: 256,
+            max_inbound_per_source: None,
         }
     }
 }
@@ -1069,6 +1226,16 @@ pub struct Cli {
     /// Serve Prometheus /metrics, /status (JSON) and a status page on this address [default: off].
     #[arg(long, env = "BIP324_PROXY_METRICS_LISTEN", value_name = "ADDR:PORT")]
     pub metrics_listen: Option<String>,
+    /// Inbound listener for a v1-only node (repeatable): LISTEN=NODE[@NETWORK], e.g.
+    /// 0.0.0.0:8333=127.0.0.1:8334@mainnet; without @NETWORK the one allowed --network.
+    #[arg(long, env = "BIP324_PROXY_INBOUND", value_name = "LISTEN=NODE[@NETWORK]", value_delimiter = ',')]
+    pub inbound: Vec<String>,
+    /// Most inbound sessions open at once, 1..=100000, apart from --max-sessions [default: 256].
+    #[arg(long, env = "BIP324_PROXY_MAX_INBOUND", value_name = "N")]
+    pub max_inbound: Option<u64>,
+    /// Most inbound sessions one peer address may hold, 1..=max-inbound [default: 8].
+    #[arg(long, env = "BIP324_PROXY_MAX_INBOUND_PER_SOURCE", value_name = "N")]
+    pub max_inbound_per_source: Option<u64>,
 }
 
 #[cfg(test)]
@@ -1289,6 +1456,79 @@ mod tests {
         assert!(c.allows(&"[::1]:5".parse().unwrap()));
         assert!(c.allows(&"[::ffff:10.0.0.1]:5".parse().unwrap()));
         assert!(!c.allows(&"192.168.0.1:5".parse().unwrap()));
+    }
+
+    #[test]
+    fn inbound_sections_and_flag() {
+        let c = load_text(
+            "[custom_networks]\nmysignet = \"a1b2c3d4\"\n\
+             [[inbound]]\nlisten = \"0.0.0.0:8333\"\nnode = \"127.0.0.1:8334\"\nnetwork = \"mainnet\"\n\
+             [[inbound]]\nlisten = \"[::]:38333\"\nnode = \"bitcoind:38334\"\nnetwork = \"mysignet\"\n\
+             v1 = \"refuse\"\nadvertise = \"203.0.113.7:38333\"\n",
+            &["--inbound", "0.0.0.0:18444=127.0.0.1:18445@regtest"],
+        )
+        .unwrap();
+        assert_eq!(c.inbound.len(), 3);
+        assert_eq!(c.inbound[0].listen.to_string(), "0.0.0.0:8333");
+        assert_eq!(c.inbound[0].node.to_string(), "127.0.0.1:8334");
+        assert_eq!((c.inbound[0].network.name.as_str(), c.inbound[0].v1), ("mainnet", V1Peers::Relay));
+        assert_eq!(c.inbound[1].network.magic, [0xa1, 0xb2, 0xc3, 0xd4]);
+        assert_eq!(c.inbound[1].v1, V1Peers::Refuse);
+        assert_eq!(c.inbound[1].advertise, Some("203.0.113.7:38333".parse().unwrap()));
+        assert_eq!(c.inbound[2].network.name, "regtest");
+        assert_eq!(c.max_inbound, 256);
+        assert_eq!(c.max_inbound_per_source, 8);
+    }
+
+    #[test]
+    fn inbound_network_defaults_to_the_only_allowed_one() {
+        let c = load_text("", &["--network", "signet", "--inbound", "0.0.0.0:38333=127.0.0.1:38334"]).unwrap();
+        assert_eq!(c.inbound[0].network.name, "signet");
+        let err = load_text("", &["--inbound", "0.0.0.0:8333=127.0.0.1:8334"]).unwrap_err();
+        assert!(err.0.contains("inbound[0]") && err.0.contains("@NETWORK"), "{err}");
+        let err = load_text("", &["--inbound", "0.0.0.0:8333=127.0.0.1:8334@nonet"]).unwrap_err();
+        assert!(err.0.contains("nonet") && err.0.contains("known"), "{err}");
+        for bad in ["0.0.0.0:8333", "8333=127.0.0.1:8334@mainnet", "0.0.0.0:8333=@mainnet", "0.0.0.0:8333=a:b@mainnet"]
+        {
+            assert!(load_text("", &["--inbound", bad]).is_err(), "{bad}");
+        }
+        let err = load_text("[[inbound]]\nlisten = \"0.0.0.0:8333\"\nnode = \"127.0.0.1:8334\"\nv1 = \"maybe\"\n", &[])
+            .unwrap_err();
+        assert!(err.0.contains("line 4"), "{err}");
+        let err = load_text("[[inbound]]\nlisten = \"0.0.0.0:8333\"\nnode = \"x:1\"\nnetwrk = \"mainnet\"\n", &[])
+            .unwrap_err();
+        assert!(err.0.contains("netwrk"), "{err}");
+    }
+
+    #[test]
+    fn inbound_listeners_are_exempt_from_the_loopback_rule() {
+        // No client_auth, no allow-list, a public address: fine for inbound.
+        assert!(load_text("", &["--inbound", "0.0.0.0:8333=127.0.0.1:8334@mainnet"]).is_ok());
+        // Even an allow-list that admits everything does not concern it.
+        assert!(load_text("allow = [\"0.0.0.0/0\"]\n", &["--inbound", "0.0.0.0:8333=127.0.0.1:8334@mainnet"]).is_ok());
+        // The SOCKS5 listener keeps its rule.
+        assert!(
+            load_text("", &["--listen", "0.0.0.0:1324", "--inbound", "0.0.0.0:8333=127.0.0.1:8334@mainnet"]).is_err()
+        );
+        // An inbound-only proxy has something to serve.
+        assert!(
+            load_text("socks5 = false\ntransparent = false\n", &["--inbound", "0.0.0.0:8333=127.0.0.1:8334@mainnet"])
+                .is_ok()
+        );
+        // The node is never one of our own listeners.
+        let err = load_text("", &["--inbound", "127.0.0.1:8333=127.0.0.1:8333@mainnet"]).unwrap_err();
+        assert!(err.0.contains("inbound[0].node"), "{err}");
+    }
+
+    #[test]
+    fn inbound_limits_have_ranges() {
+        assert!(load_text("max_inbound = 0\n", &[]).unwrap_err().0.contains("1..=100000"));
+        assert!(load_text("", &["--max-inbound", "100001"]).is_err());
+        let c = load_text("max_inbound = 4\n", &[]).unwrap();
+        assert_eq!((c.max_inbound, c.max_inbound_per_source), (4, 4));
+        let err = load_text("max_inbound = 4\nmax_inbound_per_source = 5\n", &[]).unwrap_err();
+        assert!(err.0.contains("at most max_inbound"), "{err}");
+        assert_eq!(load_text("", &["--max-inbound-per-source", "2"]).unwrap().max_inbound_per_source, 2);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! - [`policy`]: when plaintext is allowed ([`policy::plan`]), what may be
 //!   dialed ([`policy::DialRules`]), Core's routability rules;
 //! - [`network`]: network names and magics;
+//! - [`advertise`]: NODE_P2P_V2 in the node's VERSION (inbound mode);
 //! - [`config`]: file, flags and environment -> one validated `Config`.
 //!
 //! Shared state without I/O of its own: [`state`] (what every session
@@ -28,13 +29,20 @@
 //! -> [`upgrade`] (the BIP324 handshake as initiator) -> [`relay`] (the two
 //! direction loops). [`probe`] runs the handshake alone for the `probe`
 //! command.
+//!
+//! Inbound mode (the public side of a v1-only node): [`server`] accepts on
+//! an inbound listener -> [`inbound`] (one peer's session) -> [`respond`]
+//! (the first-bytes rule, pure, and the BIP324 handshake as responder) ->
+//! [`relay`], with [`advertise`] (pure: NODE_P2P_V2 in the node's VERSION).
 
 #![forbid(unsafe_code)]
 // Shipped code: panics from input are bugs (an invariant is an `expect` with
 // its reason), and output goes through `tracing`.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::print_stderr, clippy::print_stdout))]
 
+pub mod advertise;
 pub mod config;
+pub mod inbound;
 pub mod memory;
 pub mod metrics;
 pub mod network;
@@ -42,6 +50,7 @@ pub mod outbound;
 pub mod policy;
 pub mod probe;
 pub mod relay;
+pub mod respond;
 pub mod server;
 pub mod session;
 pub mod sniff;

@@ -121,6 +121,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             FrontEnd::Route(target) => info!(listen = %local, %target, "listening (static route)"),
         }
     }
+    let inbound = bip324_proxy::server::bind_inbound(&config).await?;
+    for b in &inbound {
+        let local = b.listener.local_addr().context("reading the bound address")?;
+        let listener = &b.inbound;
+        info!(
+            listen = %local,
+            node = %listener.node,
+            network = %listener.network,
+            v1 = %listener.v1,
+            advertise = %listener.advertise.map_or_else(|| "none".to_owned(), |a| a.to_string()),
+            max_inbound = config.max_inbound,
+            max_inbound_per_source = config.max_inbound_per_source,
+            "listening (inbound)"
+        );
+    }
 
     let config = Arc::new(config);
     let observer = Arc::new(Observer::default());
@@ -148,7 +163,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }));
     }
     tokio::spawn(watch_signals(signals, shutdown.clone()));
-    let served = bip324_proxy::server::serve(bound, context, shutdown).await.context("serving");
+    let served = bip324_proxy::server::serve_with_inbound(bound, inbound, context, shutdown).await.context("serving");
     metrics_shutdown.cancel();
     if let Some(task) = metrics_task {
         let _ = task.await;

@@ -48,6 +48,18 @@ pub struct Metrics {
     upgrade_failures: Family<Labels1, Counter>,
     v1_only_memory: Family<Labels1, Counter>,
     connections_refused: Family<Labels1, Counter>,
+    inbound: InboundMetrics,
+}
+
+/// The metrics of inbound sessions (peers of a v1-only node), apart from the
+/// outbound ones so that neither side's numbers hide the other's.
+#[derive(Default)]
+struct InboundMetrics {
+    opened: Family<Labels1, Counter>,
+    closed: Family<Labels2, Counter>,
+    handshake_seconds: Option<Histogram>,
+    handshake_failures: Family<Labels1, Counter>,
+    version_rewrites: Family<Labels1, Counter>,
 }
 
 impl Default for Metrics {
@@ -92,11 +104,44 @@ impl Default for Metrics {
         registry.register(
             "connections_refused",
             "Connections closed at accept, by reason (allow_list, session_limit, client_limit, \
-             metrics_allow_list, metrics_limit)",
+             metrics_allow_list, metrics_limit, inbound_limit, inbound_source_limit)",
             connections_refused.clone(),
+        );
+        let inbound = InboundMetrics {
+            handshake_seconds: Some(Histogram::new(exponential_buckets(0.001, 2.0, 15))),
+            ..Default::default()
+        };
+        registry.register(
+            "inbound_sessions_opened",
+            "Inbound sessions whose relay started, by transport (v2, v1)",
+            inbound.opened.clone(),
+        );
+        registry.register(
+            "inbound_sessions_closed",
+            "Inbound sessions closed, by transport (none if the relay never started) and close reason",
+            inbound.closed.clone(),
+        );
+        if let Some(histogram) = &inbound.handshake_seconds {
+            registry.register(
+                "inbound_handshake_duration_seconds",
+                "Time for a successful BIP324 handshake as responder, from accept",
+                histogram.clone(),
+            );
+        }
+        registry.register(
+            "inbound_handshake_failures",
+            "Failed BIP324 handshakes as responder, by reason",
+            inbound.handshake_failures.clone(),
+        );
+        registry.register(
+            "inbound_version_rewrites",
+            "The node's first message on inbound sessions, by what the NODE_P2P_V2 rewrite did \
+             (set, already_set, not_version, too_short, malformed)",
+            inbound.version_rewrites.clone(),
         );
         Metrics {
             registry,
+            inbound,
             sessions_opened,
             sessions_closed,
             sessions_active,
@@ -178,6 +223,8 @@ pub struct LiveSession {
     network: OnceLock<String>,
     transport: OnceLock<&'static str>,
     session_id: OnceLock<String>,
+    /// Set for sessions accepted on an inbound listener.
+    inbound: OnceLock<()>,
     pub counters: Arc<LiveCounters>,
 }
 
@@ -197,12 +244,23 @@ impl LiveSession {
     pub fn transport(&self) -> Option<&'static str> {
         self.transport.get().copied()
     }
+    /// Whether this is a peer of a v1-only node on an inbound listener.
+    pub fn is_inbound(&self) -> bool {
+        self.inbound.get().is_some()
+    }
+    /// `inbound` or `outbound`, as `/status` shows it.
+    pub fn direction(&self) -> &'static str {
+        if self.is_inbound() { "inbound" } else { "outbound" }
+    }
 }
 
 /// One row of `/status`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SessionRow {
     pub id: u64,
+    /// `outbound` (a client of the proxy) or `inbound` (a peer of a v1-only
+    /// node; `client` is the peer, `target` the node).
+    pub direction: &'static str,
     pub client: String,
     pub target: Option<String>,
     pub network: Option<String>,
@@ -254,6 +312,7 @@ impl Observer {
             network: OnceLock::new(),
             transport: OnceLock::new(),
             session_id: OnceLock::new(),
+            inbound: OnceLock::new(),
             counters: Arc::new(LiveCounters { totals: self.totals(), ..Default::default() }),
         });
         self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(id, session.clone());
@@ -261,10 +320,35 @@ impl Observer {
         session
     }
 
+    /// A peer was accepted on an inbound listener; it is listed until
+    /// [`Observer::closed`] and counted with the inbound metrics.
+    pub fn accepted_inbound(&self, id: u64, peer: std::net::SocketAddr) -> Arc<LiveSession> {
+        let session = self.accepted(id, peer);
+        let _ = session.inbound.set(());
+        session
+    }
+
     /// The relay started with this transport.
     pub fn opened(&self, session: &LiveSession, transport: &'static str) {
         session.set_transport(transport);
-        self.metrics.sessions_opened.get_or_create(&[("transport", transport)]).inc();
+        let family = if session.is_inbound() { &self.metrics.inbound.opened } else { &self.metrics.sessions_opened };
+        family.get_or_create(&[("transport", transport)]).inc();
+    }
+
+    /// A responder handshake completed, `took` after accept.
+    pub fn inbound_handshake_done(&self, took: Duration) {
+        if let Some(histogram) = &self.metrics.inbound.handshake_seconds {
+            histogram.observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn inbound_handshake_failed(&self, reason: &'static str) {
+        self.metrics.inbound.handshake_failures.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// What the NODE_P2P_V2 rewrite did to a node's first message.
+    pub fn inbound_version_rewrite(&self, outcome: &'static str) {
+        self.metrics.inbound.version_rewrites.get_or_create(&[("outcome", outcome)]).inc();
     }
 
     pub fn handshake_done(&self, took: Duration) {
@@ -301,7 +385,8 @@ impl Observer {
         }
         self.metrics.sessions_active.dec();
         let transport = session.transport().unwrap_or("none");
-        self.metrics.sessions_closed.get_or_create(&[("transport", transport), ("reason", reason)]).inc();
+        let family = if session.is_inbound() { &self.metrics.inbound.closed } else { &self.metrics.sessions_closed };
+        family.get_or_create(&[("transport", transport), ("reason", reason)]).inc();
     }
 
     /// The proxy-wide traffic counters, for a new session to move.
@@ -325,6 +410,7 @@ impl Observer {
             .values()
             .map(|s| SessionRow {
                 id: s.id,
+                direction: s.direction(),
                 client: s.client.to_string(),
                 target: s.target.get().cloned(),
                 network: s.network.get().cloned(),
@@ -490,5 +576,28 @@ mod tests {
         assert!(text.contains("bip324_proxy_sessions_closed_total{transport=\"v2\",reason=\"closed\"} 1"), "{text}");
         assert!(text.contains("bip324_proxy_bytes_total{direction=\"client_to_remote\"} 100"), "{text}");
         assert!(text.contains("bip324_proxy_sessions_active 0"), "{text}");
+    }
+
+    #[test]
+    fn inbound_sessions_are_counted_apart_and_shown_with_their_direction() {
+        let observer = Observer::default();
+        let outbound = observer.accepted(1, "127.0.0.1:1".parse::<std::net::SocketAddr>().unwrap());
+        let inbound = observer.accepted_inbound(2, "203.0.113.9:50000".parse().unwrap());
+        observer.opened(&outbound, "v2");
+        observer.opened(&inbound, "v2");
+        let status = observer.status();
+        assert_eq!(status.sessions[0].direction, "outbound");
+        assert_eq!(status.sessions[1].direction, "inbound");
+        assert_eq!(status.sessions[1].client, "203.0.113.9:50000");
+        observer.closed(&inbound, "closed");
+        let text = observer.encode_metrics();
+        assert!(text.contains("bip324_proxy_inbound_sessions_opened_total{transport=\"v2\"} 1"), "{text}");
+        assert!(text.contains("bip324_proxy_sessions_opened_total{transport=\"v2\"} 1"), "{text}");
+        assert!(
+            text.contains("bip324_proxy_inbound_sessions_closed_total{transport=\"v2\",reason=\"closed\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("bip324_proxy_sessions_closed_total"), "{text}");
+        assert!(text.contains("bip324_proxy_sessions_active 1"), "{text}");
     }
 }

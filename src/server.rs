@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, field, info, info_span, warn};
 
-use crate::config::{Config, Listen, UnixGroup, UnixSocket};
+use crate::config::{Config, Inbound, Listen, UnixGroup, UnixSocket};
+use crate::inbound;
 use crate::metrics::{LiveSession, Observer};
 use crate::session::{self, FrontEnd};
 use crate::state::ProxyState;
@@ -225,6 +226,24 @@ pub async fn bind_all(config: &Config) -> io::Result<Vec<Bound>> {
     Ok(bound)
 }
 
+/// A bound inbound listener (internet-facing) and the node behind it.
+pub struct InboundBound {
+    pub listener: TcpListener,
+    pub inbound: Arc<Inbound>,
+}
+
+/// Binds every inbound listener the configuration asks for.
+pub async fn bind_inbound(config: &Config) -> io::Result<Vec<InboundBound>> {
+    let mut bound = Vec::new();
+    for inbound in &config.inbound {
+        let addr = inbound.listen;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+        bound.push(InboundBound { listener, inbound: Arc::new(inbound.clone()) });
+    }
+    Ok(bound)
+}
+
 /// Serves one main listener until `shutdown` is cancelled, then drains.
 pub async fn run(listener: TcpListener, config: Arc<Config>, shutdown: CancellationToken) -> io::Result<()> {
     let state = Arc::new(ProxyState::new(config, Arc::new(Observer::default())));
@@ -299,6 +318,24 @@ impl Drop for SessionGuard {
 
 /// Serves every listener until `shutdown` is cancelled, then drains.
 pub async fn serve(bound: Vec<Bound>, state: Arc<ProxyState>, shutdown: CancellationToken) -> io::Result<()> {
+    serve_with_inbound(bound, Vec::new(), state, shutdown).await
+}
+
+/// Inbound sessions' own limits, so that a flood of inbound connections
+/// never takes the permits outbound sessions need.
+struct InboundLimits {
+    permits: Arc<Semaphore>,
+    per_source: Arc<PerClient>,
+}
+
+/// Serves every listener, inbound listeners included, until `shutdown` is
+/// cancelled, then drains.
+pub async fn serve_with_inbound(
+    bound: Vec<Bound>,
+    inbound: Vec<InboundBound>,
+    state: Arc<ProxyState>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
     let config = state.config.clone();
     let shared = Arc::new(Shared {
         permits: Arc::new(Semaphore::new(config.max_sessions)),
@@ -315,9 +352,21 @@ pub async fn serve(bound: Vec<Bound>, state: Arc<ProxyState>, shutdown: Cancella
             shared.state.add_listening(addr);
         }
     }
+    for b in &inbound {
+        if let Ok(addr) = b.listener.local_addr() {
+            shared.state.add_listening(addr);
+        }
+    }
     let mut loops = JoinSet::new();
     for Bound { listener, front } in bound {
         loops.spawn(accept_loop(listener, front, shared.clone(), shutdown.clone()));
+    }
+    let limits = Arc::new(InboundLimits {
+        permits: Arc::new(Semaphore::new(config.max_inbound)),
+        per_source: Arc::new(PerClient::default()),
+    });
+    for b in inbound {
+        loops.spawn(inbound_accept_loop(b, shared.clone(), limits.clone(), shutdown.clone()));
     }
     loops.join_all().await;
 
@@ -403,6 +452,78 @@ async fn accept_loop(listener: Listener, front: FrontEnd, shared: Arc<Shared>, s
             async move {
                 let _guard = guard;
                 session::run(stream, front, live, state, cancel).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Accepts peers of a v1-only node. No allow-list (the listener is public by
+/// design); `max_inbound` and `max_inbound_per_source` instead, apart from
+/// the outbound limits. Refusals are counted and logged at debug level only:
+/// a flood from the internet must not flood the log.
+async fn inbound_accept_loop(
+    bound: InboundBound,
+    shared: Arc<Shared>,
+    limits: Arc<InboundLimits>,
+    shutdown: CancellationToken,
+) {
+    let InboundBound { listener, inbound } = bound;
+    let config = &shared.state.config;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                warn!(error = %e, listen = %inbound.listen, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let observer = &shared.state.observer;
+        let Ok(permit) = limits.permits.clone().try_acquire_owned() else {
+            tracing::debug!(session = id, %peer, max_inbound = config.max_inbound, "inbound connection refused: limit reached");
+            observer.refused("inbound_limit");
+            continue;
+        };
+        let peer_key = ClientKey::Ip(peer.ip().to_canonical());
+        if !limits.per_source.try_take(peer_key, config.max_inbound_per_source) {
+            tracing::debug!(
+                session = id,
+                %peer,
+                max_inbound_per_source = config.max_inbound_per_source,
+                "inbound connection refused: per-source limit reached"
+            );
+            observer.refused("inbound_source_limit");
+            continue;
+        }
+        let span = info_span!(
+            "inbound",
+            id,
+            direction = "inbound",
+            %peer,
+            node = %inbound.node,
+            network = %inbound.network,
+            transport = field::Empty,
+            session_id = field::Empty,
+        );
+        let (state, cancel, listener) = (shared.state.clone(), shared.sessions_cancel.clone(), inbound.clone());
+        let live = state.observer.accepted_inbound(id, peer);
+        let guard = SessionGuard {
+            observer: state.observer.clone(),
+            live: live.clone(),
+            per_client: limits.per_source.clone(),
+            client_key: peer_key,
+        };
+        shared.tracker.spawn(
+            async move {
+                let _guard = guard;
+                inbound::run(stream, listener, live, state, cancel).await;
                 drop(permit);
             }
             .instrument(span),

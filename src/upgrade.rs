@@ -33,7 +33,7 @@ use crate::v2::{
 /// BIP324: at most 4095 bytes of garbage precede the garbage terminator.
 pub const MAX_GARBAGE_LEN: usize = 4095;
 
-static SECP: LazyLock<Secp256k1<SignOnly>> = LazyLock::new(Secp256k1::signing_only);
+pub(crate) static SECP: LazyLock<Secp256k1<SignOnly>> = LazyLock::new(Secp256k1::signing_only);
 
 /// A finished handshake: the packet stream in both directions.
 pub struct V2Channel {
@@ -123,8 +123,9 @@ impl UpgradeError {
     }
 }
 
-/// Hands the crate the secret key we generated, so we know it too.
-struct KnownSecret([u8; 32]);
+/// Hands the crate the secret key we generated, so we know it too (the
+/// responder in `respond.rs` uses it the same way).
+pub(crate) struct KnownSecret([u8; 32]);
 
 impl FillBytes for KnownSecret {
     fn fill_bytes(&mut self, dest: &mut [u8; 32]) {
@@ -138,7 +139,7 @@ impl Drop for KnownSecret {
     }
 }
 
-fn fresh_secret() -> (KnownSecret, SecretKey) {
+pub(crate) fn fresh_secret() -> (KnownSecret, SecretKey) {
     let mut rng = rand::thread_rng();
     loop {
         let mut bytes = [0u8; 32];

@@ -1,0 +1,399 @@
+//! One inbound session: a peer that connected to an inbound listener, in
+//! front of a v1-only node. In stage order:
+//!
+//! - first bytes ([`respond::classify_first_bytes`]): a v1 VERSION of the
+//!   listener's network is relayed (`v1 = "relay"`) or closed
+//!   (`v1 = "refuse"`); a VERSION of another network is closed, as Core does;
+//!   anything else is a BIP324 initiator;
+//! - upgrade: the responder handshake ([`respond::respond`]), under the
+//!   handshake timeout counted from accept;
+//! - dial: the node, directly (it is normally on loopback), only once the
+//!   peer has proved itself, so junk never reaches the node;
+//! - relay: [`relay::run`] with the peer as its client and the node as its
+//!   remote: `V2ToV1` peer -> node and `V1ToV2` node -> peer for v2 peers,
+//!   `V1ToV1` both ways for v1 peers; every byte checked as a message.
+//!
+//! The node's first message gets the NODE_P2P_V2 service bit
+//! ([`crate::advertise`]), so peers learn that this address speaks v2.
+//! The span is opened by `server.rs`; this module writes the open and close
+//! lines and reports to the observer.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Span, debug, info};
+
+use crate::advertise::{self, Rewrite};
+use crate::config::{Inbound, V1Peers};
+use crate::metrics::{LiveSession, Observer};
+use crate::outbound::{self, DialError};
+use crate::policy::DialRules;
+use crate::relay::{
+    self, CloseReason, DirectionStats, Leg, RelayReport, Side, Step, Translator, V1ToV1, V1ToV2, V2ToV1,
+};
+use crate::respond::{self, FirstBytes, PeerReader, RespondError};
+use crate::state::ProxyState;
+use crate::v1::{Decoded, FrameDecoder, Magic};
+
+/// How an inbound session carries traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundTransport {
+    V2,
+    V1,
+}
+
+impl InboundTransport {
+    pub fn label(self) -> &'static str {
+        match self {
+            InboundTransport::V2 => "v2",
+            InboundTransport::V1 => "v1",
+        }
+    }
+}
+
+impl std::fmt::Display for InboundTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Everything an inbound session fails on before its relay starts.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    #[error("{0}")]
+    Handshake(RespondError),
+    #[error("peer speaks v1 and this listener refuses v1 peers (v1 = \"refuse\")")]
+    V1Refused,
+    #[error("peer sent a v1 VERSION for network magic {}, not {network}", hex::encode(.found))]
+    OtherNetwork { found: Magic, network: String },
+    #[error("node {node} unreachable: {error}")]
+    Dial { node: String, error: DialError },
+}
+
+impl InboundError {
+    /// A short fixed label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            InboundError::Handshake(RespondError::Closed { received: 0, .. }) => "peer_gone",
+            InboundError::Handshake(RespondError::TimedOut { .. }) => "handshake_timeout",
+            InboundError::Handshake(_) => "handshake_failed",
+            InboundError::V1Refused => "v1_refused",
+            InboundError::OtherNetwork { .. } => "wrong_network",
+            InboundError::Dial { .. } => "node_unreachable",
+        }
+    }
+}
+
+/// A relay close reason in inbound terms: the relay's client is the peer,
+/// its remote the node. Returns the metrics label and the log text.
+pub fn describe_close(reason: &CloseReason) -> (&'static str, String) {
+    let side = |side: Side| match side {
+        Side::Client => "peer",
+        Side::Remote => "node",
+    };
+    match reason {
+        CloseReason::BothClosed => ("closed", "peer and node closed".to_owned()),
+        CloseReason::BadV1(Side::Client, e) => ("bad_peer_message", format!("peer sent a bad v1 message: {e}")),
+        CloseReason::BadV1(Side::Remote, e) => ("bad_node_message", format!("node sent a bad v1 message: {e}")),
+        CloseReason::BadV2(e) => ("bad_peer_packet", format!("peer sent a bad v2 packet: {e}")),
+        CloseReason::Encode(e) => ("internal", format!("encrypting a node message failed: {e}")),
+        CloseReason::TooLargeForV1 { command, len, max } => (
+            "peer_message_too_large",
+            format!("peer sent a `{command}` message of {len} payload bytes, more than the {max} a v1 node accepts"),
+        ),
+        CloseReason::Truncated { side: s, pending } => {
+            ("truncated", format!("{} closed in the middle of a message ({pending} bytes pending)", side(*s)))
+        }
+        CloseReason::Io(Side::Client, e) => ("peer_io_error", format!("peer connection error: {e}")),
+        CloseReason::Io(Side::Remote, e) => ("node_io_error", format!("node connection error: {e}")),
+        other => (other.label(), other.to_string()),
+    }
+}
+
+/// Node -> peer: sets NODE_P2P_V2 in the node's first message (its VERSION)
+/// before `inner` translates it, and names the node as the side that sent a
+/// bad v1 message (`V1ToV2` calls its input the client's).
+pub struct NodeToPeer<T> {
+    pub inner: T,
+    magic: Magic,
+    first_pending: bool,
+    observer: Arc<Observer>,
+}
+
+impl<T: Translator> NodeToPeer<T> {
+    pub fn new(inner: T, magic: Magic, observer: Arc<Observer>) -> Self {
+        NodeToPeer { inner, magic, first_pending: true, observer }
+    }
+}
+
+impl<T: Translator> Translator for NodeToPeer<T> {
+    fn translate(
+        &mut self,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+        stats: &mut DirectionStats,
+    ) -> Result<Step, CloseReason> {
+        if self.first_pending {
+            // The header is checked first, so a bad one fails at once
+            // (by `inner`) rather than after a payload it announced.
+            match FrameDecoder::new(self.magic, false).decode(input) {
+                Ok(Decoded::NeedMore { total }) => return Ok(Step::NeedMore(total)),
+                Ok(Decoded::Frame { len, .. }) => {
+                    let outcome = advertise::set_p2p_v2_in_frame(&mut input[..len]);
+                    self.observer.inbound_version_rewrite(outcome.label());
+                    match outcome {
+                        Rewrite::Set => debug!("node VERSION: NODE_P2P_V2 set, checksum recomputed"),
+                        other => debug!(outcome = other.label(), "node's first message left unchanged"),
+                    }
+                }
+                Err(_) => {}
+            }
+            self.first_pending = false;
+        }
+        self.inner.translate(input, output, stats).map_err(|reason| match reason {
+            CloseReason::BadV1(Side::Client, e) => CloseReason::BadV1(Side::Remote, e),
+            other => other,
+        })
+    }
+}
+
+/// Runs one inbound connection to its end and writes its close line.
+pub async fn run(
+    peer: TcpStream,
+    listener: Arc<Inbound>,
+    live: Arc<LiveSession>,
+    state: Arc<ProxyState>,
+    shutdown: CancellationToken,
+) {
+    let accepted = Instant::now();
+    let _ = peer.set_nodelay(true);
+    live.set_target(listener.node.to_string());
+    live.set_network(listener.network.name.clone());
+    let session = InboundSession { state: &state, listener: &listener, live: &live, shutdown, accepted };
+    let ms = || accepted.elapsed().as_millis() as u64;
+    let label = match session.serve(peer).await {
+        Ok((transport, report)) => {
+            let (label, reason) = describe_close(&report.reason);
+            info!(
+                %transport,
+                %reason,
+                bytes_peer_to_node = report.client_to_remote.bytes_in,
+                bytes_node_to_peer = report.remote_to_client.bytes_in,
+                messages_peer_to_node = report.client_to_remote.messages,
+                messages_node_to_peer = report.remote_to_client.messages,
+                ms = ms(),
+                "inbound session closed"
+            );
+            label
+        }
+        Err(error) => {
+            info!(reason = %error, ms = ms(), "inbound session closed");
+            error.label()
+        }
+    };
+    state.observer.closed(&live, label);
+}
+
+struct InboundSession<'a> {
+    state: &'a ProxyState,
+    listener: &'a Inbound,
+    live: &'a LiveSession,
+    shutdown: CancellationToken,
+    accepted: Instant,
+}
+
+impl InboundSession<'_> {
+    async fn serve(&self, mut peer: TcpStream) -> Result<(InboundTransport, RelayReport), InboundError> {
+        let config = &self.state.config;
+        let magic = self.listener.network.magic;
+        let deadline = self.accepted + config.timeouts.handshake;
+
+        // First bytes: v1 or v2, under the handshake deadline.
+        let mut pending = BytesMut::new();
+        let first = loop {
+            match respond::classify_first_bytes(&pending, &magic) {
+                FirstBytes::NeedMore => {
+                    let already = pending.len();
+                    PeerReader::new(&mut peer, deadline, already)
+                        .read_into(&mut pending, 16)
+                        .await
+                        .map_err(InboundError::Handshake)?;
+                }
+                decided => break decided,
+            }
+        };
+        match first {
+            FirstBytes::V1 => {
+                if self.listener.v1 == V1Peers::Refuse {
+                    return Err(InboundError::V1Refused);
+                }
+                let node = self.dial_node().await?;
+                Ok((InboundTransport::V1, self.relay_v1(peer, pending, node).await))
+            }
+            FirstBytes::OtherNetworkV1(found) => {
+                Err(InboundError::OtherNetwork { found, network: self.listener.network.name.clone() })
+            }
+            FirstBytes::V2 | FirstBytes::NeedMore => {
+                let channel = match respond::respond(&mut peer, pending, magic, deadline).await {
+                    Ok(channel) => channel,
+                    Err(error) => {
+                        self.state.observer.inbound_handshake_failed(error.label());
+                        return Err(InboundError::Handshake(error));
+                    }
+                };
+                self.state.observer.inbound_handshake_done(self.accepted.elapsed());
+                let node = self.dial_node().await?;
+                self.open_line(InboundTransport::V2, Some(&channel.session_id));
+                let report = relay::run(
+                    Leg { stream: peer.into(), pending: channel.leftover },
+                    Leg { stream: node.into(), pending: BytesMut::new() },
+                    V2ToV1 { decoder: channel.decoder, magic },
+                    NodeToPeer::new(
+                        V1ToV2 { decoder: FrameDecoder::new(magic, true), encoder: channel.encoder },
+                        magic,
+                        self.state.observer.clone(),
+                    ),
+                    config.timeouts.idle,
+                    self.live.counters.clone(),
+                    self.shutdown.clone(),
+                )
+                .await;
+                Ok((InboundTransport::V2, report))
+            }
+        }
+    }
+
+    /// The node is the operator's own address, normally on loopback; never
+    /// one of this proxy's listeners.
+    async fn dial_node(&self) -> Result<TcpStream, InboundError> {
+        let rules = DialRules { listening: self.state.listening(), allow_private: true };
+        let node = &self.listener.node;
+        outbound::dial_direct(node, self.state.config.timeouts.connect, &rules)
+            .await
+            .map_err(|error| InboundError::Dial { node: node.to_string(), error })
+    }
+
+    /// A v1 peer, framed both ways: the peer's bytes so far (its VERSION
+    /// first) go to the node once each message checks out.
+    async fn relay_v1(&self, peer: TcpStream, pending: BytesMut, node: TcpStream) -> RelayReport {
+        let magic = self.listener.network.magic;
+        self.open_line(InboundTransport::V1, None);
+        relay::run(
+            Leg { stream: peer.into(), pending },
+            Leg { stream: node.into(), pending: BytesMut::new() },
+            V1ToV1 { decoder: FrameDecoder::new(magic, true), side: Side::Client },
+            NodeToPeer::new(
+                V1ToV1 { decoder: FrameDecoder::new(magic, true), side: Side::Remote },
+                magic,
+                self.state.observer.clone(),
+            ),
+            self.state.config.timeouts.idle,
+            self.live.counters.clone(),
+            self.shutdown.clone(),
+        )
+        .await
+    }
+
+    /// Records the transport (and session id, in hex as Core's `getpeerinfo`
+    /// shows it) on the span and the status, and writes the open line.
+    fn open_line(&self, transport: InboundTransport, session_id: Option<&[u8; 32]>) {
+        let span = Span::current();
+        span.record("transport", tracing::field::display(transport));
+        self.state.observer.opened(self.live, transport.label());
+        match session_id {
+            Some(id) => {
+                let session_id = hex::encode(id);
+                span.record("session_id", tracing::field::display(&session_id));
+                self.live.set_session_id(session_id.clone());
+                info!(%transport, %session_id, "inbound session open");
+            }
+            None => info!(%transport, "inbound session open"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::{V1Error, V1Header, VERSION_COMMAND};
+    use crate::v2::V2Error;
+
+    const REGTEST: Magic = [0xfa, 0xbf, 0xb5, 0xda];
+
+    #[test]
+    fn close_reasons_name_peer_and_node() {
+        let bad = V1Error::InvalidCommand { command: [1; 12] };
+        assert_eq!(describe_close(&CloseReason::BadV1(Side::Client, bad.clone())).0, "bad_peer_message");
+        let (label, text) = describe_close(&CloseReason::BadV1(Side::Remote, bad));
+        assert_eq!(label, "bad_node_message");
+        assert!(text.starts_with("node sent"), "{text}");
+        let (label, text) = describe_close(&CloseReason::BadV2(V2Error::Decryption));
+        assert_eq!(
+            (label, text.as_str()),
+            ("bad_peer_packet", "peer sent a bad v2 packet: packet authentication failed")
+        );
+        let (_, text) = describe_close(&CloseReason::Truncated { side: Side::Remote, pending: 3 });
+        assert!(text.starts_with("node closed"), "{text}");
+    }
+
+    /// A translator that hands its input on, or fails like `V1ToV2` does on
+    /// a bad message from its input side.
+    struct Echo {
+        fail: bool,
+    }
+
+    impl Translator for Echo {
+        fn translate(
+            &mut self,
+            input: &mut BytesMut,
+            output: &mut BytesMut,
+            _stats: &mut DirectionStats,
+        ) -> Result<Step, CloseReason> {
+            if self.fail {
+                return Err(CloseReason::BadV1(Side::Client, V1Error::InvalidCommand { command: [0; 12] }));
+            }
+            output.extend_from_slice(&input.split());
+            Ok(Step::NeedMore(0))
+        }
+    }
+
+    fn version_frame(services: u64) -> Vec<u8> {
+        let mut payload = 70016u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&services.to_le_bytes());
+        payload.extend_from_slice(&[7u8; 80]);
+        let mut frame = V1Header::for_payload(REGTEST, VERSION_COMMAND, &payload).encode().to_vec();
+        frame.extend_from_slice(&payload);
+        frame
+    }
+
+    #[test]
+    fn node_version_gets_the_bit_once_whatever_the_read_sizes() {
+        let observer = Arc::new(Observer::default());
+        let whole = [version_frame(0x0409), version_frame(0x0409)].concat();
+        for chunk in [1, 7, 24, 25, 50, whole.len()] {
+            let mut translator = NodeToPeer::new(Echo { fail: false }, REGTEST, observer.clone());
+            let (mut input, mut output) = (BytesMut::new(), BytesMut::new());
+            let mut stats = DirectionStats::default();
+            for piece in whole.chunks(chunk) {
+                input.extend_from_slice(piece);
+                translator.translate(&mut input, &mut output, &mut stats).unwrap();
+            }
+            let first = &output[..whole.len() / 2];
+            assert_eq!(advertise::services(&first[24..]), Some(0x0c09), "chunk {chunk}");
+            assert!(FrameDecoder::new(REGTEST, true).decode(first).is_ok(), "checksum, chunk {chunk}");
+            // Only the first message is touched.
+            assert_eq!(&output[whole.len() / 2..], &whole[whole.len() / 2..], "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_bad_node_message_is_the_nodes() {
+        let mut translator = NodeToPeer::new(Echo { fail: true }, REGTEST, Arc::new(Observer::default()));
+        let mut input = BytesMut::from(&[0u8; 30][..]);
+        let error = translator.translate(&mut input, &mut BytesMut::new(), &mut DirectionStats::default());
+        assert!(matches!(error, Err(CloseReason::BadV1(Side::Remote, _))), "{error:?}");
+    }
+}

@@ -1,0 +1,298 @@
+//! The BIP324 handshake as responder, for connections a v1-only node accepts
+//! through an inbound listener, the way Bitcoin Core's `V2Transport` runs it:
+//!
+//! 1. the first 16 bytes decide ([`classify_first_bytes`]): the network's
+//!    magic and `version\0\0\0\0\0` is a v1 peer; the `version` command
+//!    under another magic is a v1 peer of another network (Core disconnects
+//!    it); anything else is the initiator's ElligatorSwift key;
+//! 2. with the initiator's 64-byte key in, we send our key, 0..=4095 random
+//!    garbage bytes, our garbage terminator and our (empty) version packet in
+//!    one write;
+//! 3. the initiator's garbage (at most 4095 bytes before its terminator),
+//!    decoys and version packet (contents ignored), each packet's length
+//!    checked against [`MAX_CONTENTS_BYTES`] before anything is buffered for it.
+//!
+//! As in `upgrade.rs`, the `bip324` crate drives the state machine and our
+//! own `v2.rs` ciphers, keyed from the same secret, carry the packet stream;
+//! the garbage terminator and the session id of both are compared. The whole
+//! handshake, first bytes included, runs under one deadline.
+
+use std::io;
+
+use bip324::{GarbageResult, Handshake, Initialized, ReceivedKey, Role, VersionResult};
+use bytes::{Buf, BytesMut};
+use rand::{Rng, RngCore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, timeout_at};
+
+use crate::upgrade::{DerivedValue, MAX_GARBAGE_LEN, SECP, V2Channel, fresh_secret};
+use crate::v1::{Magic, V1_PREFIX_LEN, VERSION_COMMAND, is_version_prefix};
+use crate::v2::{
+    ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, HEADER_LEN, LENGTH_LEN, MAX_CONTENTS_BYTES, SessionKeys, TAG_LEN,
+};
+
+/// What a peer's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstBytes {
+    /// Fewer than 16 bytes so far.
+    NeedMore,
+    /// The network's magic and the `version` command: a v1 peer.
+    V1,
+    /// The `version` command under another magic: a v1 peer of another
+    /// network. Core's responder disconnects it (`V2Transport::
+    /// ProcessReceivedKeyBytes`); no honest v2 key looks like that.
+    OtherNetworkV1(Magic),
+    /// Anything else: the start of an initiator's key.
+    V2,
+}
+
+/// BIP324's responder rule ("Handshake", V1_PREFIX) on the bytes a peer sent
+/// first. A v2 initiator sends its 64-byte key at once, a v1 peer a whole
+/// VERSION, so waiting for 16 bytes costs neither a round trip.
+pub fn classify_first_bytes(buf: &[u8], magic: &Magic) -> FirstBytes {
+    let Some(prefix) = buf.first_chunk::<V1_PREFIX_LEN>() else {
+        return FirstBytes::NeedMore;
+    };
+    if is_version_prefix(prefix, magic) {
+        return FirstBytes::V1;
+    }
+    let (their_magic, command) = prefix.split_at(4);
+    if command == VERSION_COMMAND {
+        let mut found = [0u8; 4];
+        found.copy_from_slice(their_magic);
+        return FirstBytes::OtherNetworkV1(found);
+    }
+    FirstBytes::V2
+}
+
+/// Why a responder handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum RespondError {
+    #[error("peer {} the connection during the handshake after {received} bytes", if *.reset { "reset" } else { "closed" })]
+    Closed { received: usize, reset: bool },
+    #[error("handshake timed out after {received} bytes from the peer")]
+    TimedOut { received: usize },
+    #[error("no garbage terminator within {} bytes", MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN)]
+    NoGarbageTerminator,
+    #[error("handshake packet of {len} bytes exceeds the {max}-byte limit")]
+    PacketTooLarge { len: usize, max: usize },
+    #[error("handshake: {0}")]
+    Protocol(bip324::Error),
+    #[error("handshake I/O: {0}")]
+    Io(io::Error),
+    /// Our own key derivation disagrees with the `bip324` crate's: a defect
+    /// here, never the peer's doing.
+    #[error("internal: derived {0} differs from the bip324 crate's")]
+    KeyMismatch(DerivedValue),
+}
+
+impl RespondError {
+    /// A short fixed label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RespondError::Closed { .. } => "peer_closed",
+            RespondError::TimedOut { .. } => "timeout",
+            RespondError::NoGarbageTerminator => "no_garbage_terminator",
+            RespondError::PacketTooLarge { .. } => "packet_too_large",
+            RespondError::Protocol(_) => "protocol",
+            RespondError::Io(_) => "io_error",
+            RespondError::KeyMismatch(_) => "internal",
+        }
+    }
+}
+
+/// Reads from the peer under the handshake deadline, counting what came.
+pub struct PeerReader<'s, S> {
+    stream: &'s mut S,
+    deadline: Instant,
+    received: usize,
+}
+
+impl<'s, S: AsyncRead + AsyncWrite + Unpin> PeerReader<'s, S> {
+    /// `already` bytes were read before (they count towards the totals).
+    pub fn new(stream: &'s mut S, deadline: Instant, already: usize) -> Self {
+        PeerReader { stream, deadline, received: already }
+    }
+
+    /// One read into `buf` (at least `want` bytes of room).
+    pub async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), RespondError> {
+        buf.reserve(want.max(1024));
+        match timeout_at(self.deadline, self.stream.read_buf(buf)).await {
+            Err(_) => Err(RespondError::TimedOut { received: self.received }),
+            Ok(Ok(0)) => Err(RespondError::Closed { received: self.received, reset: false }),
+            Ok(Ok(n)) => {
+                self.received += n;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(self.io_error(e)),
+        }
+    }
+
+    pub async fn read_at_least(&mut self, buf: &mut BytesMut, len: usize) -> Result<(), RespondError> {
+        while buf.len() < len {
+            self.read_into(buf, len - buf.len()).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> Result<(), RespondError> {
+        match timeout_at(self.deadline, self.stream.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.io_error(e)),
+            Err(_) => Err(RespondError::TimedOut { received: self.received }),
+        }
+    }
+
+    fn io_error(&self, e: io::Error) -> RespondError {
+        let reset = matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+        );
+        if reset { RespondError::Closed { received: self.received, reset: true } } else { RespondError::Io(e) }
+    }
+}
+
+/// Runs the responder handshake for network `magic` on `peer`, whose first
+/// bytes (already classified as [`FirstBytes::V2`]) are in `received`.
+pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+    peer: &mut S,
+    mut received: BytesMut,
+    magic: Magic,
+    deadline: Instant,
+) -> Result<V2Channel, RespondError> {
+    let mut io = PeerReader::new(peer, deadline, received.len());
+
+    // The initiator's key.
+    io.read_at_least(&mut received, ELLSWIFT_LEN).await?;
+    let mut theirs = [0u8; ELLSWIFT_LEN];
+    theirs.copy_from_slice(&received[..ELLSWIFT_LEN]);
+    received.advance(ELLSWIFT_LEN);
+
+    // Our key and garbage (Core: a random length in 0..=MAX_GARBAGE_LEN),
+    // then our terminator and version packet, in one write.
+    let (mut known, secret) = fresh_secret();
+    let handshake = Handshake::<Initialized>::new_with_rng(magic, Role::Responder, &mut known, &*SECP)
+        .map_err(RespondError::Protocol)?;
+    drop(known);
+    let mut garbage = vec![0u8; rand::thread_rng().gen_range(0..=MAX_GARBAGE_LEN)];
+    RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
+    let mut flight = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
+    let handshake = handshake.send_key(Some(&garbage), &mut flight).map_err(RespondError::Protocol)?;
+    let mut ours = [0u8; ELLSWIFT_LEN];
+    ours.copy_from_slice(&flight[..ELLSWIFT_LEN]);
+    let handshake = handshake.receive_key(theirs).map_err(RespondError::Protocol)?;
+    let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Responder, &magic);
+    let key_len = flight.len();
+    flight.resize(key_len + Handshake::<ReceivedKey>::send_version_len(None), 0);
+    let handshake = handshake.send_version(&mut flight[key_len..], None).map_err(RespondError::Protocol)?;
+    if flight[key_len..key_len + GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator()[..] {
+        return Err(RespondError::KeyMismatch(DerivedValue::GarbageTerminator));
+    }
+    io.write_all(&flight).await?;
+    drop(flight);
+
+    // The initiator's garbage, up to its terminator: the crate searches the
+    // first 4095 + 16 bytes and fails beyond; each read adds a bounded chunk.
+    let mut handshake = handshake;
+    let (mut handshake, terminator_end) = loop {
+        match handshake.receive_garbage(&received) {
+            Ok(GarbageResult::FoundGarbage { handshake, consumed_bytes }) => break (handshake, consumed_bytes),
+            Ok(GarbageResult::NeedMoreData(waiting)) => handshake = waiting,
+            Err(bip324::Error::NoGarbageTerminator) => return Err(RespondError::NoGarbageTerminator),
+            Err(e) => return Err(RespondError::Protocol(e)),
+        }
+        io.read_into(&mut received, 1).await?;
+    };
+    // The crate borrows the garbage (the first packet authenticates it);
+    // what follows the terminator continues in a buffer of its own.
+    let mut inbound = BytesMut::from(&received[terminator_end..]);
+
+    // Decoys, then the version packet (its contents are ignored).
+    let mut packets_received = 0u64;
+    loop {
+        io.read_at_least(&mut inbound, LENGTH_LEN).await?;
+        let mut length = [0u8; LENGTH_LEN];
+        length.copy_from_slice(&inbound[..LENGTH_LEN]);
+        let rest = handshake.decrypt_packet_len(length).map_err(RespondError::Protocol)?;
+        let contents_len = rest.saturating_sub(HEADER_LEN + TAG_LEN);
+        if contents_len > MAX_CONTENTS_BYTES {
+            return Err(RespondError::PacketTooLarge { len: contents_len, max: MAX_CONTENTS_BYTES });
+        }
+        io.read_at_least(&mut inbound, LENGTH_LEN + rest).await?;
+        let mut packet = inbound.split_to(LENGTH_LEN + rest);
+        packets_received += 1;
+        match handshake.receive_version(&mut packet[LENGTH_LEN..]).map_err(RespondError::Protocol)? {
+            VersionResult::Complete { cipher } => {
+                if cipher.id() != keys.session_id() {
+                    return Err(RespondError::KeyMismatch(DerivedValue::SessionId));
+                }
+                break;
+            }
+            VersionResult::Decoy(next) => handshake = next,
+        }
+    }
+
+    Ok(V2Channel {
+        session_id: *keys.session_id(),
+        // Our version packet was packet 0.
+        encoder: keys.encoder(1),
+        decoder: keys.decoder(packets_received),
+        leftover: inbound,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REGTEST: Magic = [0xfa, 0xbf, 0xb5, 0xda];
+    const MAINNET: Magic = [0xf9, 0xbe, 0xb4, 0xd9];
+
+    fn prefix(magic: Magic, command: &[u8; 12]) -> Vec<u8> {
+        let mut out = magic.to_vec();
+        out.extend_from_slice(command);
+        out
+    }
+
+    #[test]
+    fn v1_version_of_our_network() {
+        let bytes = prefix(REGTEST, &VERSION_COMMAND);
+        for len in 0..V1_PREFIX_LEN {
+            assert_eq!(classify_first_bytes(&bytes[..len], &REGTEST), FirstBytes::NeedMore, "len {len}");
+        }
+        assert_eq!(classify_first_bytes(&bytes, &REGTEST), FirstBytes::V1);
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(&[0x66; 80]);
+        assert_eq!(classify_first_bytes(&longer, &REGTEST), FirstBytes::V1);
+    }
+
+    #[test]
+    fn version_of_another_network_is_told_apart() {
+        let bytes = prefix(MAINNET, &VERSION_COMMAND);
+        assert_eq!(classify_first_bytes(&bytes, &REGTEST), FirstBytes::OtherNetworkV1(MAINNET));
+    }
+
+    #[test]
+    fn anything_else_is_a_key() {
+        // Our magic with another command is no V1_PREFIX: BIP324 treats it as
+        // a key (the crate then refuses a key that starts with our magic).
+        assert_eq!(classify_first_bytes(&prefix(REGTEST, b"verack\0\0\0\0\0\0"), &REGTEST), FirstBytes::V2);
+        assert_eq!(classify_first_bytes(&[0xffu8; 16], &REGTEST), FirstBytes::V2);
+        assert_eq!(classify_first_bytes(b"GET / HTTP/1.1\r\n", &REGTEST), FirstBytes::V2);
+        // One bit off in the command.
+        assert_eq!(classify_first_bytes(&prefix(REGTEST, b"version\0\0\0\0\x01"), &REGTEST), FirstBytes::V2);
+    }
+
+    #[test]
+    fn labels_are_fixed() {
+        assert_eq!(RespondError::NoGarbageTerminator.label(), "no_garbage_terminator");
+        assert_eq!(
+            RespondError::TimedOut { received: 3 }.to_string(),
+            "handshake timed out after 3 bytes from the peer"
+        );
+        assert_eq!(
+            RespondError::Closed { received: 64, reset: false }.to_string(),
+            "peer closed the connection during the handshake after 64 bytes"
+        );
+    }
+}

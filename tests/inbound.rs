@@ -1,0 +1,632 @@
+//! Inbound mode end to end, with real parts: the `bip324` crate's initiator,
+//! our own outbound proxy, plain v1 peers, and v1-only nodes on loopback
+//! (the echoing node from `common`, and a node here that answers a VERSION
+//! with its own, as a real node does).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bip324::{
+    GarbageResult, Handshake, InboundCipher, Initialized, OutboundCipher, PacketType, ReceivedKey, Role, VersionResult,
+};
+use bip324_proxy::config::{Cli, Config};
+use bip324_proxy::metrics::Observer;
+use bip324_proxy::server::{Bound, bind_inbound, serve_with_inbound};
+use bip324_proxy::session::FrontEnd;
+use bip324_proxy::state::ProxyState;
+use clap::Parser;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+const NODE_P2P_V2: u64 = 1 << 11;
+
+// ---------------------------------------------------------------- the proxy with inbound listeners
+
+struct InboundProxy {
+    /// The main (SOCKS5) listener.
+    addr: SocketAddr,
+    /// The inbound listeners, in configuration order.
+    inbound: Vec<SocketAddr>,
+    observer: Arc<Observer>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for InboundProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The library entry point with a main listener and the configured inbound
+/// listeners, all on 127.0.0.1 port 0 (inbound ones as configured).
+async fn spawn_inbound_proxy(toml: &str, args: &[&str]) -> InboundProxy {
+    let path =
+        std::env::temp_dir().join(format!("bip324-inbound-test-{}-{}.toml", std::process::id(), rand::random::<u64>()));
+    std::fs::write(&path, toml).unwrap();
+    let mut all = vec!["bip324-proxy", "--config", path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let config = Config::load(&Cli::try_parse_from(all).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let main = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = main.local_addr().unwrap();
+    let inbound = bind_inbound(&config).await.unwrap();
+    let inbound_addrs = inbound.iter().map(|b| b.listener.local_addr().unwrap()).collect();
+    let observer = Arc::new(Observer::default());
+    let state = Arc::new(ProxyState::new(Arc::new(config), observer.clone()));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(serve_with_inbound(
+        vec![Bound { listener: main.into(), front: FrontEnd::Main }],
+        inbound,
+        state,
+        shutdown.clone(),
+    ));
+    InboundProxy { addr, inbound: inbound_addrs, observer, shutdown }
+}
+
+async fn inbound_to(node: SocketAddr, extra: &[&str]) -> InboundProxy {
+    let spec = format!("127.0.0.1:0={node}@regtest");
+    let mut args = vec!["--inbound", spec.as_str()];
+    args.extend_from_slice(extra);
+    spawn_inbound_proxy("", &args).await
+}
+
+// ---------------------------------------------------------------- a node that answers VERSION
+
+/// What an answering node received, per connection.
+type Received = Arc<Mutex<Vec<Vec<Frame>>>>;
+
+/// A v1-only node as a real one behaves towards an inbound peer: it reads
+/// the peer's VERSION, answers with its own VERSION (NODE_NETWORK |
+/// NODE_WITNESS, no NODE_P2P_V2) and a VERACK, then echoes every message
+/// but the peer's VERACK.
+async fn spawn_answering_node() -> (SocketAddr, Received) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received: Received = Arc::default();
+    let log = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, peer)) = listener.accept().await else { return };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let conn = {
+                    let mut all = log.lock().unwrap();
+                    all.push(Vec::new());
+                    all.len() - 1
+                };
+                let Ok(version) = read_frame(&mut stream).await else { return };
+                if version.magic != REGTEST || version.command != "version" {
+                    return;
+                }
+                log.lock().unwrap()[conn].push(version);
+                let mut answer = version_message(REGTEST, peer);
+                answer.extend(frame(REGTEST, "verack", &[]));
+                if stream.write_all(&answer).await.is_err() {
+                    return;
+                }
+                while let Ok(message) = read_frame(&mut stream).await {
+                    let echo = frame(message.magic, &message.command, &message.payload);
+                    let verack = message.command == "verack";
+                    log.lock().unwrap()[conn].push(message);
+                    if !verack && stream.write_all(&echo).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+fn services(version_payload: &[u8]) -> u64 {
+    u64::from_le_bytes(version_payload[4..12].try_into().unwrap())
+}
+
+// ---------------------------------------------------------------- a BIP324 initiator (the bip324 crate)
+
+/// How the test initiator shapes its handshake.
+#[derive(Clone, Default)]
+struct InitiatorShape {
+    garbage_len: usize,
+    decoys: Vec<Vec<u8>>,
+    /// Write the garbage terminator in two pieces, with a pause between.
+    split_terminator: bool,
+}
+
+/// A peer that runs BIP324 as initiator with the `bip324` crate.
+struct V2Peer {
+    stream: TcpStream,
+    session_id: [u8; 32],
+    decrypt: InboundCipher,
+    encrypt: OutboundCipher,
+    buf: Vec<u8>,
+}
+
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) {
+    while buf.len() < len {
+        let mut chunk = vec![0u8; (len - buf.len()).max(4096)];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk)).await.expect("read timed out").expect("read");
+        assert!(n > 0, "responder closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+impl V2Peer {
+    async fn connect(addr: SocketAddr, shape: InitiatorShape) -> V2Peer {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let handshake = Handshake::<Initialized>::new(REGTEST, Role::Initiator).unwrap();
+        let garbage = random_payload(shape.garbage_len);
+        let mut key = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
+        let handshake = handshake.send_key(Some(&garbage), &mut key).unwrap();
+        stream.write_all(&key).await.unwrap();
+
+        let mut buf = Vec::new();
+        fill(&mut stream, &mut buf, 64).await;
+        let theirs: [u8; 64] = buf[..64].try_into().unwrap();
+        let mut garbage_buf = buf[64..].to_vec();
+        let handshake = handshake.receive_key(theirs).unwrap();
+        let decoys: Vec<&[u8]> = shape.decoys.iter().map(Vec::as_slice).collect();
+        let mut flight = vec![0u8; Handshake::<ReceivedKey>::send_version_len(Some(&decoys))];
+        let handshake = handshake.send_version(&mut flight, Some(&decoys)).unwrap();
+        if shape.split_terminator {
+            stream.write_all(&flight[..7]).await.unwrap();
+            stream.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream.write_all(&flight[7..]).await.unwrap();
+        } else {
+            stream.write_all(&flight).await.unwrap();
+        }
+
+        let mut handshake = handshake;
+        let (mut handshake, consumed) = loop {
+            match handshake.receive_garbage(&garbage_buf).unwrap() {
+                GarbageResult::FoundGarbage { handshake, consumed_bytes } => break (handshake, consumed_bytes),
+                GarbageResult::NeedMoreData(waiting) => {
+                    handshake = waiting;
+                    let want = garbage_buf.len() + 1;
+                    fill(&mut stream, &mut garbage_buf, want).await;
+                }
+            }
+        };
+        let mut rest = garbage_buf[consumed..].to_vec();
+        let cipher = loop {
+            fill(&mut stream, &mut rest, 3).await;
+            let len = handshake.decrypt_packet_len(rest[..3].try_into().unwrap()).unwrap();
+            fill(&mut stream, &mut rest, 3 + len).await;
+            let mut packet: Vec<u8> = rest.drain(..3 + len).collect();
+            match handshake.receive_version(&mut packet[3..]).unwrap() {
+                VersionResult::Complete { cipher } => break cipher,
+                VersionResult::Decoy(next) => handshake = next,
+            }
+        };
+        let session_id = *cipher.id();
+        let (decrypt, encrypt) = cipher.into_split();
+        V2Peer { stream, session_id, decrypt, encrypt, buf: rest }
+    }
+
+    /// Sends a message with its command in long form.
+    async fn send(&mut self, command: &str, payload: &[u8]) {
+        let packet = self.packet(command, payload);
+        self.stream.write_all(&packet).await.unwrap();
+    }
+
+    fn packet(&mut self, command: &str, payload: &[u8]) -> Vec<u8> {
+        let mut contents = vec![0u8; 13];
+        contents[1..1 + command.len()].copy_from_slice(command.as_bytes());
+        contents.extend_from_slice(payload);
+        self.encrypt.encrypt_to_vec(&contents, PacketType::Genuine, None)
+    }
+
+    /// The next genuine message: (command, payload). Short IDs used here:
+    /// ping 18, pong 19, block 2.
+    async fn recv(&mut self) -> (String, Vec<u8>) {
+        loop {
+            fill(&mut self.stream, &mut self.buf, 3).await;
+            let len = self.decrypt.decrypt_packet_len(self.buf[..3].try_into().unwrap());
+            fill(&mut self.stream, &mut self.buf, 3 + len).await;
+            let mut packet: Vec<u8> = self.buf.drain(..3 + len).collect();
+            let (kind, plaintext) = self.decrypt.decrypt_in_place(&mut packet[3..], None).unwrap();
+            if kind == PacketType::Decoy {
+                continue;
+            }
+            let contents = &plaintext[1..];
+            let (command, payload) = match contents[0] {
+                0 => {
+                    let name: Vec<u8> = contents[1..13].iter().copied().take_while(|&b| b != 0).collect();
+                    (String::from_utf8(name).unwrap(), contents[13..].to_vec())
+                }
+                2 => ("block".to_owned(), contents[1..].to_vec()),
+                18 => ("ping".to_owned(), contents[1..].to_vec()),
+                19 => ("pong".to_owned(), contents[1..].to_vec()),
+                other => panic!("unexpected short id {other}"),
+            };
+            return (command, payload);
+        }
+    }
+}
+
+/// The payload of a v1 VERSION frame built by `version_message`.
+fn version_payload(receiver: SocketAddr) -> Vec<u8> {
+    version_message(REGTEST, receiver)[24..].to_vec()
+}
+
+async fn wait_until(mut check: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("condition not reached");
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn bip324_initiator_reaches_a_v1_node_through_the_inbound_listener() {
+    let (node, received) = spawn_answering_node().await;
+    let proxy = inbound_to(node, &[]).await;
+    let mut peer = V2Peer::connect(proxy.inbound[0], InitiatorShape { garbage_len: 300, ..Default::default() }).await;
+
+    // VERSION round trip: ours reaches the node unchanged, the node's comes
+    // back with NODE_P2P_V2 added.
+    let ours = version_payload(proxy.inbound[0]);
+    peer.send("version", &ours).await;
+    let (command, theirs) = peer.recv().await;
+    assert_eq!(command, "version");
+    assert_eq!(services(&theirs), 0x09 | NODE_P2P_V2, "NODE_NETWORK | NODE_WITNESS | NODE_P2P_V2");
+    assert_eq!(peer.recv().await.0, "verack");
+    peer.send("verack", &[]).await;
+
+    // A few messages, one large enough for the relay's zero-copy path.
+    let block = random_payload(200_000);
+    peer.send("ping", &7u64.to_le_bytes()).await;
+    peer.send("block", &block).await;
+    peer.send("sendheaders", &[]).await;
+    assert_eq!(peer.recv().await, ("ping".to_owned(), 7u64.to_le_bytes().to_vec()));
+    assert_eq!(peer.recv().await, ("block".to_owned(), block.clone()));
+    assert_eq!(peer.recv().await.0, "sendheaders");
+
+    let seen = received.lock().unwrap()[0].clone();
+    assert_eq!(seen[0].command, "version");
+    assert_eq!(seen[0].payload, ours, "the peer's VERSION reaches the node untouched");
+    let commands: Vec<&str> = seen.iter().map(|f| f.command.as_str()).collect();
+    assert_eq!(commands, ["version", "verack", "ping", "block", "sendheaders"]);
+
+    // The proxy's session id is the initiator's.
+    let status = proxy.observer.status();
+    let row = status.sessions.iter().find(|s| s.direction == "inbound").expect("inbound session listed");
+    assert_eq!(row.session_id.as_deref(), Some(hex::encode(peer.session_id).as_str()));
+    assert_eq!(row.transport.as_deref(), Some("v2"));
+    assert_eq!(row.target.as_deref(), Some(node.to_string().as_str()));
+    assert_eq!(row.network.as_deref(), Some("regtest"));
+    let metrics = proxy.observer.encode_metrics();
+    assert!(metrics.contains("bip324_proxy_inbound_sessions_opened_total{transport=\"v2\"} 1"), "{metrics}");
+    assert!(metrics.contains("bip324_proxy_inbound_version_rewrites_total{outcome=\"set\"} 1"), "{metrics}");
+    assert!(metrics.contains("bip324_proxy_inbound_handshake_duration_seconds_count 1"), "{metrics}");
+
+    drop(peer);
+    let observer = proxy.observer.clone();
+    wait_until(|| observer.status().open_sessions == 0).await;
+    let metrics = proxy.observer.encode_metrics();
+    assert!(
+        metrics.contains("bip324_proxy_inbound_sessions_closed_total{transport=\"v2\",reason=\"closed\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn decoys_full_garbage_and_a_terminator_split_across_reads() {
+    let node = spawn_v1_node(REGTEST).await;
+    let proxy = inbound_to(node.addr, &[]).await;
+    let shape = InitiatorShape {
+        garbage_len: 4095,
+        decoys: vec![vec![0xd0; 10], vec![], vec![0xd1; 3000]],
+        split_terminator: true,
+    };
+    let mut peer = V2Peer::connect(proxy.inbound[0], shape).await;
+    let version = version_payload(proxy.inbound[0]);
+    peer.send("version", &version).await;
+    // The echoing node sends the peer's own VERSION back as its first
+    // message; it gains the bit on its way out.
+    let (command, echoed) = peer.recv().await;
+    assert_eq!(command, "version");
+    assert_eq!(services(&echoed), services(&version) | NODE_P2P_V2);
+    assert_eq!(echoed[12..], version[12..]);
+    // Decoys after the handshake are skipped.
+    let decoy = peer.encrypt.encrypt_to_vec(&[0xee; 50], PacketType::Decoy, None);
+    peer.stream.write_all(&decoy).await.unwrap();
+    peer.send("ping", &[1; 8]).await;
+    assert_eq!(peer.recv().await, ("ping".to_owned(), vec![1; 8]));
+}
+
+#[tokio::test]
+async fn our_outbound_proxy_chained_to_the_inbound_listener() {
+    let (node, received) = spawn_answering_node().await;
+    let inbound = inbound_to(node, &[]).await;
+    let outbound = spawn_inbound_proxy("", &[]).await;
+
+    // A v1 client -> outbound proxy (SOCKS5) -> v2 -> inbound listener -> v1 node.
+    let mut client = open_v1_session(outbound.addr, inbound.inbound[0], REGTEST).await;
+    let answer = expect_frame(&mut client).await;
+    assert_eq!(answer.command, "version");
+    assert_eq!(services(&answer.payload), 0x09 | NODE_P2P_V2, "the client sees the node advertise v2");
+    assert_eq!(expect_frame(&mut client).await.command, "verack");
+    client.write_all(&frame(REGTEST, "verack", &[])).await.unwrap();
+    let payload = random_payload(70_000);
+    client.write_all(&frame(REGTEST, "ping", &[9; 8])).await.unwrap();
+    client.write_all(&frame(REGTEST, "tx", &payload)).await.unwrap();
+    assert_eq!(expect_frame(&mut client).await, Frame { magic: REGTEST, command: "ping".into(), payload: vec![9; 8] });
+    assert_eq!(expect_frame(&mut client).await.payload, payload);
+    let commands: Vec<String> = received.lock().unwrap()[0].iter().map(|f| f.command.clone()).collect();
+    assert_eq!(commands, ["version", "verack", "ping", "tx"]);
+
+    // Both ends of the v2 link agree on the session id.
+    let out_row = outbound.observer.status().sessions[0].clone();
+    let in_row = inbound.observer.status().sessions[0].clone();
+    assert_eq!((out_row.direction, in_row.direction), ("outbound", "inbound"));
+    assert_eq!(out_row.transport.as_deref(), Some("v2"));
+    assert_eq!(in_row.transport.as_deref(), Some("v2"));
+    assert!(out_row.session_id.is_some());
+    assert_eq!(out_row.session_id, in_row.session_id);
+}
+
+#[tokio::test]
+async fn a_v1_peer_is_relayed_framed_and_sees_the_bit() {
+    let (node, received) = spawn_answering_node().await;
+    let proxy = inbound_to(node, &[]).await;
+    let mut peer = TcpStream::connect(proxy.inbound[0]).await.unwrap();
+    peer.write_all(&version_message(REGTEST, proxy.inbound[0])).await.unwrap();
+    let answer = expect_frame(&mut peer).await; // checks the recomputed checksum
+    assert_eq!(answer.command, "version");
+    assert_eq!(services(&answer.payload), 0x09 | NODE_P2P_V2);
+    assert_eq!(expect_frame(&mut peer).await.command, "verack");
+    peer.write_all(&frame(REGTEST, "ping", &[3; 8])).await.unwrap();
+    assert_eq!(expect_frame(&mut peer).await.payload, vec![3; 8]);
+    let row = proxy.observer.status().sessions[0].clone();
+    assert_eq!((row.direction, row.transport.as_deref(), row.session_id), ("inbound", Some("v1"), None));
+
+    // Every byte is checked as a v1 message: a bad checksum closes the
+    // session and never reaches the node.
+    let mut bad = frame(REGTEST, "pong", &[4; 8]);
+    bad[20] ^= 0xff;
+    peer.write_all(&bad).await.unwrap();
+    expect_closed(&mut peer).await;
+    let commands: Vec<String> = received.lock().unwrap()[0].iter().map(|f| f.command.clone()).collect();
+    assert_eq!(commands, ["version", "ping"]);
+    let observer = proxy.observer.clone();
+    wait_until(|| observer.status().open_sessions == 0).await;
+    let metrics = proxy.observer.encode_metrics();
+    assert!(
+        metrics.contains("bip324_proxy_inbound_sessions_closed_total{transport=\"v1\",reason=\"bad_peer_message\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_v1_peer_is_closed_when_v1_is_refused() {
+    let node = spawn_v1_node(REGTEST).await;
+    let toml = format!(
+        "[[inbound]]\nlisten = \"127.0.0.1:0\"\nnode = \"{}\"\nnetwork = \"regtest\"\nv1 = \"refuse\"\n",
+        node.addr
+    );
+    let proxy = spawn_inbound_proxy(&toml, &[]).await;
+    let mut peer = TcpStream::connect(proxy.inbound[0]).await.unwrap();
+    peer.write_all(&version_message(REGTEST, proxy.inbound[0])).await.unwrap();
+    expect_closed(&mut peer).await;
+    // A v2 peer on the same listener is served.
+    let mut v2 = V2Peer::connect(proxy.inbound[0], InitiatorShape::default()).await;
+    v2.send("version", &version_payload(proxy.inbound[0])).await;
+    assert_eq!(v2.recv().await.0, "version");
+    assert_eq!(node.log.accepts.load(std::sync::atomic::Ordering::SeqCst), 1, "only the v2 peer reached the node");
+    let metrics = proxy.observer.encode_metrics();
+    assert!(
+        metrics.contains("bip324_proxy_inbound_sessions_closed_total{transport=\"none\",reason=\"v1_refused\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_inbound_flood_never_takes_outbound_permits() {
+    let node = spawn_v1_node(REGTEST).await;
+    let v2_node = spawn_v2_node(V2NodeOptions::default()).await;
+    let proxy =
+        inbound_to(node.addr, &["--max-sessions", "1", "--max-inbound", "3", "--max-inbound-per-source", "2"]).await;
+    let inbound = proxy.inbound[0];
+
+    // Two silent connections from one address fill its per-source share; a
+    // third is closed at accept.
+    let _a = TcpStream::connect(inbound).await.unwrap();
+    let _b = TcpStream::connect(inbound).await.unwrap();
+    let mut c = TcpStream::connect(inbound).await.unwrap();
+    expect_closed(&mut c).await;
+    // From another loopback address: one more fits max_inbound, then no more.
+    let from = |ip: &str| {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket.connect(inbound)
+    };
+    let _d = from("127.0.0.2").await.unwrap();
+    let mut e = from("127.0.0.2").await.unwrap();
+    expect_closed(&mut e).await;
+    let metrics = proxy.observer.encode_metrics();
+    assert!(metrics.contains("connections_refused_total{reason=\"inbound_source_limit\"} 1"), "{metrics}");
+    assert!(metrics.contains("connections_refused_total{reason=\"inbound_limit\"} 1"), "{metrics}");
+
+    // The one outbound permit is untouched.
+    let mut client = open_v1_session(proxy.addr, v2_node.addr, REGTEST).await;
+    assert_eq!(expect_frame(&mut client).await.command, "version");
+}
+
+// ---------------------------------------------------------------- faults, against the binary
+
+/// The binary with one inbound listener, its address from the log.
+async fn binary_with_inbound(node: SocketAddr, extra: &[&str]) -> (BinaryProxy, SocketAddr) {
+    let spec = format!("127.0.0.1:0={node}@regtest");
+    let mut args = vec!["--inbound", spec.as_str()];
+    args.extend_from_slice(extra);
+    let mut proxy = spawn_binary(&args, "info").await;
+    let line = proxy.wait_for(&["listening (inbound)"]).await;
+    let addr = line.split("listen=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap();
+    (proxy, addr.parse().unwrap())
+}
+
+/// Reads the responder's key, garbage, terminator and version packet as far
+/// as they come, without answering.
+async fn drain_for(stream: &mut TcpStream, wait: Duration) {
+    let mut buf = [0u8; 8192];
+    let _ = tokio::time::timeout(wait, async {
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn faults_close_only_their_own_session_with_one_line_each() {
+    let (node, _) = spawn_answering_node().await;
+    let v2_node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (mut proxy, inbound) = binary_with_inbound(node, &["--handshake-timeout", "2"]).await;
+
+    // A good v2 peer, open throughout.
+    let mut good = V2Peer::connect(inbound, InitiatorShape::default()).await;
+    good.send("version", &version_payload(inbound)).await;
+    assert_eq!(good.recv().await.0, "version");
+    assert_eq!(good.recv().await.0, "verack");
+    proxy.wait_for(&["inbound session open", "transport=v2"]).await;
+
+    // 1. Junk instead of a key: text, then the peer leaves.
+    let mut junk = TcpStream::connect(inbound).await.unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n").await.unwrap();
+    junk.shutdown().await.unwrap();
+    expect_closed(&mut junk).await;
+    proxy.wait_for(&["inbound session closed", "peer closed the connection during the handshake after 33 bytes"]).await;
+
+    // 2. A real key, then silence: the handshake deadline closes it.
+    let handshake = Handshake::<Initialized>::new(REGTEST, Role::Initiator).unwrap();
+    let mut key = vec![0u8; 64];
+    handshake.send_key(None, &mut key).unwrap();
+    let mut silent = TcpStream::connect(inbound).await.unwrap();
+    silent.write_all(&key).await.unwrap();
+    drain_for(&mut silent, WAIT).await;
+    proxy.wait_for(&["inbound session closed", "handshake timed out after 64 bytes"]).await;
+
+    // 3. A key and 4096 bytes of garbage with no terminator (plus the 16
+    //    bytes where one would be): closed once the limit is passed.
+    let mut garbage = TcpStream::connect(inbound).await.unwrap();
+    let mut flight = key.clone();
+    flight.extend(random_payload(4096 + 16));
+    garbage.write_all(&flight).await.unwrap();
+    drain_for(&mut garbage, WAIT).await;
+    proxy.wait_for(&["inbound session closed", "no garbage terminator within 4111 bytes"]).await;
+
+    // 4. An oversize packet after a good handshake: refused from its length alone.
+    let mut oversize = V2Peer::connect(inbound, InitiatorShape::default()).await;
+    let packet = oversize.packet("block", &vec![0u8; 4_000_001]);
+    oversize.stream.write_all(&packet[..3]).await.unwrap();
+    drain_for(&mut oversize.stream, WAIT).await;
+    proxy.wait_for(&["inbound session closed", "peer sent a bad v2 packet", "exceed the 4000013-byte limit"]).await;
+
+    // 5. A decoy of oversize length during the handshake.
+    let mut stream = TcpStream::connect(inbound).await.unwrap();
+    let handshake = Handshake::<Initialized>::new(REGTEST, Role::Initiator).unwrap();
+    let mut key = vec![0u8; 64];
+    let handshake = handshake.send_key(None, &mut key).unwrap();
+    stream.write_all(&key).await.unwrap();
+    let mut theirs = [0u8; 64];
+    stream.read_exact(&mut theirs).await.unwrap();
+    let handshake = handshake.receive_key(theirs).unwrap();
+    let big = vec![0u8; 4_000_014];
+    let decoys: [&[u8]; 1] = [&big];
+    let mut flight = vec![0u8; Handshake::<ReceivedKey>::send_version_len(Some(&decoys))];
+    handshake.send_version(&mut flight, Some(&decoys)).unwrap();
+    stream.write_all(&flight[..16 + 3]).await.unwrap();
+    drain_for(&mut stream, WAIT).await;
+    proxy.wait_for(&["inbound session closed", "handshake packet of 4000014 bytes exceeds"]).await;
+
+    // 6. A v1 VERSION of another network.
+    let mut mainnet = TcpStream::connect(inbound).await.unwrap();
+    mainnet.write_all(&version_message(MAINNET, inbound)).await.unwrap();
+    expect_closed(&mut mainnet).await;
+    proxy.wait_for(&["inbound session closed", "network magic f9beb4d9, not regtest"]).await;
+
+    // The good session still works, and so does an outbound session.
+    good.send("ping", &[5; 8]).await;
+    assert_eq!(good.recv().await, ("ping".to_owned(), vec![5; 8]));
+    let mut client = open_v1_session(proxy.addr, v2_node.addr, REGTEST).await;
+    assert_eq!(expect_frame(&mut client).await.command, "version");
+    proxy.wait_for(&["session open", "transport=v2", "target="]).await;
+
+    // One close line per faulty connection, none for the good one.
+    let closes = proxy.seen.iter().filter(|l| l.contains("inbound session closed")).count();
+    assert_eq!(closes, 6, "{}", proxy.seen.join("\n"));
+}
+
+/// Handshake cost per inbound session and how fast junk is shed, measured
+/// on loopback (run with `--ignored --nocapture`; numbers vary by machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn measure_inbound_handshake_cost_and_junk_shedding() {
+    let node = spawn_v1_node(REGTEST).await;
+    let proxy = inbound_to(node.addr, &["--max-inbound", "4096", "--max-inbound-per-source", "4096"]).await;
+    let rounds = 300;
+    let started = std::time::Instant::now();
+    for _ in 0..rounds {
+        let peer = V2Peer::connect(proxy.inbound[0], InitiatorShape::default()).await;
+        drop(peer);
+    }
+    let elapsed = started.elapsed();
+    let metrics = proxy.observer.encode_metrics();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let sum = value("bip324_proxy_inbound_handshake_duration_seconds_sum");
+    let count = value("bip324_proxy_inbound_handshake_duration_seconds_count");
+    println!(
+        "{rounds} sequential handshakes (initiator in the same process): {:.0} us per session end to end; \
+         responder-side accept-to-handshake mean {:.0} us",
+        elapsed.as_micros() as f64 / rounds as f64,
+        sum / count * 1e6
+    );
+
+    // Junk: 64 random bytes then close, as fast as 8 clients can.
+    let junk_rounds = 2000;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let addr = proxy.inbound[0];
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..junk_rounds / 8 {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(&random_payload(64 + 200)).await.unwrap();
+                s.shutdown().await.unwrap();
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{junk_rounds} junk connections (64-byte fake key, 200 bytes of garbage, close) shed in {:?}: {:.0} per second",
+        elapsed,
+        junk_rounds as f64 / elapsed.as_secs_f64()
+    );
+}
