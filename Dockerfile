@@ -1,30 +1,32 @@
 # bip324-proxy as a container (a sidecar next to a Bitcoin node).
 #
-# The build step is the same command .ci/run runs on every change
-# (`cargo build --locked --release`), so CI exercises it even where no Docker
-# engine is available.
+# scripts/container-check builds this image, runs it and carries a v2
+# session through it.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
+# The binary needs only the manifest, the lock file and src/ (config/ is
+# embedded by the unit tests alone); tests/ and examples/ are not built.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-COPY config ./config
-COPY tests ./tests
-COPY examples ./examples
-RUN cargo build --locked --release
+RUN cargo build --locked --release --bin bip324-proxy
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10324 --no-create-home --shell /usr/sbin/nologin bip324
+# A fixed numeric uid and gid, so `USER` below is numeric and Kubernetes'
+# runAsNonRoot can verify it without reading /etc/passwd.
+RUN groupadd --system --gid 10324 bip324 \
+    && useradd --system --uid 10324 --gid 10324 --no-create-home --shell /usr/sbin/nologin bip324
 COPY --from=build /src/target/release/bip324-proxy /usr/local/bin/bip324-proxy
-COPY config/bip324-proxy.toml /etc/bip324-proxy/bip324-proxy.toml
-USER bip324
-# Inside the container the proxy must listen on all interfaces. The proxy
-# refuses a non-loopback address unless clients are restricted: set
-# BIP324_PROXY_ALLOW to the container network (and 127.0.0.1 for the health
-# check), or BIP324_PROXY_CLIENT_USERNAME/_PASSWORD. Mount your own file over
-# /etc/bip324-proxy/bip324-proxy.toml to configure everything else.
-ENV BIP324_PROXY_LISTEN=0.0.0.0:1324 \
-    BIP324_PROXY_CONFIG=/etc/bip324-proxy/bip324-proxy.toml
+# The image's default configuration: listen on 0.0.0.0:1324 and serve only
+# 127.0.0.1 (the health check) until you allow your clients. The file is the
+# only place `listen` is set: a file mounted over it wins. Environment
+# variables (BIP324_PROXY_ALLOW, BIP324_PROXY_UPSTREAM, ...) and flags after
+# the image name override single keys of whichever file is in place.
+COPY config/container.toml /etc/bip324-proxy/bip324-proxy.toml
+ENV BIP324_PROXY_CONFIG=/etc/bip324-proxy/bip324-proxy.toml
+USER 10324:10324
 EXPOSE 1324
+# Connects to the configured listen address (127.0.0.1 for 0.0.0.0), so the
+# allow-list must keep 127.0.0.1 or the check fails with "early eof".
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
     CMD ["bip324-proxy", "healthcheck"]
 ENTRYPOINT ["bip324-proxy"]
