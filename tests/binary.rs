@@ -153,10 +153,17 @@ async fn transparent_placeholder_addr_recv_is_refused_with_the_reason() {
 
 #[tokio::test]
 async fn healthcheck_reports_a_live_proxy() {
-    let proxy = spawn_binary(&[], "info").await;
+    let mut proxy = spawn_binary(&[], "info").await;
     let listen = proxy.addr.to_string();
     let (status, stderr) = run_binary(&["--listen", &listen, "healthcheck"]).await;
     assert!(status.success(), "{stderr}");
+    // A health check every 30 s must not write a line each time at info: the
+    // first close line seen is the half-sent greeting that follows it.
+    let mut half = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut half, &[0x05, 0x02, 0x00]).await.unwrap();
+    drop(half);
+    let line = proxy.wait_for(&["session closed"]).await;
+    assert!(line.contains("session{id=2 ") && line.contains("client closed before sending anything useful"), "{line}");
     drop(proxy);
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = closed.local_addr().unwrap().to_string();

@@ -60,6 +60,10 @@ impl fmt::Display for SocksStage {
 pub enum SessionError {
     #[error("client closed before sending anything useful")]
     ClientGone,
+    /// The client closed between SOCKS5 messages, with nothing half sent: a
+    /// health check or a port probe, logged at debug level only.
+    #[error("client closed between SOCKS5 messages (a health check or probe)")]
+    ClientLeftIdle,
     #[error("client sent no complete SOCKS5 request within {0:?}")]
     SocksTimeout(Duration),
     #[error("first byte {0:#04x} is neither a SOCKS5 greeting nor a v1 message of an allowed network")]
@@ -102,6 +106,7 @@ impl SessionError {
         use SessionError::*;
         match self {
             ClientGone
+            | ClientLeftIdle
             | SocksTimeout(_)
             | UnknownProtocol(_)
             | Socks { .. }
@@ -120,7 +125,7 @@ impl SessionError {
     pub fn label(&self) -> &'static str {
         use SessionError::*;
         match self {
-            ClientGone | ClientClosedEarly | ClientIo(..) => "client_gone",
+            ClientGone | ClientLeftIdle | ClientClosedEarly | ClientIo(..) => "client_gone",
             SocksTimeout(_) | FirstMessageTimeout(_) => "client_timeout",
             UnknownProtocol(_) | Sniff(SniffError::NotBitcoin { .. }) => "not_bitcoin",
             Socks { .. } => "socks_error",

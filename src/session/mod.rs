@@ -29,7 +29,7 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Span, info};
+use tracing::{Span, debug, info};
 
 pub use self::error::{SessionError, SocksAnswer, SocksStage, Stage, socks_answer};
 use self::read::{read_decoded, read_more};
@@ -135,6 +135,10 @@ pub async fn run(
         Ok(Ending::Resolved(ip)) => {
             info!(resolved = %ip, ms = ms(), "session closed");
             "resolved"
+        }
+        Err(error @ SessionError::ClientLeftIdle) => {
+            debug!(stage = %error.stage(), reason = %error, ms = ms(), "session closed");
+            error.label()
         }
         Err(error) => {
             info!(stage = %error.stage(), reason = %error, ms = ms(), "session closed");

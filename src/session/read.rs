@@ -43,6 +43,7 @@ pub(super) async fn read_more(
     pending.reserve(512);
     match timeout_at(deadline, client.read_buf(pending)).await {
         Err(_) => Err(ReadFailure::Timeout),
+        Ok(Ok(0)) if stage == Stage::Accept && pending.is_empty() => Err(SessionError::ClientLeftIdle.into()),
         Ok(Ok(0)) if stage == Stage::Accept => Err(SessionError::ClientGone.into()),
         Ok(Ok(0)) => Err(SessionError::ClientClosedEarly.into()),
         Ok(Ok(_)) => Ok(()),
