@@ -266,6 +266,17 @@ pub struct Inbound {
     pub v1: V1Peers,
     /// The address the node announces for itself (its `-externalip`).
     pub advertise: Option<SocketAddr>,
+    /// Peer addresses and networks refused at accept.
+    pub deny: Vec<IpNet>,
+}
+
+impl Inbound {
+    /// Whether a peer address is on this listener's deny list (IPv4-mapped
+    /// IPv6 peers are judged as the IPv4 address they are).
+    pub fn denies(&self, peer: &SocketAddr) -> bool {
+        let ip = peer.ip().to_canonical();
+        self.deny.iter().any(|net| net.contains(&ip))
+    }
 }
 
 /// A static route: every connection to `listen` is a session to `target`.
@@ -814,6 +825,29 @@ fn client_auth_section(file: &FileConfig, cli: &Cli) -> Result<Option<ClientAuth
     }
 }
 
+/// Most entries in one inbound listener's `deny` list: matching is a linear
+/// scan per accepted connection.
+pub const MAX_DENY_ENTRIES: usize = 1024;
+
+/// An inbound listener's `deny = ["ADDR" | "CIDR", ...]`.
+fn deny_list(key: &str, texts: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    if texts.len() > MAX_DENY_ENTRIES {
+        return Err(ConfigError(format!(
+            "{key}: {} entries given; at most {MAX_DENY_ENTRIES} are allowed",
+            texts.len()
+        )));
+    }
+    texts
+        .iter()
+        .map(|text| {
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| ConfigError(format!("{key}: `{}` is not an address or CIDR network", shown(text))))
+        })
+        .collect()
+}
+
 fn allow_section(file: &FileConfig, cli: &Cli) -> Result<Vec<IpNet>, ConfigError> {
     let texts = if cli.allow.is_empty() { &file.allow } else { &cli.allow };
     texts
@@ -862,6 +896,7 @@ fn inbound_section(
             network: network(&key, section.network.as_deref())?,
             v1: section.v1,
             advertise: section.advertise.as_deref().map(|a| socket_addr(&format!("{key}.advertise"), a)).transpose()?,
+            deny: deny_list(&format!("{key}.deny"), &section.deny)?,
         });
     }
     for text in &cli.inbound {
@@ -882,6 +917,7 @@ fn inbound_section(
             network: network(&key, name)?,
             v1: V1Peers::Relay,
             advertise: None,
+            deny: Vec::new(),
         });
     }
     Ok(all)
@@ -959,6 +995,8 @@ struct FileInbound {
     #[serde(default)]
     v1: V1Peers,
     advertise: Option<String>,
+    #[serde(default)]
+    deny: Vec<String>,
 }
 
 /// `listen = "ADDR"` or `listen = ["ADDR", ...]`.
@@ -1478,6 +1516,37 @@ mod tests {
         assert_eq!(c.inbound[2].network.name, "regtest");
         assert_eq!(c.max_inbound, 256);
         assert_eq!(c.max_inbound_per_source, 8);
+    }
+
+    #[test]
+    fn inbound_deny_lists() {
+        let section = |deny: &str| {
+            format!("[[inbound]]\nlisten = \"0.0.0.0:8333\"\nnode = \"127.0.0.1:8334\"\nnetwork = \"mainnet\"\n{deny}")
+        };
+        let c = load_text(&section("deny = [\"192.0.2.1\", \"198.51.100.77/24\", \"2001:db8::/32\"]\n"), &[]).unwrap();
+        let inbound = &c.inbound[0];
+        // Host bits of a network are dropped: 198.51.100.77/24 is 198.51.100.0/24.
+        assert_eq!(inbound.deny[1].to_string(), "198.51.100.0/24");
+        for (peer, denied) in [
+            ("192.0.2.1:1", true),
+            ("192.0.2.2:1", false),
+            ("198.51.100.200:8333", true),
+            ("[::ffff:198.51.100.9]:8333", true), // IPv4-mapped: judged as IPv4
+            ("[2001:db8:1::5]:8333", true),
+            ("[2001:db9::5]:8333", false),
+            ("203.0.113.1:8333", false),
+        ] {
+            assert_eq!(inbound.denies(&peer.parse().unwrap()), denied, "{peer}");
+        }
+        assert!(load_text(&section(""), &[]).unwrap().inbound[0].deny.is_empty());
+        for bad in ["deny = [\"192.0.2.1/33\"]", "deny = [\"example.com\"]", "deny = [\"\"]", "deny = \"192.0.2.1\""] {
+            assert!(load_text(&section(bad), &[]).is_err(), "{bad}");
+        }
+        let err = load_text(&section("deny = [\"nope\"]"), &[]).unwrap_err();
+        assert!(err.0.contains("inbound[0].deny") && err.0.contains("nope"), "{err}");
+        let many = vec!["\"192.0.2.1\""; MAX_DENY_ENTRIES + 1].join(",");
+        let err = load_text(&section(&format!("deny = [{many}]")), &[]).unwrap_err();
+        assert!(err.0.contains("at most 1024"), "{err}");
     }
 
     #[test]

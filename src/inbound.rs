@@ -14,10 +14,13 @@
 //!   `V1ToV1` both ways for v1 peers; every byte checked as a message.
 //!
 //! The node's first message gets the NODE_P2P_V2 service bit
-//! ([`crate::advertise`]), so peers learn that this address speaks v2.
+//! ([`crate::advertise`]), so peers learn that this address speaks v2; so do
+//! the entries of its `addr`/`addrv2` messages that announce the listener's
+//! `advertise` address.
 //! The span is opened by `server.rs`; this module writes the open and close
 //! lines and reports to the observer.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -26,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info};
 
-use crate::advertise::{self, Rewrite};
+use crate::advertise::{self, ADDR_COMMAND, AddrRewrite, Rewrite};
 use crate::config::{Inbound, V1Peers};
 use crate::metrics::{LiveSession, Observer};
 use crate::outbound::{self, DialError};
@@ -36,7 +39,7 @@ use crate::relay::{
 };
 use crate::respond::{self, FirstBytes, PeerReader, RespondError};
 use crate::state::ProxyState;
-use crate::v1::{Decoded, FrameDecoder, Magic};
+use crate::v1::{self, Decoded, FrameDecoder, Magic};
 
 /// How an inbound session carries traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,18 +117,62 @@ pub fn describe_close(reason: &CloseReason) -> (&'static str, String) {
 }
 
 /// Node -> peer: sets NODE_P2P_V2 in the node's first message (its VERSION)
-/// before `inner` translates it, and names the node as the side that sent a
-/// bad v1 message (`V1ToV2` calls its input the client's).
+/// and, with `advertise`, in the entries of its `addr`/`addrv2` messages
+/// that announce that address, before `inner` translates them; and names
+/// the node as the side that sent a bad v1 message (`V1ToV2` calls its
+/// input the client's).
 pub struct NodeToPeer<T> {
     pub inner: T,
     magic: Magic,
+    advertise: Option<SocketAddr>,
     first_pending: bool,
+    /// Bytes at the front of the input already looked at: whole frames,
+    /// rewritten where they had to be, that `inner` has not consumed yet.
+    scanned: usize,
     observer: Arc<Observer>,
 }
 
 impl<T: Translator> NodeToPeer<T> {
-    pub fn new(inner: T, magic: Magic, observer: Arc<Observer>) -> Self {
-        NodeToPeer { inner, magic, first_pending: true, observer }
+    pub fn new(inner: T, magic: Magic, advertise: Option<SocketAddr>, observer: Arc<Observer>) -> Self {
+        NodeToPeer { inner, magic, advertise, first_pending: true, scanned: 0, observer }
+    }
+
+    /// Rewrites the whole frame at `input[at..at + len]` where it has to be;
+    /// returns its length afterwards.
+    fn rewrite(&mut self, input: &mut BytesMut, at: usize, len: usize, command: &v1::Command) -> usize {
+        if self.first_pending {
+            self.first_pending = false;
+            let outcome = advertise::set_p2p_v2_in_frame(&mut input[at..at + len]);
+            self.observer.inbound_version_rewrite(outcome.label());
+            match outcome {
+                Rewrite::Set => debug!("node VERSION: NODE_P2P_V2 set, checksum recomputed"),
+                other => debug!(outcome = other.label(), "node's first message left unchanged"),
+            }
+        }
+        let Some(advertised) = self.advertise.filter(|_| advertise::is_addr_command(command)) else {
+            return len;
+        };
+        let name = if *command == ADDR_COMMAND { "addr" } else { "addrv2" };
+        let outcome = advertise::set_p2p_v2_in_addr_frame(&input[at..at + len], advertised);
+        self.observer.inbound_addr_rewrite(name, outcome.label());
+        match outcome {
+            AddrRewrite::Set { entries, frame } => {
+                debug!(command = name, entries, %advertised, "node self-announcement: NODE_P2P_V2 set");
+                let tail = input.split_off(at + len);
+                input.truncate(at);
+                input.extend_from_slice(&frame);
+                input.unsplit(tail);
+                frame.len()
+            }
+            AddrRewrite::Malformed(error) => {
+                debug!(command = name, %error, "node addr message left unchanged");
+                len
+            }
+            other => {
+                debug!(command = name, outcome = other.label(), "node addr message left unchanged");
+                len
+            }
+        }
     }
 }
 
@@ -136,24 +183,24 @@ impl<T: Translator> Translator for NodeToPeer<T> {
         output: &mut BytesMut,
         stats: &mut DirectionStats,
     ) -> Result<Step, CloseReason> {
-        if self.first_pending {
-            // The header is checked first, so a bad one fails at once
-            // (by `inner`) rather than after a payload it announced.
-            match FrameDecoder::new(self.magic, false).decode(input) {
-                Ok(Decoded::NeedMore { total }) => return Ok(Step::NeedMore(total)),
-                Ok(Decoded::Frame { len, .. }) => {
-                    let outcome = advertise::set_p2p_v2_in_frame(&mut input[..len]);
-                    self.observer.inbound_version_rewrite(outcome.label());
-                    match outcome {
-                        Rewrite::Set => debug!("node VERSION: NODE_P2P_V2 set, checksum recomputed"),
-                        other => debug!(outcome = other.label(), "node's first message left unchanged"),
-                    }
-                }
-                Err(_) => {}
-            }
-            self.first_pending = false;
+        // Every whole frame not yet looked at, in order. A partial frame
+        // waits for its bytes; a bad header is `inner`'s to report.
+        let decoder = FrameDecoder::new(self.magic, false);
+        while let Some(Ok(Decoded::Frame { header, len })) = input.get(self.scanned..).map(|rest| decoder.decode(rest))
+        {
+            let at = self.scanned;
+            self.scanned = at + self.rewrite(input, at, len, &header.command);
         }
-        self.inner.translate(input, output, stats).map_err(|reason| match reason {
+        let before = input.len();
+        let translated = self.inner.translate(input, output, stats);
+        // `inner` consumes whole frames from the front: now, or (`Direct`)
+        // once the relay has written them.
+        let mut consumed = before.saturating_sub(input.len());
+        if let Ok(Step::Direct(direct)) = &translated {
+            consumed += direct.consumed;
+        }
+        self.scanned = self.scanned.saturating_sub(consumed);
+        translated.map_err(|reason| match reason {
             CloseReason::BadV1(Side::Client, e) => CloseReason::BadV1(Side::Remote, e),
             other => other,
         })
@@ -246,7 +293,7 @@ impl InboundSession<'_> {
                 };
                 self.state.observer.inbound_handshake_done(self.accepted.elapsed());
                 let node = self.dial_node().await?;
-                self.open_line(InboundTransport::V2, Some(&channel.session_id));
+                self.open_line(InboundTransport::V2, Some(&channel.session_id), &node);
                 let report = relay::run(
                     Leg { stream: peer.into(), pending: channel.leftover },
                     Leg { stream: node.into(), pending: BytesMut::new() },
@@ -254,6 +301,7 @@ impl InboundSession<'_> {
                     NodeToPeer::new(
                         V1ToV2 { decoder: FrameDecoder::new(magic, true), encoder: channel.encoder },
                         magic,
+                        self.listener.advertise,
                         self.state.observer.clone(),
                     ),
                     config.timeouts.idle,
@@ -280,7 +328,7 @@ impl InboundSession<'_> {
     /// first) go to the node once each message checks out.
     async fn relay_v1(&self, peer: TcpStream, pending: BytesMut, node: TcpStream) -> RelayReport {
         let magic = self.listener.network.magic;
-        self.open_line(InboundTransport::V1, None);
+        self.open_line(InboundTransport::V1, None, &node);
         relay::run(
             Leg { stream: peer.into(), pending },
             Leg { stream: node.into(), pending: BytesMut::new() },
@@ -288,6 +336,7 @@ impl InboundSession<'_> {
             NodeToPeer::new(
                 V1ToV1 { decoder: FrameDecoder::new(magic, true), side: Side::Remote },
                 magic,
+                self.listener.advertise,
                 self.state.observer.clone(),
             ),
             self.state.config.timeouts.idle,
@@ -298,19 +347,24 @@ impl InboundSession<'_> {
     }
 
     /// Records the transport (and session id, in hex as Core's `getpeerinfo`
-    /// shows it) on the span and the status, and writes the open line.
-    fn open_line(&self, transport: InboundTransport, session_id: Option<&[u8; 32]>) {
+    /// shows it) on the span and the status, and writes the open line. It
+    /// names `node_local`, the proxy's end of the node connection: the
+    /// address the node lists this peer under (`getpeerinfo`'s `addr`), next
+    /// to the real peer address the span carries.
+    fn open_line(&self, transport: InboundTransport, session_id: Option<&[u8; 32]>, node: &TcpStream) {
         let span = Span::current();
         span.record("transport", tracing::field::display(transport));
+        let node_local = node.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "unknown".to_owned());
+        self.live.set_node_local(node_local.clone());
         self.state.observer.opened(self.live, transport.label());
         match session_id {
             Some(id) => {
                 let session_id = hex::encode(id);
                 span.record("session_id", tracing::field::display(&session_id));
                 self.live.set_session_id(session_id.clone());
-                info!(%transport, %session_id, "inbound session open");
+                info!(%transport, %session_id, %node_local, "inbound session open");
             }
-            None => info!(%transport, "inbound session open"),
+            None => info!(%transport, %node_local, "inbound session open"),
         }
     }
 }
@@ -339,8 +393,8 @@ mod tests {
         assert!(text.starts_with("node closed"), "{text}");
     }
 
-    /// A translator that hands its input on, or fails like `V1ToV2` does on
-    /// a bad message from its input side.
+    /// A translator that hands whole frames on, as the real ones consume
+    /// them, or fails like `V1ToV2` does on a bad message from its input side.
     struct Echo {
         fail: bool,
     }
@@ -355,7 +409,12 @@ mod tests {
             if self.fail {
                 return Err(CloseReason::BadV1(Side::Client, V1Error::InvalidCommand { command: [0; 12] }));
             }
-            output.extend_from_slice(&input.split());
+            let decoder = FrameDecoder::new(REGTEST, false);
+            let mut complete = 0;
+            while let Ok(Decoded::Frame { len, .. }) = decoder.decode(&input[complete..]) {
+                complete += len;
+            }
+            output.extend_from_slice(&input.split_to(complete));
             Ok(Step::NeedMore(0))
         }
     }
@@ -374,7 +433,7 @@ mod tests {
         let observer = Arc::new(Observer::default());
         let whole = [version_frame(0x0409), version_frame(0x0409)].concat();
         for chunk in [1, 7, 24, 25, 50, whole.len()] {
-            let mut translator = NodeToPeer::new(Echo { fail: false }, REGTEST, observer.clone());
+            let mut translator = NodeToPeer::new(Echo { fail: false }, REGTEST, None, observer.clone());
             let (mut input, mut output) = (BytesMut::new(), BytesMut::new());
             let mut stats = DirectionStats::default();
             for piece in whole.chunks(chunk) {
@@ -391,9 +450,100 @@ mod tests {
 
     #[test]
     fn a_bad_node_message_is_the_nodes() {
-        let mut translator = NodeToPeer::new(Echo { fail: true }, REGTEST, Arc::new(Observer::default()));
+        let mut translator = NodeToPeer::new(Echo { fail: true }, REGTEST, None, Arc::new(Observer::default()));
         let mut input = BytesMut::from(&[0u8; 30][..]);
         let error = translator.translate(&mut input, &mut BytesMut::new(), &mut DirectionStats::default());
         assert!(matches!(error, Err(CloseReason::BadV1(Side::Remote, _))), "{error:?}");
+    }
+
+    fn frame(command: &str, payload: &[u8]) -> Vec<u8> {
+        let command = v1::command_from_str(command).unwrap();
+        let mut frame = V1Header::for_payload(REGTEST, command, payload).encode().to_vec();
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// A BIP155 IPv4 entry with 1-byte services (its CompactSize grows to 3
+    /// bytes when bit 11 is set).
+    fn addrv2_v4(ip: [u8; 4], port: u16, services: u8) -> Vec<u8> {
+        let mut out = 1_700_000_000u32.to_le_bytes().to_vec();
+        out.extend_from_slice(&[services, 1, 4]);
+        out.extend_from_slice(&ip);
+        out.extend_from_slice(&port.to_be_bytes());
+        out
+    }
+
+    fn addr_v4(ip: [u8; 4], port: u16, services: u64) -> Vec<u8> {
+        let mut out = 1_700_000_000u32.to_le_bytes().to_vec();
+        out.extend_from_slice(&services.to_le_bytes());
+        out.extend_from_slice(&std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets());
+        out.extend_from_slice(&port.to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn node_addr_messages_get_the_bit_whatever_the_read_sizes() {
+        let advertised: SocketAddr = "203.0.113.7:8333".parse().unwrap();
+        let ping = frame("ping", &[9u8; 8]);
+        let sent = [
+            version_frame(0x0409),
+            frame(
+                "addrv2",
+                &[&[2u8][..], &addrv2_v4([203, 0, 113, 7], 8333, 9), &addrv2_v4([198, 51, 100, 1], 8333, 9)].concat(),
+            ),
+            ping.clone(),
+            frame(
+                "addr",
+                &[&[2u8][..], &addr_v4([198, 51, 100, 1], 8333, 9), &addr_v4([203, 0, 113, 7], 8333, 9)].concat(),
+            ),
+            frame("addrv2", &[&[1u8][..], &addrv2_v4([203, 0, 113, 7], 8334, 9)].concat()),
+        ];
+        // The advertised entry with services 0x0809: a 3-byte CompactSize.
+        let mut advertised_v2_set = 1_700_000_000u32.to_le_bytes().to_vec();
+        advertised_v2_set.extend_from_slice(&[0xfd, 0x09, 0x08, 1, 4, 203, 0, 113, 7, 0x20, 0x8d]);
+        let expected = [
+            version_frame(0x0c09),
+            frame("addrv2", &[&[2u8][..], &advertised_v2_set, &addrv2_v4([198, 51, 100, 1], 8333, 9)].concat()),
+            ping,
+            frame(
+                "addr",
+                &[&[2u8][..], &addr_v4([198, 51, 100, 1], 8333, 9), &addr_v4([203, 0, 113, 7], 8333, 0x809)].concat(),
+            ),
+            sent[4].clone(),
+        ]
+        .concat();
+        let whole = sent.concat();
+        for chunk in [1, 5, 24, 25, 61, 100, whole.len()] {
+            let observer = Arc::new(Observer::default());
+            let inner = V1ToV1 { decoder: FrameDecoder::new(REGTEST, true), side: Side::Remote };
+            let mut translator = NodeToPeer::new(inner, REGTEST, Some(advertised), observer.clone());
+            let (mut input, mut output) = (BytesMut::new(), BytesMut::new());
+            let mut stats = DirectionStats::default();
+            for piece in whole.chunks(chunk) {
+                input.extend_from_slice(piece);
+                translator.translate(&mut input, &mut output, &mut stats).unwrap();
+            }
+            assert!(input.is_empty(), "chunk {chunk}");
+            assert_eq!(&output[..], &expected[..], "chunk {chunk}");
+            let metrics = observer.encode_metrics();
+            for line in [
+                r#"inbound_addr_rewrites_total{command="addrv2",outcome="set"} 1"#,
+                r#"inbound_addr_rewrites_total{command="addr",outcome="set"} 1"#,
+                r#"inbound_addr_rewrites_total{command="addrv2",outcome="other_addresses"} 1"#,
+            ] {
+                assert!(metrics.contains(line), "chunk {chunk}: {line} missing");
+            }
+        }
+    }
+
+    #[test]
+    fn without_advertise_addr_messages_pass_unchanged() {
+        let addr = frame("addr", &[&[1u8][..], &addr_v4([203, 0, 113, 7], 8333, 9)].concat());
+        let whole = [version_frame(0x0c09), addr].concat();
+        let inner = V1ToV1 { decoder: FrameDecoder::new(REGTEST, true), side: Side::Remote };
+        let mut translator = NodeToPeer::new(inner, REGTEST, None, Arc::new(Observer::default()));
+        let (mut input, mut output) = (BytesMut::from(&whole[..]), BytesMut::new());
+        translator.translate(&mut input, &mut output, &mut DirectionStats::default()).unwrap();
+        assert_eq!(&output[..], &whole[..]);
     }
 }

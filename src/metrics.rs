@@ -60,6 +60,7 @@ struct InboundMetrics {
     handshake_seconds: Option<Histogram>,
     handshake_failures: Family<Labels1, Counter>,
     version_rewrites: Family<Labels1, Counter>,
+    addr_rewrites: Family<Labels2, Counter>,
 }
 
 impl Default for Metrics {
@@ -104,7 +105,7 @@ impl Default for Metrics {
         registry.register(
             "connections_refused",
             "Connections closed at accept, by reason (allow_list, session_limit, client_limit, \
-             metrics_allow_list, metrics_limit, inbound_limit, inbound_source_limit)",
+             metrics_allow_list, metrics_limit, inbound_limit, inbound_source_limit, inbound_deny)",
             connections_refused.clone(),
         );
         let inbound = InboundMetrics {
@@ -138,6 +139,12 @@ impl Default for Metrics {
             "The node's first message on inbound sessions, by what the NODE_P2P_V2 rewrite did \
              (set, already_set, not_version, too_short, malformed)",
             inbound.version_rewrites.clone(),
+        );
+        registry.register(
+            "inbound_addr_rewrites",
+            "The node's addr and addrv2 messages on inbound listeners with `advertise`, by command \
+             and what the NODE_P2P_V2 rewrite did (set, already_set, other_addresses, malformed)",
+            inbound.addr_rewrites.clone(),
         );
         Metrics {
             registry,
@@ -223,6 +230,9 @@ pub struct LiveSession {
     network: OnceLock<String>,
     transport: OnceLock<&'static str>,
     session_id: OnceLock<String>,
+    /// Inbound sessions: the proxy's own address on its connection to the
+    /// node, which the node lists as this peer's address.
+    node_local: OnceLock<String>,
     /// Set for sessions accepted on an inbound listener.
     inbound: OnceLock<()>,
     pub counters: Arc<LiveCounters>,
@@ -240,6 +250,9 @@ impl LiveSession {
     }
     pub fn set_session_id(&self, session_id: String) {
         let _ = self.session_id.set(session_id);
+    }
+    pub fn set_node_local(&self, node_local: String) {
+        let _ = self.node_local.set(node_local);
     }
     pub fn transport(&self) -> Option<&'static str> {
         self.transport.get().copied()
@@ -266,6 +279,11 @@ pub struct SessionRow {
     pub network: Option<String>,
     pub transport: Option<String>,
     pub session_id: Option<String>,
+    /// Inbound sessions: the address the node sees this peer as (the
+    /// proxy's end of its connection to the node, e.g. `127.0.0.1:50312`),
+    /// to match a `getpeerinfo` entry to `client`, the real peer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_local: Option<String>,
     pub started_unix: u64,
     pub age_secs: u64,
     pub bytes_client_to_remote: u64,
@@ -312,6 +330,7 @@ impl Observer {
             network: OnceLock::new(),
             transport: OnceLock::new(),
             session_id: OnceLock::new(),
+            node_local: OnceLock::new(),
             inbound: OnceLock::new(),
             counters: Arc::new(LiveCounters { totals: self.totals(), ..Default::default() }),
         });
@@ -349,6 +368,12 @@ impl Observer {
     /// What the NODE_P2P_V2 rewrite did to a node's first message.
     pub fn inbound_version_rewrite(&self, outcome: &'static str) {
         self.metrics.inbound.version_rewrites.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// What the NODE_P2P_V2 rewrite did to one of the node's `addr`/`addrv2`
+    /// messages.
+    pub fn inbound_addr_rewrite(&self, command: &'static str, outcome: &'static str) {
+        self.metrics.inbound.addr_rewrites.get_or_create(&[("command", command), ("outcome", outcome)]).inc();
     }
 
     pub fn handshake_done(&self, took: Duration) {
@@ -416,6 +441,7 @@ impl Observer {
                 network: s.network.get().cloned(),
                 transport: s.transport.get().map(|t| (*t).to_owned()),
                 session_id: s.session_id.get().cloned(),
+                node_local: s.node_local.get().cloned(),
                 started_unix: s.started_unix,
                 age_secs: s.started.elapsed().as_secs(),
                 bytes_client_to_remote: s.counters.bytes_client_to_remote.load(Ordering::Relaxed),

@@ -486,6 +486,12 @@ async fn inbound_accept_loop(
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let observer = &shared.state.observer;
+        // Dropped before a byte is read, before any limit is spent on it.
+        if inbound.denies(&peer) {
+            tracing::debug!(session = id, %peer, "inbound connection refused: deny list");
+            observer.refused("inbound_deny");
+            continue;
+        }
         let Ok(permit) = limits.permits.clone().try_acquire_owned() else {
             tracing::debug!(session = id, %peer, max_inbound = config.max_inbound, "inbound connection refused: limit reached");
             observer.refused("inbound_limit");

@@ -224,7 +224,7 @@ impl V2Peer {
     }
 
     /// The next genuine message: (command, payload). Short IDs used here:
-    /// ping 18, pong 19, block 2.
+    /// addr 1, block 2, ping 18, pong 19, addrv2 28.
     async fn recv(&mut self) -> (String, Vec<u8>) {
         loop {
             fill(&mut self.stream, &mut self.buf, 3).await;
@@ -241,7 +241,9 @@ impl V2Peer {
                     let name: Vec<u8> = contents[1..13].iter().copied().take_while(|&b| b != 0).collect();
                     (String::from_utf8(name).unwrap(), contents[13..].to_vec())
                 }
+                1 => ("addr".to_owned(), contents[1..].to_vec()),
                 2 => ("block".to_owned(), contents[1..].to_vec()),
+                28 => ("addrv2".to_owned(), contents[1..].to_vec()),
                 18 => ("ping".to_owned(), contents[1..].to_vec()),
                 19 => ("pong".to_owned(), contents[1..].to_vec()),
                 other => panic!("unexpected short id {other}"),
@@ -629,4 +631,233 @@ async fn measure_inbound_handshake_cost_and_junk_shedding() {
         elapsed,
         junk_rounds as f64 / elapsed.as_secs_f64()
     );
+}
+
+// ---------------------------------------------------------------- self-announcements (addr, addrv2)
+
+const ADVERTISED: &str = "203.0.113.7:8333";
+
+/// A BIP155 IPv4 entry with 1-byte services 0x09 (NODE_NETWORK |
+/// NODE_WITNESS): its CompactSize grows to 3 bytes once bit 11 is set.
+fn addrv2_v4(ip: [u8; 4], port: u16) -> Vec<u8> {
+    let mut out = 1_700_000_000u32.to_le_bytes().to_vec();
+    out.extend_from_slice(&[0x09, 1, 4]);
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&port.to_be_bytes());
+    out
+}
+
+/// An `addr` entry for an IPv4 address (IPv4-mapped), services 0x0409.
+fn addr_v4(ip: [u8; 4], port: u16) -> Vec<u8> {
+    let mut out = 1_700_000_000u32.to_le_bytes().to_vec();
+    out.extend_from_slice(&0x0409u64.to_le_bytes());
+    out.extend_from_slice(&std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets());
+    out.extend_from_slice(&port.to_be_bytes());
+    out
+}
+
+/// A v1-only node that, after the VERSION exchange, announces itself in an
+/// `addr` and an `addrv2` (its own address first, then another node's), as
+/// Core does with `-externalip`. Records the address each connection came
+/// from (the proxy's end of the node connection).
+async fn spawn_announcing_node() -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+    let log = peers.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, peer)) = listener.accept().await else { return };
+            log.lock().unwrap().push(peer);
+            tokio::spawn(async move {
+                let Ok(version) = read_frame(&mut stream).await else { return };
+                if version.command != "version" {
+                    return;
+                }
+                let mut answer = version_message(REGTEST, peer);
+                answer.extend(frame(REGTEST, "verack", &[]));
+                let addr = [&[2u8][..], &addr_v4([203, 0, 113, 7], 8333), &addr_v4([198, 51, 100, 1], 8333)].concat();
+                answer.extend(frame(REGTEST, "addr", &addr));
+                let addrv2 =
+                    [&[2u8][..], &addrv2_v4([203, 0, 113, 7], 8333), &addrv2_v4([198, 51, 100, 1], 8333)].concat();
+                answer.extend(frame(REGTEST, "addrv2", &addrv2));
+                if stream.write_all(&answer).await.is_err() {
+                    return;
+                }
+                while read_frame(&mut stream).await.is_ok() {}
+            });
+        }
+    });
+    (addr, peers)
+}
+
+/// Reads the two entries of an `addr` payload: (ip, port, services).
+fn addr_entries(payload: &[u8]) -> Vec<(std::net::Ipv4Addr, u16, u64)> {
+    assert_eq!(payload[0], 2);
+    assert_eq!(payload.len(), 1 + 2 * 30, "addr keeps its layout");
+    payload[1..]
+        .chunks(30)
+        .map(|e| {
+            let services = u64::from_le_bytes(e[4..12].try_into().unwrap());
+            let ip = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&e[12..28]).unwrap()).to_ipv4_mapped().unwrap();
+            (ip, u16::from_be_bytes([e[28], e[29]]), services)
+        })
+        .collect()
+}
+
+/// Reads the entries of an `addrv2` payload of IPv4 entries with services
+/// under 2^16: (ip, port, services).
+fn addrv2_entries(payload: &[u8]) -> Vec<(std::net::Ipv4Addr, u16, u64)> {
+    let mut out = Vec::new();
+    let mut at = 1;
+    for _ in 0..payload[0] {
+        at += 4;
+        let services = match payload[at] {
+            0xfd => {
+                at += 3;
+                u64::from(u16::from_le_bytes([payload[at - 2], payload[at - 1]]))
+            }
+            small => {
+                at += 1;
+                u64::from(small)
+            }
+        };
+        assert_eq!(&payload[at..at + 2], &[1, 4], "BIP155 IPv4");
+        let ip = std::net::Ipv4Addr::new(payload[at + 2], payload[at + 3], payload[at + 4], payload[at + 5]);
+        let port = u16::from_be_bytes([payload[at + 6], payload[at + 7]]);
+        at += 8;
+        out.push((ip, port, services));
+    }
+    assert_eq!(at, payload.len(), "no bytes left over");
+    out
+}
+
+fn announcing_toml(node: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[inbound]]\nlisten = \"127.0.0.1:0\"\nnode = \"{node}\"\nnetwork = \"regtest\"\nadvertise = \"{ADVERTISED}\"\n{extra}"
+    )
+}
+
+fn check_announcements(addr: &[u8], addrv2: &[u8]) {
+    let (ours, other) = ("203.0.113.7".parse().unwrap(), "198.51.100.1".parse().unwrap());
+    assert_eq!(addr_entries(addr), [(ours, 8333, 0x0409 | NODE_P2P_V2), (other, 8333, 0x0409)]);
+    assert_eq!(addrv2_entries(addrv2), [(ours, 8333, 0x09 | NODE_P2P_V2), (other, 8333, 0x09)]);
+}
+
+#[tokio::test]
+async fn self_announcements_get_the_bit_on_the_advertised_address_only() {
+    let (node, node_peers) = spawn_announcing_node().await;
+    let proxy = spawn_inbound_proxy(&announcing_toml(node, ""), &[]).await;
+
+    // A v2 peer (the bip324 crate's initiator).
+    let mut peer = V2Peer::connect(proxy.inbound[0], InitiatorShape::default()).await;
+    peer.send("version", &version_payload(proxy.inbound[0])).await;
+    let (command, theirs) = peer.recv().await;
+    assert_eq!((command.as_str(), services(&theirs)), ("version", 0x09 | NODE_P2P_V2));
+    assert_eq!(peer.recv().await.0, "verack");
+    let (command, addr) = peer.recv().await;
+    assert_eq!(command, "addr");
+    let (command, addrv2) = peer.recv().await;
+    assert_eq!(command, "addrv2");
+    check_announcements(&addr, &addrv2);
+
+    // The node-side address of the session is shown next to the real peer.
+    let row = proxy.observer.status().sessions[0].clone();
+    assert_eq!(row.node_local, Some(node_peers.lock().unwrap()[0].to_string()));
+    assert_eq!(row.client, peer.stream.local_addr().unwrap().to_string());
+
+    // A v1 peer (v1 relay): the rebuilt messages carry valid checksums
+    // (`expect_frame` checks them).
+    let mut v1 = TcpStream::connect(proxy.inbound[0]).await.unwrap();
+    v1.write_all(&version_message(REGTEST, proxy.inbound[0])).await.unwrap();
+    let version = expect_frame(&mut v1).await;
+    assert_eq!(services(&version.payload), 0x09 | NODE_P2P_V2);
+    assert_eq!(expect_frame(&mut v1).await.command, "verack");
+    let addr = expect_frame(&mut v1).await;
+    let addrv2 = expect_frame(&mut v1).await;
+    assert_eq!((addr.command.as_str(), addrv2.command.as_str()), ("addr", "addrv2"));
+    check_announcements(&addr.payload, &addrv2.payload);
+
+    let metrics = proxy.observer.encode_metrics();
+    for line in [
+        r#"bip324_proxy_inbound_addr_rewrites_total{command="addr",outcome="set"} 2"#,
+        r#"bip324_proxy_inbound_addr_rewrites_total{command="addrv2",outcome="set"} 2"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn without_advertise_self_announcements_pass_unchanged() {
+    let (node, _) = spawn_announcing_node().await;
+    let proxy = inbound_to(node, &[]).await;
+    let mut v1 = TcpStream::connect(proxy.inbound[0]).await.unwrap();
+    v1.write_all(&version_message(REGTEST, proxy.inbound[0])).await.unwrap();
+    assert_eq!(expect_frame(&mut v1).await.command, "version");
+    assert_eq!(expect_frame(&mut v1).await.command, "verack");
+    let addr = expect_frame(&mut v1).await;
+    assert_eq!(addr_entries(&addr.payload)[0].2, 0x0409, "no advertise, no rewrite");
+    assert!(!proxy.observer.encode_metrics().contains("inbound_addr_rewrites_total{"));
+}
+
+// ---------------------------------------------------------------- deny lists
+
+#[tokio::test]
+async fn denied_peers_are_closed_at_accept_before_a_byte_is_read() {
+    let node = spawn_v1_node(REGTEST).await;
+    let toml = format!(
+        "[[inbound]]\nlisten = \"127.0.0.1:0\"\nnode = \"{}\"\nnetwork = \"regtest\"\n\
+         deny = [\"127.0.0.2\", \"127.0.0.4/30\"]\n",
+        node.addr
+    );
+    let proxy = spawn_inbound_proxy(&toml, &[]).await;
+    let inbound = proxy.inbound[0];
+    let from = |ip: &str| {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket.connect(inbound)
+    };
+    for denied in ["127.0.0.2", "127.0.0.5", "127.0.0.7"] {
+        let mut peer = from(denied).await.unwrap();
+        // A VERSION is written, but nothing is read, answered or relayed.
+        let _ = peer.write_all(&version_message(REGTEST, inbound)).await;
+        expect_closed(&mut peer).await;
+    }
+    // Peers outside the list are served, v1 and v2.
+    let mut v1 = from("127.0.0.3").await.unwrap();
+    v1.write_all(&version_message(REGTEST, inbound)).await.unwrap();
+    v1.write_all(&frame(REGTEST, "ping", &[5; 8])).await.unwrap();
+    assert_eq!(expect_frame(&mut v1).await.command, "version");
+    assert_eq!(expect_frame(&mut v1).await.command, "ping");
+    let mut v2 = V2Peer::connect(inbound, InitiatorShape::default()).await;
+    v2.send("version", &version_payload(inbound)).await;
+    assert_eq!(v2.recv().await.0, "version");
+
+    assert_eq!(node.log.accepts.load(std::sync::atomic::Ordering::SeqCst), 2, "denied peers never reach the node");
+    let metrics = proxy.observer.encode_metrics();
+    assert!(metrics.contains("connections_refused_total{reason=\"inbound_deny\"} 3"), "{metrics}");
+    let clients: Vec<String> = proxy.observer.status().sessions.iter().map(|s| s.client.clone()).collect();
+    assert!(clients.iter().all(|c| !c.starts_with("127.0.0.2:")), "{clients:?}");
+}
+
+// ---------------------------------------------------------------- probe, against the binary
+
+#[tokio::test]
+async fn probe_at_an_inbound_listener_reports_v2_and_the_node_side_port() {
+    let (node, node_peers) = spawn_announcing_node().await;
+    let (mut proxy, inbound) = binary_with_inbound(node, &[]).await;
+    let (status, out) = run_binary_stdout(&["probe", &inbound.to_string(), "--network", "regtest"]).await;
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(out.contains("speaks v2"), "{out}");
+    let line = proxy.wait_for(&["inbound session open", "transport=v2"]).await;
+    let field = |name: &str| {
+        // The event's own field: the last one (the span repeats some).
+        line.rsplit(&format!(" {name}=")).next().and_then(|rest| rest.split_whitespace().next()).map(str::to_owned)
+    };
+    let session_id = field("session_id").expect("session id on the open line");
+    assert!(out.contains(&session_id), "the probe shows the session id the proxy logged: {out}\n{line}");
+    // The open line maps the node's view of the peer (getpeerinfo's addr)
+    // to the real peer.
+    assert_eq!(field("node_local"), Some(node_peers.lock().unwrap()[0].to_string()), "{line}");
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
 }
