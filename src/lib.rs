@@ -53,6 +53,7 @@ pub mod relay;
 pub mod respond;
 pub mod server;
 pub mod session;
+pub mod shaping;
 pub mod sniff;
 pub mod socks5;
 pub mod state;

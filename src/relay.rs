@@ -19,11 +19,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::metrics::{Direction, LiveCounters};
+use crate::metrics::{Direction, LiveCounters, ShapingMetrics};
+use crate::shaping::{MIN_DECOY_WIRE_BYTES, Padder, Shaping};
 use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
-use crate::v2::{DecodedPacket, PACKET_PREFIX, PacketDecoder, PacketEncoder, V2Error};
+use crate::v2::{DecodedPacket, PACKET_PREFIX, PacketDecoder, PacketEncoder, TAG_LEN, V2Error};
 
 /// Read size when no larger message is known to be pending.
 const READ_CHUNK: usize = 16 * 1024;
@@ -151,6 +152,57 @@ pub trait Translator: Send {
 pub struct V1ToV2 {
     pub decoder: FrameDecoder,
     pub encoder: PacketEncoder,
+    /// Padding and write-size measurement; `None` (the default) costs one
+    /// check per write.
+    pub shaper: Option<Shaper>,
+}
+
+/// Shapes the writes of one v2 direction (the policy is in `shaping.rs`).
+///
+/// Padding works per write, not per packet: packet lengths are encrypted,
+/// so an observer of the leg sees only how many bytes each write puts on
+/// the wire. One decoy after the last genuine packet of a write brings the
+/// whole write to a bucket boundary, which hides each message's size and how
+/// many were batched, at one packet's overhead per write instead of one per
+/// message. A large message written in place (`Step::Direct`) is a write of
+/// its own and gets its own decoy in the same vectored write.
+pub struct Shaper {
+    pub padder: Option<Padder>,
+    pub metrics: ShapingMetrics,
+}
+
+impl Shaper {
+    /// The shaper `[shaping]` asks for, or `None` when padding and
+    /// measurement are both off.
+    pub fn for_config(shaping: &Shaping, metrics: &ShapingMetrics) -> Option<Shaper> {
+        (shaping.padding.is_some() || shaping.measure)
+            .then(|| Shaper { padder: shaping.padding.map(Padder::new), metrics: metrics.clone() })
+    }
+
+    /// Appends to `out` the decoy that brings a write of `written` bytes to
+    /// a bucket boundary (if the policy and budget allow one), and records
+    /// the write's size.
+    fn pad(&mut self, written: usize, encoder: &mut PacketEncoder, out: &mut BytesMut) -> Result<(), CloseReason> {
+        let mut total = written;
+        if let Some(padder) = &mut self.padder {
+            let was_exhausted = padder.exhausted();
+            match padder.decoy_for(written) {
+                Some(contents) => {
+                    encoder.encode_decoy(contents, out).map_err(CloseReason::Encode)?;
+                    let wire = contents + MIN_DECOY_WIRE_BYTES;
+                    self.metrics.padding_decoy(wire);
+                    total += wire;
+                }
+                None if padder.exhausted() && !was_exhausted => {
+                    debug!(spent = padder.spent(), "padding budget exhausted");
+                    self.metrics.budget_exhausted();
+                }
+                None => {}
+            }
+        }
+        self.metrics.v2_write(total);
+        Ok(())
+    }
 }
 
 impl Translator for V1ToV2 {
@@ -162,7 +214,14 @@ impl Translator for V1ToV2 {
     ) -> Result<Step, CloseReason> {
         loop {
             match self.decoder.decode(input).map_err(|e| CloseReason::BadV1(Side::Client, e))? {
-                Decoded::NeedMore { total } => return Ok(Step::NeedMore(total)),
+                Decoded::NeedMore { total } => {
+                    if let Some(shaper) = &mut self.shaper
+                        && !output.is_empty()
+                    {
+                        shaper.pad(output.len(), &mut self.encoder, output)?;
+                    }
+                    return Ok(Step::NeedMore(total));
+                }
                 Decoded::Frame { header, len } => {
                     let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
                     let type_len = translate::encode_message_type(&header.command, &mut message_type);
@@ -170,6 +229,13 @@ impl Translator for V1ToV2 {
                     debug!(command = %v1::command_display(&header.command), len = header.payload_len, "client_to_remote");
                     stats.messages += 1;
                     if header.payload_len as usize >= DIRECT_THRESHOLD {
+                        // The batch so far is a write of its own and goes
+                        // out first: its decoy is encrypted first too.
+                        if let Some(shaper) = &mut self.shaper
+                            && !output.is_empty()
+                        {
+                            shaper.pad(output.len(), &mut self.encoder, output)?;
+                        }
                         // The v2 prefix (at most 17 bytes) fits where the
                         // 24-byte v1 header was: encrypt in place.
                         let start = HEADER_LEN - PACKET_PREFIX - message_type.len();
@@ -177,12 +243,13 @@ impl Translator for V1ToV2 {
                             .encoder
                             .encode_in_place(&mut input[..len], start, message_type)
                             .map_err(CloseReason::Encode)?;
-                        return Ok(Step::Direct(Direct {
-                            head: Vec::new(),
-                            body: start..len,
-                            tail: tag.to_vec(),
-                            consumed: len,
-                        }));
+                        let mut tail = tag.to_vec();
+                        if let Some(shaper) = &mut self.shaper {
+                            let mut decoy = BytesMut::new();
+                            shaper.pad(len - start + TAG_LEN, &mut self.encoder, &mut decoy)?;
+                            tail.extend_from_slice(&decoy);
+                        }
+                        return Ok(Step::Direct(Direct { head: Vec::new(), body: start..len, tail, consumed: len }));
                     }
                     self.encoder.encode(message_type, &input[HEADER_LEN..len], output).map_err(CloseReason::Encode)?;
                     input.advance(len);
