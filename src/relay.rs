@@ -596,3 +596,103 @@ async fn sleep_until_idle(shared: &Shared) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shaping::{Buckets, PaddingPolicy, boundary};
+    use crate::v2::{Role, SessionKeys};
+
+    const MAGIC: Magic = [0xfa, 0xbf, 0xb5, 0xda];
+
+    fn v1_frame(command: &str, payload: &[u8]) -> Vec<u8> {
+        let mut padded = [0u8; v1::COMMAND_LEN];
+        padded[..command.len()].copy_from_slice(command.as_bytes());
+        let mut frame = V1Header::for_payload(MAGIC, padded, payload).encode().to_vec();
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// Runs `translator` over `input` as the direction loop does and returns
+    /// each write in the order it goes out.
+    fn writes(translator: &mut V1ToV2, input: &mut BytesMut) -> Vec<Vec<u8>> {
+        let mut writes = Vec::new();
+        let mut stats = DirectionStats::default();
+        loop {
+            let mut output = BytesMut::new();
+            let step = translator.translate(input, &mut output, &mut stats).unwrap();
+            if !output.is_empty() {
+                writes.push(output.to_vec());
+            }
+            match step {
+                Step::NeedMore(_) => return writes,
+                Step::Direct(direct) => {
+                    let mut write = direct.head.clone();
+                    write.extend_from_slice(&input[direct.body.clone()]);
+                    write.extend_from_slice(&direct.tail);
+                    writes.push(write);
+                    input.advance(direct.consumed);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_write_ends_with_its_decoy_in_cipher_order() {
+        for buckets in [Buckets::Pow2, Buckets::Padme] {
+            let ours = SessionKeys::from_shared_secret(&[5; 32], Role::Initiator, &MAGIC);
+            let theirs = SessionKeys::from_shared_secret(&[5; 32], Role::Responder, &MAGIC);
+            let policy = PaddingPolicy { buckets, cap: 65536, budget: 1 << 30 };
+            let mut translator = V1ToV2 {
+                decoder: FrameDecoder::new(MAGIC, true),
+                encoder: ours.encoder(0),
+                shaper: Some(Shaper { padder: Some(Padder::new(policy)), metrics: ShapingMetrics::default() }),
+            };
+            // Small messages batched in front of one written in place: the
+            // batch's decoy must be encrypted before the large message.
+            let messages = [("inv", 37), ("tx", 300), ("block", 100_000), ("ping", 8), ("block", 70_000)];
+            let mut input = BytesMut::new();
+            for (command, len) in messages {
+                input.extend_from_slice(&v1_frame(command, &vec![0xab; len]));
+            }
+            let writes = writes(&mut translator, &mut input);
+            assert!(input.is_empty());
+            assert_eq!(writes.len(), 4, "[inv tx] [block] [ping] [block]");
+
+            let mut decoder = theirs.decoder(0);
+            let mut genuine = Vec::new();
+            for write in writes {
+                assert_eq!(boundary(buckets, 65536, write.len()), write.len(), "{buckets:?}");
+                let mut buf = write;
+                let mut at = 0;
+                let mut packets = Vec::new();
+                while at < buf.len() {
+                    let DecodedPacket::Packet { ignore, contents, len } = decoder.decode(&mut buf[at..]).unwrap()
+                    else {
+                        panic!("a write ends inside a packet");
+                    };
+                    let contents = &buf[at..][contents];
+                    if ignore {
+                        assert!(contents.iter().all(|&b| b == 0), "decoys carry nothing");
+                    } else {
+                        genuine.push(contents.len());
+                    }
+                    packets.push(ignore);
+                    at += len;
+                }
+                // At most one decoy per write, and it comes last.
+                assert!(!packets[..packets.len() - 1].contains(&true), "{packets:?}");
+            }
+            assert_eq!(genuine, vec![1 + 37, 1 + 300, 1 + 100_000, 1 + 8, 1 + 70_000]);
+        }
+    }
+
+    #[test]
+    fn no_shaper_writes_genuine_packets_only() {
+        let ours = SessionKeys::from_shared_secret(&[6; 32], Role::Initiator, &MAGIC);
+        let mut translator = V1ToV2 { decoder: FrameDecoder::new(MAGIC, true), encoder: ours.encoder(0), shaper: None };
+        let mut input = BytesMut::from(&v1_frame("ping", &[1; 8])[..]);
+        let writes = writes(&mut translator, &mut input);
+        assert_eq!(writes.iter().map(Vec::len).collect::<Vec<_>>(), vec![20 + 1 + 8]);
+    }
+}

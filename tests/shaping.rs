@@ -279,3 +279,40 @@ async fn measure_records_write_sizes_without_padding() {
     assert_eq!(sum, on_wire as u64);
     proxy.shutdown.cancel();
 }
+
+#[tokio::test]
+async fn batches_and_in_place_writes_are_padded_in_wire_order() {
+    // Many messages in one client write: the proxy batches the small ones
+    // and writes the large ones in place, each write with its own decoy. A
+    // decoy encrypted out of order would fail the node's authentication.
+    for policy in ["pow2", "padme"] {
+        let node = spawn_v2_node(V2NodeOptions::default()).await;
+        let (proxy, _) = shaped_proxy(&format!("[shaping]\npadding = \"{policy}\"\n")).await;
+        let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+        assert_eq!(expect_frame(&mut client).await.command, "version");
+        let mut burst = Vec::new();
+        let mut sent = Vec::new();
+        for round in 0..3 {
+            for (command, len) in
+                [("inv", 37), ("tx", 300), ("block", 100_000 + round), ("inv", 73), ("block", 70_000), ("ping", 8)]
+            {
+                let payload = random_payload(len);
+                burst.extend(frame(REGTEST, command, &payload));
+                sent.push(contents(command, &payload));
+            }
+        }
+        client.write_all(&burst).await.unwrap();
+        for expected in &sent {
+            let echo = expect_frame(&mut client).await;
+            assert!(expected.ends_with(&echo.payload), "{policy}: {} echoed intact", echo.command);
+        }
+        drop(client);
+        let received = node.log.received.lock().unwrap()[0].clone();
+        assert_eq!(received[1..], sent[..], "{policy}");
+        let packets = node.log.packets.lock().unwrap()[0].clone();
+        let decoys = packets.iter().filter(|p| p.0).count();
+        assert!(decoys > 0 && decoys <= sent.len(), "{policy}: {decoys} decoys for {} messages", sent.len());
+        assert!(!packets.windows(2).any(|w| w[0].0 && w[1].0), "{policy}: two decoys in a row");
+        proxy.shutdown.cancel();
+    }
+}
