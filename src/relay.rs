@@ -175,8 +175,12 @@ impl Shaper {
     /// The shaper `[shaping]` asks for, or `None` when padding and
     /// measurement are both off.
     pub fn for_config(shaping: &Shaping, metrics: &ShapingMetrics) -> Option<Shaper> {
-        (shaping.padding.is_some() || shaping.measure)
-            .then(|| Shaper { padder: shaping.padding.map(Padder::new), metrics: metrics.clone() })
+        Self::with_padder(shaping.padding.map(Padder::new), shaping, metrics)
+    }
+
+    /// The same, continuing a padder (and its budget) the handshake used.
+    pub fn with_padder(padder: Option<Padder>, shaping: &Shaping, metrics: &ShapingMetrics) -> Option<Shaper> {
+        (padder.is_some() || shaping.measure).then(|| Shaper { padder, metrics: metrics.clone() })
     }
 
     /// Appends to `out` the decoy that brings a write of `written` bytes to

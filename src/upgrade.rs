@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 use zeroize::Zeroize;
 
-use crate::shaping::{HandshakePolicy, HandshakeShape};
+use crate::shaping::{HandshakePolicy, HandshakeShape, Padder};
 use crate::v1::Magic;
 use crate::v2::{
     ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, HEADER_LEN, LENGTH_LEN, MAX_CONTENTS_BYTES, PacketDecoder, PacketEncoder,
@@ -296,17 +296,20 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<V2Channel, UpgradeError> {
     // Core's shape: a random garbage length in 0..=MAX_GARBAGE_LEN, no decoys.
     let shape = HandshakePolicy::default().draw(&mut rand::thread_rng());
-    upgrade_shaped(remote, key, first_message, handshake_timeout, &shape).await
+    upgrade_shaped(remote, key, first_message, handshake_timeout, &shape, None).await
 }
 
 /// [`upgrade`] with this garbage length and these decoy packets between our
-/// garbage terminator and our version packet (`shaping.rs` draws them).
+/// garbage terminator and our version packet (`shaping.rs` draws them), and
+/// with `padder`, a decoy after the client's first message that brings the
+/// whole encrypted flight to a bucket boundary.
 pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     remote: &mut S,
     key: InitiatorKey,
     first_message: Option<FirstMessage<'_>>,
     handshake_timeout: Duration,
     shape: &HandshakeShape,
+    padder: Option<&mut Padder>,
 ) -> Result<V2Channel, UpgradeError> {
     let mut io = Reader { stream: remote, deadline: Instant::now() + handshake_timeout, received: 0 };
     let InitiatorKey { handshake, secret } = key;
@@ -346,6 +349,11 @@ pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     let mut flight = BytesMut::from(&second_flight[..]);
     if let Some(first) = first_message {
         encoder.encode(first.message_type, first.payload, &mut flight)?;
+    }
+    // The client's VERSION has a size of its own (user agent, relay flag):
+    // padded like any other write.
+    if let Some(contents) = padder.and_then(|padder| padder.decoy_for(flight.len())) {
+        encoder.encode_decoy(contents, &mut flight)?;
     }
     io.write_all(&flight).await?;
 

@@ -89,11 +89,12 @@ async fn exchange(proxy: &Proxy, node: &Node, messages: &[(&str, Vec<u8>)]) -> (
     (client, sent)
 }
 
-/// The node's packets after the client's VERSION (which went out in the
-/// handshake flight) as writes: each genuine packet with the decoy after it.
+/// The node's packets after the client's VERSION (and its decoy, both in
+/// the handshake flight) as writes: each genuine packet with the decoy after it.
 fn writes(packets: &[(bool, usize)]) -> Vec<(usize, usize)> {
     let mut writes = Vec::new();
-    let mut iter = packets.iter().skip(1).peekable();
+    let flight = if packets.get(1).is_some_and(|p| p.0) { 2 } else { 1 };
+    let mut iter = packets.iter().skip(flight).peekable();
     while let Some(&(decoy, genuine)) = iter.next() {
         assert!(!decoy, "a decoy without a genuine packet before it: {packets:?}");
         let padding = match iter.peek() {
@@ -145,8 +146,14 @@ async fn padded_writes_reach_a_real_responder_on_bucket_boundaries() {
         }
         assert!(decoy_bytes > 0, "{policy}");
         // The counter holds exactly the decoy bytes the node skipped.
+        // The handshake flight (terminator, version packet, the client's
+        // VERSION and its decoy) is padded too.
+        let (version, flight_decoy) = (packets[0], packets[1]);
+        assert!(!version.0 && flight_decoy.0, "{policy}: {packets:?}");
+        let flight = 16 + MIN_DECOY_WIRE_BYTES + version.1 + flight_decoy.1;
+        assert_eq!(boundary(buckets, 65536, flight), flight, "{policy}: first flight of {flight} bytes");
         let counted = metric(&observer, "bip324_proxy_shaping_decoy_bytes_total{kind=\"padding\"}");
-        assert_eq!(counted, decoy_bytes as u64, "{policy}");
+        assert_eq!(counted, (decoy_bytes + flight_decoy.1) as u64, "{policy}");
         proxy.shutdown.cancel();
     }
 }
@@ -204,7 +211,7 @@ async fn padding_budget_is_never_exceeded() {
     let received = node.log.received.lock().unwrap()[0].clone();
     assert_eq!(received[1..], sent[..]);
     let packets = node.log.packets.lock().unwrap()[0].clone();
-    let spent: usize = writes(&packets).iter().map(|w| w.1).sum();
+    let spent: usize = writes(&packets).iter().map(|w| w.1).sum::<usize>() + packets[1].1;
     assert!(spent > 0 && spent <= budget, "spent {spent} of {budget}");
     // The 300 kB block alone needs more than is left: it went out unpadded,
     // and the session's exhaustion was counted once.
@@ -276,6 +283,7 @@ async fn measure_records_write_sizes_without_padding() {
     assert_eq!(writes, messages.len() as u64);
     let sum = metric(&observer, "bip324_proxy_v2_write_bytes_sum");
     let on_wire: usize = node.log.packets.lock().unwrap()[0].iter().skip(1).map(|p| p.1).sum();
+    assert!(!node.log.packets.lock().unwrap()[0][1].0, "no decoy after the VERSION either");
     assert_eq!(sum, on_wire as u64);
     proxy.shutdown.cancel();
 }
@@ -315,4 +323,25 @@ async fn batches_and_in_place_writes_are_padded_in_wire_order() {
         assert!(!packets.windows(2).any(|w| w[0].0 && w[1].0), "{policy}: two decoys in a row");
         proxy.shutdown.cancel();
     }
+}
+
+#[tokio::test]
+async fn handshake_decoys_and_a_padded_version_make_one_flight_on_a_boundary() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, _) = shaped_proxy(
+        "[shaping]\npadding = \"pow2\"\nhandshake_decoys = 2\nhandshake_decoy_min = 1\nhandshake_decoy_max = 300\n",
+    )
+    .await;
+    for _ in 0..3 {
+        let (client, _) = exchange(&proxy, &node, &[("verack", Vec::new())]).await;
+        drop(client);
+    }
+    let decoys = node.log.handshake_decoys.lock().unwrap().clone();
+    for (conn, packets) in node.log.packets.lock().unwrap().iter().enumerate() {
+        assert_eq!(decoys[conn].len(), 2);
+        assert!(packets[1].0, "a decoy after the VERSION: {packets:?}");
+        let flight = 16 + decoys[conn].iter().sum::<usize>() + MIN_DECOY_WIRE_BYTES + packets[0].1 + packets[1].1;
+        assert_eq!(boundary(Buckets::Pow2, 65536, flight), flight, "first flight of {flight} bytes");
+    }
+    proxy.shutdown.cancel();
 }

@@ -13,6 +13,7 @@ use crate::network::Network;
 use crate::outbound::{self, Destination};
 use crate::policy::{self, DialRules, Evidence, PlaintextPermit, Plan};
 use crate::relay::{self, Leg, Passthrough, Shaper, Side, V1ToV1, V1ToV2, V2ToV1};
+use crate::shaping::Padder;
 use crate::stream::Stream;
 use crate::translate;
 use crate::upgrade;
@@ -90,8 +91,12 @@ impl Session<'_> {
         let started = Instant::now();
         let first = upgrade::FirstMessage { message_type: &message_type[..type_len], payload };
         let shape = config.shaping.handshake.draw(&mut rand::thread_rng());
+        let mut padder = config.shaping.padding.map(Padder::new);
         let upgraded = match self.state.keys.take(network.magic) {
-            Ok(key) => upgrade::upgrade_shaped(&mut remote, key, Some(first), config.timeouts.handshake, &shape).await,
+            Ok(key) => {
+                let timeout = config.timeouts.handshake;
+                upgrade::upgrade_shaped(&mut remote, key, Some(first), timeout, &shape, padder.as_mut()).await
+            }
             Err(error) => Err(error),
         };
         let channel = match upgraded {
@@ -114,7 +119,16 @@ impl Session<'_> {
             }
         };
         self.observer.handshake_done(started.elapsed());
-        self.observer.shaping().handshake_decoys(shape.decoy_wire_bytes());
+        let shaping = self.observer.shaping();
+        shaping.handshake_decoys(shape.decoy_wire_bytes());
+        if let Some(padder) = &padder {
+            if padder.spent() > 0 {
+                shaping.padding_decoy(padder.spent() as usize);
+            }
+            if padder.exhausted() {
+                shaping.budget_exhausted();
+            }
+        }
         self.open_line(Transport::V2, Some(&channel.session_id));
         // The VERSION went out in the handshake; it counts as carried.
         pending.advance(version_len);
@@ -125,7 +139,7 @@ impl Session<'_> {
             V1ToV2 {
                 decoder: FrameDecoder::new(network.magic, true),
                 encoder: channel.encoder,
-                shaper: Shaper::for_config(&config.shaping, self.observer.shaping()),
+                shaper: Shaper::with_padder(padder, &config.shaping, shaping),
             },
             V2ToV1 { decoder: channel.decoder, magic: network.magic },
             config.timeouts.idle,
