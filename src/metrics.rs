@@ -60,6 +60,7 @@ pub struct ShapingMetrics {
     padding_decoy_bytes: Counter,
     budget_exhausted: Counter,
     v2_write_bytes: Histogram,
+    v2_write_gap_seconds: Histogram,
 }
 
 impl Default for ShapingMetrics {
@@ -72,6 +73,8 @@ impl Default for ShapingMetrics {
             budget_exhausted: Counter::default(),
             // Power-of-two buckets, 32 B .. 4 MiB: pow2 padding lands on them exactly.
             v2_write_bytes: Histogram::new(exponential_buckets(32.0, 2.0, 18)),
+            // 1 ms .. ~131 s
+            v2_write_gap_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
         }
     }
 }
@@ -94,9 +97,13 @@ impl ShapingMetrics {
         self.budget_exhausted.inc();
     }
 
-    /// One write of `len` bytes (decoys included) on a v2 leg.
-    pub fn v2_write(&self, len: usize) {
+    /// One write of `len` bytes (decoys included) on a v2 leg, `gap` after
+    /// the session's previous one.
+    pub fn v2_write(&self, len: usize, gap: Option<Duration>) {
         self.v2_write_bytes.observe(len as f64);
+        if let Some(gap) = gap {
+            self.v2_write_gap_seconds.observe(gap.as_secs_f64());
+        }
     }
 }
 
@@ -203,6 +210,11 @@ impl Default for Metrics {
             "v2_write_bytes",
             "Sizes of the writes on v2 legs, decoys included (recorded with [shaping] padding or measure on)",
             shaping.v2_write_bytes.clone(),
+        );
+        registry.register(
+            "v2_write_gap_seconds",
+            "Time between one session's consecutive writes on a v2 leg (recorded like v2_write_bytes)",
+            shaping.v2_write_gap_seconds.clone(),
         );
         Metrics {
             registry,

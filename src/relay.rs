@@ -169,6 +169,8 @@ pub struct V1ToV2 {
 pub struct Shaper {
     pub padder: Option<Padder>,
     pub metrics: ShapingMetrics,
+    /// When the previous write was prepared (for the inter-write gaps).
+    pub last_write: Option<Instant>,
 }
 
 impl Shaper {
@@ -180,7 +182,7 @@ impl Shaper {
 
     /// The same, continuing a padder (and its budget) the handshake used.
     pub fn with_padder(padder: Option<Padder>, shaping: &Shaping, metrics: &ShapingMetrics) -> Option<Shaper> {
-        (padder.is_some() || shaping.measure).then(|| Shaper { padder, metrics: metrics.clone() })
+        (padder.is_some() || shaping.measure).then(|| Shaper { padder, metrics: metrics.clone(), last_write: None })
     }
 
     /// Appends to `out` the decoy that brings a write of `written` bytes to
@@ -204,7 +206,9 @@ impl Shaper {
                 None => {}
             }
         }
-        self.metrics.v2_write(total);
+        let now = Instant::now();
+        let gap = self.last_write.replace(now).map(|last| now - last);
+        self.metrics.v2_write(total, gap);
         Ok(())
     }
 }
@@ -650,7 +654,7 @@ mod tests {
             let mut translator = V1ToV2 {
                 decoder: FrameDecoder::new(MAGIC, true),
                 encoder: ours.encoder(0),
-                shaper: Some(Shaper { padder: Some(Padder::new(policy)), metrics: ShapingMetrics::default() }),
+                shaper: Shaper::with_padder(Some(Padder::new(policy)), &Shaping::default(), &ShapingMetrics::default()),
             };
             // Small messages batched in front of one written in place: the
             // batch's decoy must be encrypted before the large message.

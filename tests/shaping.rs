@@ -281,6 +281,8 @@ async fn measure_records_write_sizes_without_padding() {
     assert!(node.log.packets.lock().unwrap()[0].iter().all(|&(decoy, _)| !decoy));
     let writes = metric(&observer, "bip324_proxy_v2_write_bytes_count");
     assert_eq!(writes, messages.len() as u64);
+    // A gap between each two consecutive writes.
+    assert_eq!(metric(&observer, "bip324_proxy_v2_write_gap_seconds_count"), writes - 1);
     let sum = metric(&observer, "bip324_proxy_v2_write_bytes_sum");
     let on_wire: usize = node.log.packets.lock().unwrap()[0].iter().skip(1).map(|p| p.1).sum();
     assert!(!node.log.packets.lock().unwrap()[0][1].0, "no decoy after the VERSION either");
