@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::network::{self, Network, NetworkSet};
+use crate::shaping::{FileShaping, Shaping};
 use crate::socks5::{Target, TargetError};
 
 /// Default listen address: loopback only, the port of the product.
@@ -174,6 +175,8 @@ pub struct Config {
     pub max_inbound: usize,
     /// Most inbound sessions one peer address may hold at once.
     pub max_inbound_per_source: usize,
+    /// Decoys and padding on the v2 legs we write (`[shaping]`, off by default).
+    pub shaping: Shaping,
 }
 
 /// Which targets go through the upstream proxy.
@@ -407,6 +410,8 @@ impl Config {
             None => default_inbound_per_source(max_inbound),
         };
 
+        let shaping = Shaping::from_file(&file.shaping).map_err(|e| ConfigError(e.to_string()))?;
+
         let config = Config {
             listen,
             unix_socket,
@@ -432,6 +437,7 @@ impl Config {
             inbound,
             max_inbound: to_usize(max_inbound),
             max_inbound_per_source: to_usize(max_inbound_per_source),
+            shaping,
         };
         config.check_exposure()?;
         config.check_self_dial()?;
@@ -984,6 +990,7 @@ pub struct FileConfig {
     inbound: Vec<FileInbound>,
     max_inbound: u64,
     max_inbound_per_source: Option<u64>,
+    shaping: FileShaping,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1117,6 +1124,7 @@ impl Default for FileConfig {
             inbound: Vec::new(),
             max_inbound: 256,
             max_inbound_per_source: None,
+            shaping: FileShaping::default(),
         }
     }
 }

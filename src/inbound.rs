@@ -299,7 +299,7 @@ impl InboundSession<'_> {
                     Leg { stream: node.into(), pending: BytesMut::new() },
                     V2ToV1 { decoder: channel.decoder, magic },
                     NodeToPeer::new(
-                        V1ToV2 { decoder: FrameDecoder::new(magic, true), encoder: channel.encoder },
+                        V1ToV2 { decoder: FrameDecoder::new(magic, true), encoder: channel.encoder, shaper: None },
                         magic,
                         self.listener.advertise,
                         self.state.observer.clone(),

@@ -16,6 +16,7 @@
 //!   dialed ([`policy::DialRules`]), Core's routability rules;
 //! - [`network`]: network names and magics;
 //! - [`advertise`]: NODE_P2P_V2 in the node's VERSION (inbound mode);
+//! - [`shaping`]: the `[shaping]` policy: padding and handshake-decoy schedules;
 //! - [`config`]: file, flags and environment -> one validated `Config`.
 //!
 //! Shared state without I/O of its own: [`state`] (what every session
@@ -53,6 +54,7 @@ pub mod relay;
 pub mod respond;
 pub mod server;
 pub mod session;
+pub mod shaping;
 pub mod sniff;
 pub mod socks5;
 pub mod state;

@@ -49,6 +49,62 @@ pub struct Metrics {
     v1_only_memory: Family<Labels1, Counter>,
     connections_refused: Family<Labels1, Counter>,
     inbound: InboundMetrics,
+    shaping: ShapingMetrics,
+}
+
+/// What traffic shaping spends and what the v2 legs look like on the wire,
+/// shared by every session (cloning shares the counters).
+#[derive(Clone)]
+pub struct ShapingMetrics {
+    decoy_bytes: Family<Labels1, Counter>,
+    padding_decoy_bytes: Counter,
+    budget_exhausted: Counter,
+    v2_write_bytes: Histogram,
+    v2_write_gap_seconds: Histogram,
+}
+
+impl Default for ShapingMetrics {
+    fn default() -> Self {
+        let decoy_bytes = Family::<Labels1, Counter>::default();
+        let padding_decoy_bytes = decoy_bytes.get_or_create(&[("kind", "padding")]).clone();
+        ShapingMetrics {
+            decoy_bytes,
+            padding_decoy_bytes,
+            budget_exhausted: Counter::default(),
+            // Power-of-two buckets, 32 B .. 4 MiB: pow2 padding lands on them exactly.
+            v2_write_bytes: Histogram::new(exponential_buckets(32.0, 2.0, 18)),
+            // 1 ms .. ~131 s
+            v2_write_gap_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+        }
+    }
+}
+
+impl ShapingMetrics {
+    /// A padding decoy of `wire` bytes went out.
+    pub fn padding_decoy(&self, wire: usize) {
+        self.padding_decoy_bytes.inc_by(wire as u64);
+    }
+
+    /// Handshake decoys of `wire` bytes in all went out.
+    pub fn handshake_decoys(&self, wire: usize) {
+        if wire > 0 {
+            self.decoy_bytes.get_or_create(&[("kind", "handshake")]).inc_by(wire as u64);
+        }
+    }
+
+    /// A session's padding budget ran out (counted once per session).
+    pub fn budget_exhausted(&self) {
+        self.budget_exhausted.inc();
+    }
+
+    /// One write of `len` bytes (decoys included) on a v2 leg, `gap` after
+    /// the session's previous one.
+    pub fn v2_write(&self, len: usize, gap: Option<Duration>) {
+        self.v2_write_bytes.observe(len as f64);
+        if let Some(gap) = gap {
+            self.v2_write_gap_seconds.observe(gap.as_secs_f64());
+        }
+    }
 }
 
 /// The metrics of inbound sessions (peers of a v1-only node), apart from the
@@ -146,9 +202,31 @@ impl Default for Metrics {
              and what the NODE_P2P_V2 rewrite did (set, already_set, other_addresses, malformed)",
             inbound.addr_rewrites.clone(),
         );
+        let shaping = ShapingMetrics::default();
+        registry.register(
+            "shaping_decoy_bytes",
+            "Decoy bytes written on v2 legs (packet overhead included), by kind (padding, handshake)",
+            shaping.decoy_bytes.clone(),
+        );
+        registry.register(
+            "shaping_budget_exhausted",
+            "Sessions whose padding budget ran out (later writes went out unpadded)",
+            shaping.budget_exhausted.clone(),
+        );
+        registry.register(
+            "v2_write_bytes",
+            "Sizes of the writes on v2 legs, decoys included (recorded with [shaping] padding or measure on)",
+            shaping.v2_write_bytes.clone(),
+        );
+        registry.register(
+            "v2_write_gap_seconds",
+            "Time between one session's consecutive writes on a v2 leg (recorded like v2_write_bytes)",
+            shaping.v2_write_gap_seconds.clone(),
+        );
         Metrics {
             registry,
             inbound,
+            shaping,
             sessions_opened,
             sessions_closed,
             sessions_active,
@@ -374,6 +452,11 @@ impl Observer {
     /// messages.
     pub fn inbound_addr_rewrite(&self, command: &'static str, outcome: &'static str) {
         self.metrics.inbound.addr_rewrites.get_or_create(&[("command", command), ("outcome", outcome)]).inc();
+    }
+
+    /// The shaping counters, for a session's relay and handshake.
+    pub fn shaping(&self) -> &ShapingMetrics {
+        &self.metrics.shaping
     }
 
     pub fn handshake_done(&self, took: Duration) {

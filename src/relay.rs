@@ -19,11 +19,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::metrics::{Direction, LiveCounters};
+use crate::metrics::{Direction, LiveCounters, ShapingMetrics};
+use crate::shaping::{MIN_DECOY_WIRE_BYTES, Padder, Shaping};
 use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
-use crate::v2::{DecodedPacket, PACKET_PREFIX, PacketDecoder, PacketEncoder, V2Error};
+use crate::v2::{DecodedPacket, PACKET_PREFIX, PacketDecoder, PacketEncoder, TAG_LEN, V2Error};
 
 /// Read size when no larger message is known to be pending.
 const READ_CHUNK: usize = 16 * 1024;
@@ -151,6 +152,65 @@ pub trait Translator: Send {
 pub struct V1ToV2 {
     pub decoder: FrameDecoder,
     pub encoder: PacketEncoder,
+    /// Padding and write-size measurement; `None` (the default) costs one
+    /// check per write.
+    pub shaper: Option<Shaper>,
+}
+
+/// Shapes the writes of one v2 direction (the policy is in `shaping.rs`).
+///
+/// Padding works per write, not per packet: packet lengths are encrypted,
+/// so an observer of the leg sees only how many bytes each write puts on
+/// the wire. One decoy after the last genuine packet of a write brings the
+/// whole write to a bucket boundary, which hides each message's size and how
+/// many were batched, at one packet's overhead per write instead of one per
+/// message. A large message written in place (`Step::Direct`) is a write of
+/// its own and gets its own decoy in the same vectored write.
+pub struct Shaper {
+    pub padder: Option<Padder>,
+    pub metrics: ShapingMetrics,
+    /// When the previous write was prepared (for the inter-write gaps).
+    pub last_write: Option<Instant>,
+}
+
+impl Shaper {
+    /// The shaper `[shaping]` asks for, or `None` when padding and
+    /// measurement are both off.
+    pub fn for_config(shaping: &Shaping, metrics: &ShapingMetrics) -> Option<Shaper> {
+        Self::with_padder(shaping.padding.map(Padder::new), shaping, metrics)
+    }
+
+    /// The same, continuing a padder (and its budget) the handshake used.
+    pub fn with_padder(padder: Option<Padder>, shaping: &Shaping, metrics: &ShapingMetrics) -> Option<Shaper> {
+        (padder.is_some() || shaping.measure).then(|| Shaper { padder, metrics: metrics.clone(), last_write: None })
+    }
+
+    /// Appends to `out` the decoy that brings a write of `written` bytes to
+    /// a bucket boundary (if the policy and budget allow one), and records
+    /// the write's size.
+    fn pad(&mut self, written: usize, encoder: &mut PacketEncoder, out: &mut BytesMut) -> Result<(), CloseReason> {
+        let mut total = written;
+        if let Some(padder) = &mut self.padder {
+            let was_exhausted = padder.exhausted();
+            match padder.decoy_for(written) {
+                Some(contents) => {
+                    encoder.encode_decoy(contents, out).map_err(CloseReason::Encode)?;
+                    let wire = contents + MIN_DECOY_WIRE_BYTES;
+                    self.metrics.padding_decoy(wire);
+                    total += wire;
+                }
+                None if padder.exhausted() && !was_exhausted => {
+                    debug!(spent = padder.spent(), "padding budget exhausted");
+                    self.metrics.budget_exhausted();
+                }
+                None => {}
+            }
+        }
+        let now = Instant::now();
+        let gap = self.last_write.replace(now).map(|last| now - last);
+        self.metrics.v2_write(total, gap);
+        Ok(())
+    }
 }
 
 impl Translator for V1ToV2 {
@@ -162,7 +222,14 @@ impl Translator for V1ToV2 {
     ) -> Result<Step, CloseReason> {
         loop {
             match self.decoder.decode(input).map_err(|e| CloseReason::BadV1(Side::Client, e))? {
-                Decoded::NeedMore { total } => return Ok(Step::NeedMore(total)),
+                Decoded::NeedMore { total } => {
+                    if let Some(shaper) = &mut self.shaper
+                        && !output.is_empty()
+                    {
+                        shaper.pad(output.len(), &mut self.encoder, output)?;
+                    }
+                    return Ok(Step::NeedMore(total));
+                }
                 Decoded::Frame { header, len } => {
                     let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
                     let type_len = translate::encode_message_type(&header.command, &mut message_type);
@@ -170,6 +237,13 @@ impl Translator for V1ToV2 {
                     debug!(command = %v1::command_display(&header.command), len = header.payload_len, "client_to_remote");
                     stats.messages += 1;
                     if header.payload_len as usize >= DIRECT_THRESHOLD {
+                        // The batch so far is a write of its own and goes
+                        // out first: its decoy is encrypted first too.
+                        if let Some(shaper) = &mut self.shaper
+                            && !output.is_empty()
+                        {
+                            shaper.pad(output.len(), &mut self.encoder, output)?;
+                        }
                         // The v2 prefix (at most 17 bytes) fits where the
                         // 24-byte v1 header was: encrypt in place.
                         let start = HEADER_LEN - PACKET_PREFIX - message_type.len();
@@ -177,12 +251,13 @@ impl Translator for V1ToV2 {
                             .encoder
                             .encode_in_place(&mut input[..len], start, message_type)
                             .map_err(CloseReason::Encode)?;
-                        return Ok(Step::Direct(Direct {
-                            head: Vec::new(),
-                            body: start..len,
-                            tail: tag.to_vec(),
-                            consumed: len,
-                        }));
+                        let mut tail = tag.to_vec();
+                        if let Some(shaper) = &mut self.shaper {
+                            let mut decoy = BytesMut::new();
+                            shaper.pad(len - start + TAG_LEN, &mut self.encoder, &mut decoy)?;
+                            tail.extend_from_slice(&decoy);
+                        }
+                        return Ok(Step::Direct(Direct { head: Vec::new(), body: start..len, tail, consumed: len }));
                     }
                     self.encoder.encode(message_type, &input[HEADER_LEN..len], output).map_err(CloseReason::Encode)?;
                     input.advance(len);
@@ -527,5 +602,105 @@ async fn sleep_until_idle(shared: &Shared) {
     match shared.idle_deadline() {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shaping::{Buckets, PaddingPolicy, boundary};
+    use crate::v2::{Role, SessionKeys};
+
+    const MAGIC: Magic = [0xfa, 0xbf, 0xb5, 0xda];
+
+    fn v1_frame(command: &str, payload: &[u8]) -> Vec<u8> {
+        let mut padded = [0u8; v1::COMMAND_LEN];
+        padded[..command.len()].copy_from_slice(command.as_bytes());
+        let mut frame = V1Header::for_payload(MAGIC, padded, payload).encode().to_vec();
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// Runs `translator` over `input` as the direction loop does and returns
+    /// each write in the order it goes out.
+    fn writes(translator: &mut V1ToV2, input: &mut BytesMut) -> Vec<Vec<u8>> {
+        let mut writes = Vec::new();
+        let mut stats = DirectionStats::default();
+        loop {
+            let mut output = BytesMut::new();
+            let step = translator.translate(input, &mut output, &mut stats).unwrap();
+            if !output.is_empty() {
+                writes.push(output.to_vec());
+            }
+            match step {
+                Step::NeedMore(_) => return writes,
+                Step::Direct(direct) => {
+                    let mut write = direct.head.clone();
+                    write.extend_from_slice(&input[direct.body.clone()]);
+                    write.extend_from_slice(&direct.tail);
+                    writes.push(write);
+                    input.advance(direct.consumed);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_write_ends_with_its_decoy_in_cipher_order() {
+        for buckets in [Buckets::Pow2, Buckets::Padme] {
+            let ours = SessionKeys::from_shared_secret(&[5; 32], Role::Initiator, &MAGIC);
+            let theirs = SessionKeys::from_shared_secret(&[5; 32], Role::Responder, &MAGIC);
+            let policy = PaddingPolicy { buckets, cap: 65536, budget: 1 << 30 };
+            let mut translator = V1ToV2 {
+                decoder: FrameDecoder::new(MAGIC, true),
+                encoder: ours.encoder(0),
+                shaper: Shaper::with_padder(Some(Padder::new(policy)), &Shaping::default(), &ShapingMetrics::default()),
+            };
+            // Small messages batched in front of one written in place: the
+            // batch's decoy must be encrypted before the large message.
+            let messages = [("inv", 37), ("tx", 300), ("block", 100_000), ("ping", 8), ("block", 70_000)];
+            let mut input = BytesMut::new();
+            for (command, len) in messages {
+                input.extend_from_slice(&v1_frame(command, &vec![0xab; len]));
+            }
+            let writes = writes(&mut translator, &mut input);
+            assert!(input.is_empty());
+            assert_eq!(writes.len(), 4, "[inv tx] [block] [ping] [block]");
+
+            let mut decoder = theirs.decoder(0);
+            let mut genuine = Vec::new();
+            for write in writes {
+                assert_eq!(boundary(buckets, 65536, write.len()), write.len(), "{buckets:?}");
+                let mut buf = write;
+                let mut at = 0;
+                let mut packets = Vec::new();
+                while at < buf.len() {
+                    let DecodedPacket::Packet { ignore, contents, len } = decoder.decode(&mut buf[at..]).unwrap()
+                    else {
+                        panic!("a write ends inside a packet");
+                    };
+                    let contents = &buf[at..][contents];
+                    if ignore {
+                        assert!(contents.iter().all(|&b| b == 0), "decoys carry nothing");
+                    } else {
+                        genuine.push(contents.len());
+                    }
+                    packets.push(ignore);
+                    at += len;
+                }
+                // At most one decoy per write, and it comes last.
+                assert!(!packets[..packets.len() - 1].contains(&true), "{packets:?}");
+            }
+            assert_eq!(genuine, vec![1 + 37, 1 + 300, 1 + 100_000, 1 + 8, 1 + 70_000]);
+        }
+    }
+
+    #[test]
+    fn no_shaper_writes_genuine_packets_only() {
+        let ours = SessionKeys::from_shared_secret(&[6; 32], Role::Initiator, &MAGIC);
+        let mut translator = V1ToV2 { decoder: FrameDecoder::new(MAGIC, true), encoder: ours.encoder(0), shaper: None };
+        let mut input = BytesMut::from(&v1_frame("ping", &[1; 8])[..]);
+        let writes = writes(&mut translator, &mut input);
+        assert_eq!(writes.iter().map(Vec::len).collect::<Vec<_>>(), vec![20 + 1 + 8]);
     }
 }

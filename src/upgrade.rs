@@ -18,12 +18,13 @@ use std::time::Duration;
 
 use bip324::{FillBytes, GarbageResult, Handshake, Initialized, ReceivedKey, Role, VersionResult};
 use bytes::{Buf, BytesMut};
-use rand::{Rng, RngCore};
+use rand::RngCore;
 use secp256k1::{Secp256k1, SecretKey, SignOnly};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 use zeroize::Zeroize;
 
+use crate::shaping::{HandshakePolicy, HandshakeShape, Padder};
 use crate::v1::Magic;
 use crate::v2::{
     ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, HEADER_LEN, LENGTH_LEN, MAX_CONTENTS_BYTES, PacketDecoder, PacketEncoder,
@@ -293,12 +294,29 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     first_message: Option<FirstMessage<'_>>,
     handshake_timeout: Duration,
 ) -> Result<V2Channel, UpgradeError> {
+    // Core's shape: a random garbage length in 0..=MAX_GARBAGE_LEN, no decoys.
+    let shape = HandshakePolicy::default().draw(&mut rand::thread_rng());
+    upgrade_shaped(remote, key, first_message, handshake_timeout, &shape, None).await
+}
+
+/// [`upgrade`] with this garbage length and these decoy packets between our
+/// garbage terminator and our version packet (`shaping.rs` draws them), and
+/// with `padder`, a decoy after the client's first message that brings the
+/// whole encrypted flight to a bucket boundary.
+pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
+    remote: &mut S,
+    key: InitiatorKey,
+    first_message: Option<FirstMessage<'_>>,
+    handshake_timeout: Duration,
+    shape: &HandshakeShape,
+    padder: Option<&mut Padder>,
+) -> Result<V2Channel, UpgradeError> {
     let mut io = Reader { stream: remote, deadline: Instant::now() + handshake_timeout, received: 0 };
     let InitiatorKey { handshake, secret } = key;
     let magic = *handshake.magic();
 
-    // Our key and garbage (Core: a random length in 0..=MAX_GARBAGE_LEN).
-    let mut garbage = vec![0u8; rand::thread_rng().gen_range(0..=MAX_GARBAGE_LEN)];
+    // Our key and garbage.
+    let mut garbage = vec![0u8; shape.garbage_len.min(MAX_GARBAGE_LEN)];
     RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
     let mut first_flight = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
     let handshake = handshake.send_key(Some(&garbage), &mut first_flight).map_err(UpgradeError::Protocol)?;
@@ -315,17 +333,27 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     let handshake = handshake.receive_key(theirs).map_err(UpgradeError::Protocol)?;
     let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Initiator, &magic);
 
-    // Garbage terminator + version packet from the crate, then the client's
-    // first message under our own cipher (packet number 1), in one write.
-    let mut second_flight = vec![0u8; Handshake::<ReceivedKey>::send_version_len(None)];
-    let handshake = handshake.send_version(&mut second_flight, None).map_err(UpgradeError::Protocol)?;
+    // Garbage terminator, decoys (if any; the first packet after the
+    // terminator carries the garbage as AAD, decoy or not, which the crate
+    // does) and version packet from the crate, then the client's first
+    // message under our own cipher, in one write.
+    let decoys: Vec<Vec<u8>> = shape.decoy_lens.iter().map(|&len| vec![0u8; len]).collect();
+    let decoy_refs: Vec<&[u8]> = decoys.iter().map(Vec::as_slice).collect();
+    let decoy_refs = (!decoy_refs.is_empty()).then_some(&decoy_refs[..]);
+    let mut second_flight = vec![0u8; Handshake::<ReceivedKey>::send_version_len(decoy_refs)];
+    let handshake = handshake.send_version(&mut second_flight, decoy_refs).map_err(UpgradeError::Protocol)?;
     if second_flight[..GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator()[..] {
         return Err(UpgradeError::KeyMismatch(DerivedValue::GarbageTerminator));
     }
-    let mut encoder = keys.encoder(1);
+    let mut encoder = keys.encoder(1 + decoys.len() as u64);
     let mut flight = BytesMut::from(&second_flight[..]);
     if let Some(first) = first_message {
         encoder.encode(first.message_type, first.payload, &mut flight)?;
+    }
+    // The client's VERSION has a size of its own (user agent, relay flag):
+    // padded like any other write.
+    if let Some(contents) = padder.and_then(|padder| padder.decoy_for(flight.len())) {
+        encoder.encode_decoy(contents, &mut flight)?;
     }
     io.write_all(&flight).await?;
 

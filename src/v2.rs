@@ -333,7 +333,28 @@ impl PacketEncoder {
         aad: &[u8],
         out: &mut BytesMut,
     ) -> Result<(), V2Error> {
-        let contents_len = message_type.len() + payload.len();
+        self.seal_appended(message_type.len() + payload.len(), ignore, aad, out, |out| {
+            out.put_slice(message_type);
+            out.put_slice(payload);
+        })
+    }
+
+    /// Appends a decoy packet (ignore bit set) of `contents_len` zero bytes,
+    /// which the receiver skips (BIP324 decoy packets). Encrypted, its
+    /// contents are as pseudorandom as any packet's.
+    pub fn encode_decoy(&mut self, contents_len: usize, out: &mut BytesMut) -> Result<(), V2Error> {
+        self.seal_appended(contents_len, true, &[], out, |out| out.put_bytes(0, contents_len))
+    }
+
+    /// Appends length, header and the contents `fill` writes, encrypted.
+    fn seal_appended(
+        &mut self,
+        contents_len: usize,
+        ignore: bool,
+        aad: &[u8],
+        out: &mut BytesMut,
+        fill: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), V2Error> {
         if contents_len > MAX_LENGTH_FIELD {
             return Err(V2Error::PacketTooLarge { len: contents_len, max: MAX_LENGTH_FIELD });
         }
@@ -344,8 +365,7 @@ impl PacketEncoder {
         self.length.crypt(&mut length);
         out.put_slice(&length);
         out.put_u8(if ignore { IGNORE_BIT } else { 0 });
-        out.put_slice(message_type);
-        out.put_slice(payload);
+        fill(out);
         let tag = self.aead.seal(aad, &mut out[start + LENGTH_LEN..]);
         out.put_slice(&tag);
         Ok(())
@@ -682,6 +702,23 @@ mod tests {
         let last = out.len() - 1;
         out[last] ^= 1;
         assert_eq!(decoder.decode(&mut out), Err(V2Error::Decryption));
+    }
+
+    #[test]
+    fn decoys_are_skippable_packets_of_the_asked_size() {
+        let (mut encoder, mut decoder) = pair();
+        let mut expected = BytesMut::new();
+        let (mut copying, _) = pair();
+        for len in [0usize, 1, 1000] {
+            let mut out = BytesMut::new();
+            encoder.encode_decoy(len, &mut out).unwrap();
+            assert_eq!(out.len(), PACKET_OVERHEAD + len);
+            copying.encode_packet(&[], &vec![0; len], true, &[], &mut expected).unwrap();
+            assert!(expected.ends_with(&out), "same bytes as an ignore-bit packet of zeros");
+            let DecodedPacket::Packet { ignore, contents, .. } = decoder.decode(&mut out).unwrap() else { panic!() };
+            assert!(ignore);
+            assert_eq!(contents.len(), len);
+        }
     }
 
     #[test]

@@ -38,6 +38,11 @@ const NUMERIC_KEYS: &[(&str, &str, Option<&str>, u64, u64)] = &[
     ("v1_only_memory.ttl", "[v1_only_memory]\nttl = {}", None, 1, 2_592_000),
     ("metrics.max_connections", "[metrics]\nmax_connections = {}", None, 1, 1024),
     ("metrics.request_timeout", "[metrics]\nrequest_timeout = {}", None, 1, 600),
+    ("shaping.padding_cap", "[shaping]\npadding = \"pow2\"\npadding_cap = {}", None, 4096, 1 << 20),
+    ("shaping.padding_budget", "[shaping]\npadding = \"pow2\"\npadding_budget = {}", None, 1024, 1 << 40),
+    ("shaping.garbage_max", "[shaping]\ngarbage_max = {}", None, 0, 4095),
+    ("shaping.handshake_decoys", "[shaping]\nhandshake_decoys = {}", None, 0, 16),
+    ("shaping.handshake_decoy_max", "[shaping]\nhandshake_decoy_max = {}", None, 0, 16_384),
 ];
 
 /// The value a loaded config holds for `key`.
@@ -56,6 +61,11 @@ fn value_of(config: &Config, key: &str) -> u64 {
         "v1_only_memory.ttl" => config.v1_only_memory.1.as_secs(),
         "metrics.max_connections" => config.metrics_max_connections as u64,
         "metrics.request_timeout" => config.metrics_request_timeout.as_secs(),
+        "shaping.padding_cap" => config.shaping.padding.map_or(65536, |p| p.cap as u64),
+        "shaping.padding_budget" => config.shaping.padding.map_or(64 << 20, |p| p.budget),
+        "shaping.garbage_max" => *config.shaping.handshake.garbage.end() as u64,
+        "shaping.handshake_decoys" => config.shaping.handshake.decoys as u64,
+        "shaping.handshake_decoy_max" => *config.shaping.handshake.decoy_contents.end() as u64,
         other => panic!("unknown key {other}"),
     }
 }

@@ -12,7 +12,8 @@ use crate::metrics::Direction;
 use crate::network::Network;
 use crate::outbound::{self, Destination};
 use crate::policy::{self, DialRules, Evidence, PlaintextPermit, Plan};
-use crate::relay::{self, Leg, Passthrough, Side, V1ToV1, V1ToV2, V2ToV1};
+use crate::relay::{self, Leg, Passthrough, Shaper, Side, V1ToV1, V1ToV2, V2ToV1};
+use crate::shaping::Padder;
 use crate::stream::Stream;
 use crate::translate;
 use crate::upgrade;
@@ -89,8 +90,13 @@ impl Session<'_> {
         let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
         let started = Instant::now();
         let first = upgrade::FirstMessage { message_type: &message_type[..type_len], payload };
+        let shape = config.shaping.handshake.draw(&mut rand::thread_rng());
+        let mut padder = config.shaping.padding.map(Padder::new);
         let upgraded = match self.state.keys.take(network.magic) {
-            Ok(key) => upgrade::upgrade(&mut remote, key, Some(first), config.timeouts.handshake).await,
+            Ok(key) => {
+                let timeout = config.timeouts.handshake;
+                upgrade::upgrade_shaped(&mut remote, key, Some(first), timeout, &shape, padder.as_mut()).await
+            }
             Err(error) => Err(error),
         };
         let channel = match upgraded {
@@ -113,6 +119,16 @@ impl Session<'_> {
             }
         };
         self.observer.handshake_done(started.elapsed());
+        let shaping = self.observer.shaping();
+        shaping.handshake_decoys(shape.decoy_wire_bytes());
+        if let Some(padder) = &padder {
+            if padder.spent() > 0 {
+                shaping.padding_decoy(padder.spent() as usize);
+            }
+            if padder.exhausted() {
+                shaping.budget_exhausted();
+            }
+        }
         self.open_line(Transport::V2, Some(&channel.session_id));
         // The VERSION went out in the handshake; it counts as carried.
         pending.advance(version_len);
@@ -120,7 +136,11 @@ impl Session<'_> {
         let mut report = relay::run(
             Leg { stream: client, pending },
             Leg { stream: remote.into(), pending: channel.leftover },
-            V1ToV2 { decoder: FrameDecoder::new(network.magic, true), encoder: channel.encoder },
+            V1ToV2 {
+                decoder: FrameDecoder::new(network.magic, true),
+                encoder: channel.encoder,
+                shaper: Shaper::with_padder(padder, &config.shaping, shaping),
+            },
             V2ToV1 { decoder: channel.decoder, magic: network.magic },
             config.timeouts.idle,
             self.live.counters.clone(),

@@ -271,6 +271,12 @@ pub struct NodeLog {
     pub received: Mutex<Vec<Vec<Vec<u8>>>>,
     /// Messages a flooding node has written so far.
     pub flooded: AtomicUsize,
+    /// Every packet after the version packet, per connection: (decoy, bytes
+    /// on the wire).
+    pub packets: Mutex<Vec<Vec<(bool, usize)>>>,
+    /// Wire sizes of the decoys before the initiator's version packet, per
+    /// connection.
+    pub handshake_decoys: Mutex<Vec<Vec<usize>>>,
 }
 
 pub struct Node {
@@ -405,6 +411,7 @@ async fn serve_v2(
         }
     };
     let mut inbound = garbage_buffer[consumed..].to_vec();
+    let mut handshake_decoys = Vec::new();
     let cipher = loop {
         fill(&mut stream, &mut inbound, 3).await?;
         let len = handshake.decrypt_packet_len(inbound[..3].try_into()?)?;
@@ -412,13 +419,18 @@ async fn serve_v2(
         let mut packet: Vec<u8> = inbound.drain(..3 + len).collect();
         match handshake.receive_version(&mut packet[3..])? {
             VersionResult::Complete { cipher } => break cipher,
-            VersionResult::Decoy(next) => handshake = next,
+            VersionResult::Decoy(next) => {
+                handshake_decoys.push(3 + len);
+                handshake = next;
+            }
         }
     };
     log.session_ids.lock().unwrap().push(*cipher.id());
     let conn = {
         let mut received = log.received.lock().unwrap();
         received.push(Vec::new());
+        log.packets.lock().unwrap().push(Vec::new());
+        log.handshake_decoys.lock().unwrap().push(handshake_decoys);
         received.len() - 1
     };
     let (mut decrypt, outbound) = cipher.into_split();
@@ -454,7 +466,9 @@ async fn serve_v2(
         fill(&mut stream, &mut inbound, 3 + len).await?;
         let mut packet: Vec<u8> = inbound.drain(..3 + len).collect();
         let (kind, plaintext) = decrypt.decrypt_in_place(&mut packet[3..], None)?;
-        if kind == PacketType::Decoy || plaintext[0] & 0x80 != 0 {
+        let decoy = kind == PacketType::Decoy || plaintext[0] & 0x80 != 0;
+        log.packets.lock().unwrap()[conn].push((decoy, 3 + len));
+        if decoy {
             continue;
         }
         let contents = plaintext[1..].to_vec();

@@ -1,0 +1,447 @@
+//! PURE traffic-shaping policy for the bytes the proxy writes on v2 legs:
+//! the `[shaping]` configuration section, and the schedules that decide how
+//! many decoy bytes go out and where. No I/O here: the relay's `V1ToV2`
+//! translator asks a [`Padder`] after each write it prepares, and the
+//! handshake asks a [`HandshakePolicy`] for its garbage length and decoys.
+//!
+//! BIP324 hides every byte but not packet sizes or timing; its decoy packets
+//! (the ignore bit) and handshake garbage exist for shaping and the BIP
+//! leaves their use out of scope. Everything here is off by default.
+//!
+//! A decoy packet on the wire is its contents plus [`MIN_DECOY_WIRE_BYTES`]
+//! (3-byte length, header byte, 16-byte tag), so a gap to the next size
+//! bucket smaller than that cannot be filled: the write then goes to the
+//! following bucket instead.
+
+use std::ops::RangeInclusive;
+
+use rand::Rng;
+use serde::Deserialize;
+
+use crate::v2::PACKET_OVERHEAD;
+
+/// The smallest decoy on the wire: an empty one (BIP324 packet overhead).
+pub const MIN_DECOY_WIRE_BYTES: usize = PACKET_OVERHEAD;
+
+/// BIP324: at most 4095 bytes of garbage precede the garbage terminator.
+pub const MAX_GARBAGE_BYTES: usize = 4095;
+
+/// Documented ranges of the `[shaping]` keys (README, configuration reference).
+pub const PADDING_CAP_BYTES: RangeInclusive<u64> = 4096..=1 << 20;
+pub const PADDING_BUDGET_BYTES: RangeInclusive<u64> = 1024..=1 << 40;
+pub const GARBAGE_BYTES: RangeInclusive<u64> = 0..=MAX_GARBAGE_BYTES as u64;
+pub const HANDSHAKE_DECOYS: RangeInclusive<u64> = 0..=16;
+pub const HANDSHAKE_DECOY_BYTES: RangeInclusive<u64> = 0..=16 * 1024;
+
+/// How genuine writes are rounded up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Buckets {
+    /// No size padding.
+    #[default]
+    Off,
+    /// The next power of two: few distinct sizes, up to ~100% overhead.
+    Pow2,
+    /// Padmé (Nikitin et al., "Reducing Metadata Leakage from Encrypted
+    /// Files and Communication with PURBs", 2019): at most ~12% overhead,
+    /// O(log log n) bits of size leaked.
+    Padme,
+}
+
+/// The `[shaping]` section as written. Every key is optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileShaping {
+    padding: Buckets,
+    padding_cap: u64,
+    padding_budget: u64,
+    garbage_min: u64,
+    garbage_max: u64,
+    handshake_decoys: u64,
+    handshake_decoy_min: u64,
+    handshake_decoy_max: u64,
+    measure: bool,
+}
+
+impl Default for FileShaping {
+    fn default() -> Self {
+        FileShaping {
+            padding: Buckets::Off,
+            padding_cap: 64 * 1024,
+            padding_budget: 64 * 1024 * 1024,
+            garbage_min: 0,
+            garbage_max: MAX_GARBAGE_BYTES as u64,
+            handshake_decoys: 0,
+            handshake_decoy_min: 0,
+            handshake_decoy_max: 1024,
+            measure: false,
+        }
+    }
+}
+
+/// A `[shaping]` key out of its documented range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapingError {
+    #[error("shaping.{key}: {value} is out of range {min}..={max}")]
+    OutOfRange { key: &'static str, value: u64, min: u64, max: u64 },
+    #[error("shaping.{min_key} ({min}) is more than shaping.{max_key} ({max})")]
+    EmptyRange { min_key: &'static str, max_key: &'static str, min: u64, max: u64 },
+}
+
+/// Size padding of genuine writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PaddingPolicy {
+    pub buckets: Buckets,
+    /// Writes above this are padded only to the next multiple of it.
+    pub cap: usize,
+    /// Decoy bytes (on the wire) one session may spend on padding.
+    pub budget: u64,
+}
+
+/// The handshake's first encrypted flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakePolicy {
+    /// Garbage length, drawn uniformly (Bitcoin Core: 0..=4095).
+    pub garbage: RangeInclusive<usize>,
+    /// Decoy packets between the garbage terminator and our version packet.
+    pub decoys: usize,
+    /// Contents length of each, drawn uniformly.
+    pub decoy_contents: RangeInclusive<usize>,
+}
+
+impl Default for HandshakePolicy {
+    fn default() -> Self {
+        HandshakePolicy { garbage: 0..=MAX_GARBAGE_BYTES, decoys: 0, decoy_contents: 0..=1024 }
+    }
+}
+
+/// One handshake's draw from a [`HandshakePolicy`]: what the initiator (or,
+/// later, the responder) sends around its garbage terminator.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HandshakeShape {
+    pub garbage_len: usize,
+    /// Contents length of each decoy before the version packet, in order.
+    pub decoy_lens: Vec<usize>,
+}
+
+impl HandshakeShape {
+    /// The decoys' size on the wire.
+    pub fn decoy_wire_bytes(&self) -> usize {
+        self.decoy_lens.iter().map(|len| len + MIN_DECOY_WIRE_BYTES).sum()
+    }
+}
+
+impl HandshakePolicy {
+    /// Draws one handshake's garbage length and decoys.
+    pub fn draw(&self, rng: &mut impl Rng) -> HandshakeShape {
+        HandshakeShape { garbage_len: self.garbage_len(rng), decoy_lens: self.decoy_lens(rng) }
+    }
+
+    pub fn garbage_len(&self, rng: &mut impl Rng) -> usize {
+        rng.gen_range(self.garbage.clone())
+    }
+
+    /// The contents length of each handshake decoy, in sending order.
+    pub fn decoy_lens(&self, rng: &mut impl Rng) -> Vec<usize> {
+        (0..self.decoys).map(|_| rng.gen_range(self.decoy_contents.clone())).collect()
+    }
+
+    /// The most decoy bytes (on the wire) one handshake sends.
+    pub fn max_decoy_wire_bytes(&self) -> usize {
+        self.decoys * (MIN_DECOY_WIRE_BYTES + self.decoy_contents.end())
+    }
+}
+
+/// The validated `[shaping]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Shaping {
+    /// `None`: genuine writes go out as they are.
+    pub padding: Option<PaddingPolicy>,
+    pub handshake: HandshakePolicy,
+    /// Record the sizes of v2 writes even with padding off.
+    pub measure: bool,
+}
+
+impl Shaping {
+    /// Checks every key against its documented range.
+    pub fn from_file(file: &FileShaping) -> Result<Shaping, ShapingError> {
+        let cap = in_range("padding_cap", file.padding_cap, PADDING_CAP_BYTES)?;
+        let budget = in_range("padding_budget", file.padding_budget, PADDING_BUDGET_BYTES)?;
+        let garbage = ordered(("garbage_min", file.garbage_min), ("garbage_max", file.garbage_max), GARBAGE_BYTES)?;
+        let decoys = in_range("handshake_decoys", file.handshake_decoys, HANDSHAKE_DECOYS)?;
+        let decoy_contents = ordered(
+            ("handshake_decoy_min", file.handshake_decoy_min),
+            ("handshake_decoy_max", file.handshake_decoy_max),
+            HANDSHAKE_DECOY_BYTES,
+        )?;
+        let padding = match file.padding {
+            Buckets::Off => None,
+            buckets => Some(PaddingPolicy { buckets, cap: cap as usize, budget }),
+        };
+        Ok(Shaping {
+            padding,
+            handshake: HandshakePolicy { garbage, decoys: decoys as usize, decoy_contents },
+            measure: file.measure,
+        })
+    }
+}
+
+fn in_range(key: &'static str, value: u64, range: RangeInclusive<u64>) -> Result<u64, ShapingError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ShapingError::OutOfRange { key, value, min: *range.start(), max: *range.end() })
+    }
+}
+
+/// A `_min`/`_max` pair, each in `range` and in order. Every range here fits
+/// a `usize`.
+fn ordered(
+    (min_key, min): (&'static str, u64),
+    (max_key, max): (&'static str, u64),
+    range: RangeInclusive<u64>,
+) -> Result<RangeInclusive<usize>, ShapingError> {
+    let min = in_range(min_key, min, range.clone())?;
+    let max = in_range(max_key, max, range)?;
+    if min > max {
+        return Err(ShapingError::EmptyRange { min_key, max_key, min, max });
+    }
+    Ok(min as usize..=max as usize)
+}
+
+/// The Padmé length of `len`: its lowest bits cleared upwards so only
+/// O(log log len) bits of the length remain. Idempotent.
+pub fn padme(len: usize) -> usize {
+    if len < 2 {
+        return len;
+    }
+    let e = usize::BITS - 1 - len.leading_zeros(); // floor(log2 len)
+    let s = u32::BITS - e.leading_zeros(); // floor(log2 e) + 1
+    let mask = (1usize << (e - s)) - 1;
+    (len + mask) & !mask
+}
+
+/// The smallest bucket boundary at or above `len`: the policy's own size,
+/// or the next multiple of `cap` if that is smaller (large writes).
+pub fn boundary(buckets: Buckets, cap: usize, len: usize) -> usize {
+    let coarse = len.div_ceil(cap).max(1) * cap;
+    let fine = match buckets {
+        Buckets::Off => return len,
+        Buckets::Pow2 => len.checked_next_power_of_two().unwrap_or(coarse),
+        Buckets::Padme => padme(len),
+    };
+    fine.min(coarse)
+}
+
+/// Decoy bytes (on the wire) that bring a write of `len` bytes to a bucket
+/// boundary: zero when it already lies on one, else at least
+/// [`MIN_DECOY_WIRE_BYTES`] (a gap smaller than a decoy moves on to the
+/// next boundary).
+pub fn decoy_wire_len(buckets: Buckets, cap: usize, len: usize) -> usize {
+    let target = boundary(buckets, cap, len);
+    if target == len {
+        return 0;
+    }
+    // The smallest boundary that leaves room for a whole decoy.
+    boundary(buckets, cap, len + MIN_DECOY_WIRE_BYTES) - len
+}
+
+/// One session's padding state: the policy and what is left of its budget.
+#[derive(Debug, Clone)]
+pub struct Padder {
+    policy: PaddingPolicy,
+    spent: u64,
+    /// A decoy did not fit in what was left of the budget.
+    exhausted: bool,
+}
+
+impl Padder {
+    pub fn new(policy: PaddingPolicy) -> Self {
+        Padder { policy, spent: 0, exhausted: false }
+    }
+
+    /// The contents length of the decoy to write right after a genuine write
+    /// of `written` bytes, or `None` when it lies on a boundary already or the
+    /// decoy would overrun the budget (the write then goes out unpadded).
+    pub fn decoy_for(&mut self, written: usize) -> Option<usize> {
+        let wire = decoy_wire_len(self.policy.buckets, self.policy.cap, written);
+        if wire == 0 {
+            return None;
+        }
+        if self.spent + wire as u64 > self.policy.budget {
+            self.exhausted = true;
+            return None;
+        }
+        self.spent += wire as u64;
+        Some(wire - MIN_DECOY_WIRE_BYTES)
+    }
+
+    /// Decoy bytes (on the wire) spent so far.
+    pub fn spent(&self) -> u64 {
+        self.spent
+    }
+
+    /// Whether some write went out unpadded for want of budget.
+    pub fn exhausted(&self) -> bool {
+        self.exhausted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(text: &str) -> Result<Shaping, ShapingError> {
+        let file: FileShaping = toml::from_str(text).unwrap();
+        Shaping::from_file(&file)
+    }
+
+    #[test]
+    fn defaults_are_off_and_core_like() {
+        let shaping = parse("").unwrap();
+        assert_eq!(shaping, Shaping::default());
+        assert_eq!(shaping.padding, None);
+        assert_eq!(shaping.handshake.garbage, 0..=4095);
+        assert_eq!(shaping.handshake.decoys, 0);
+        assert!(!shaping.measure);
+    }
+
+    #[test]
+    fn keys_parse_and_unknown_keys_are_refused() {
+        let shaping = parse(
+            "padding = \"padme\"\npadding_cap = 8192\npadding_budget = 4096\ngarbage_min = 10\ngarbage_max = 20\n\
+             handshake_decoys = 3\nhandshake_decoy_min = 5\nhandshake_decoy_max = 9\nmeasure = true\n",
+        )
+        .unwrap();
+        assert_eq!(shaping.padding, Some(PaddingPolicy { buckets: Buckets::Padme, cap: 8192, budget: 4096 }));
+        assert_eq!(shaping.handshake, HandshakePolicy { garbage: 10..=20, decoys: 3, decoy_contents: 5..=9 });
+        assert!(shaping.measure);
+        assert!(toml::from_str::<FileShaping>("padding = \"pow3\"").is_err());
+        assert!(toml::from_str::<FileShaping>("paddding = \"pow2\"").is_err());
+    }
+
+    #[test]
+    fn out_of_range_keys_are_named() {
+        for (text, key) in [
+            ("padding_cap = 4095", "padding_cap"),
+            ("padding_cap = 1048577", "padding_cap"),
+            ("padding_budget = 1023", "padding_budget"),
+            ("garbage_max = 4096", "garbage_max"),
+            ("garbage_min = 5000", "garbage_min"),
+            ("handshake_decoys = 17", "handshake_decoys"),
+            ("handshake_decoy_max = 16385", "handshake_decoy_max"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(matches!(e, ShapingError::OutOfRange { key: k, .. } if k == key), "{text}: {e}");
+            assert!(e.to_string().contains(&format!("shaping.{key}")), "{e}");
+        }
+        let e = parse("garbage_min = 100\ngarbage_max = 99").unwrap_err();
+        assert_eq!(e, ShapingError::EmptyRange { min_key: "garbage_min", max_key: "garbage_max", min: 100, max: 99 });
+        assert_eq!(e.to_string(), "shaping.garbage_min (100) is more than shaping.garbage_max (99)");
+    }
+
+    #[test]
+    fn padme_matches_the_paper() {
+        // Values from the PURBs paper's definition, worked by hand.
+        for (len, padded) in [(0, 0), (1, 1), (2, 2), (3, 3), (9, 10), (100, 104), (1000, 1024), (1025, 1088)] {
+            assert_eq!(padme(len), padded, "padme({len})");
+        }
+        // At most ~12% overhead.
+        for len in [1000usize, 65_537, 1_000_001] {
+            assert!(padme(len) as f64 <= len as f64 * 1.12);
+        }
+    }
+
+    #[test]
+    fn small_gaps_go_to_the_next_boundary() {
+        // 29 bytes (a ping): 32 is 3 bytes away, too close for a decoy.
+        assert_eq!(decoy_wire_len(Buckets::Pow2, 65536, 29), 35);
+        assert_eq!(decoy_wire_len(Buckets::Pow2, 65536, 64), 0);
+        assert_eq!(decoy_wire_len(Buckets::Pow2, 65536, 44), 20);
+        // Large writes: only to the next multiple of the cap.
+        assert_eq!(decoy_wire_len(Buckets::Pow2, 65536, 65536 + 1000), 64536);
+        assert_eq!(decoy_wire_len(Buckets::Pow2, 65536, 3 * 65536 - 5), 65536 + 5);
+        assert_eq!(decoy_wire_len(Buckets::Off, 65536, 29), 0);
+    }
+
+    #[test]
+    fn budget_stops_padding_without_overrun() {
+        let mut padder = Padder::new(PaddingPolicy { buckets: Buckets::Pow2, cap: 65536, budget: 100 });
+        assert_eq!(padder.decoy_for(29), Some(15)); // 35 on the wire
+        assert_eq!(padder.decoy_for(29), Some(15)); // 70
+        assert_eq!(padder.decoy_for(29), None); // 105 would overrun
+        assert!(padder.exhausted());
+        assert_eq!(padder.decoy_for(44), Some(0)); // 90: a smaller decoy still fits
+        assert_eq!(padder.spent(), 90);
+    }
+
+    fn any_buckets() -> impl Strategy<Value = Buckets> {
+        prop_oneof![Just(Buckets::Pow2), Just(Buckets::Padme)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn padded_writes_land_on_boundaries(
+            buckets in any_buckets(),
+            cap in PADDING_CAP_BYTES,
+            len in prop_oneof![1usize..4096, 1usize..=(8 << 20)],
+        ) {
+            let cap = cap as usize;
+            let wire = decoy_wire_len(buckets, cap, len);
+            let padded = len + wire;
+            // A boundary is a fixed point.
+            prop_assert_eq!(boundary(buckets, cap, padded), padded);
+            // No decoy smaller than an empty packet.
+            prop_assert!(wire == 0 || wire >= MIN_DECOY_WIRE_BYTES);
+            // Never past the coarse multiple that leaves room for a decoy.
+            prop_assert!(padded <= (len + MIN_DECOY_WIRE_BYTES).div_ceil(cap) * cap);
+            // And never a boundary skipped that had room for a decoy.
+            let first = boundary(buckets, cap, len);
+            prop_assert!(padded == first || first - len < MIN_DECOY_WIRE_BYTES);
+            // Decoy contents fit any BIP324 receiver's packet limit.
+            prop_assert!(wire <= cap + MIN_DECOY_WIRE_BYTES);
+        }
+
+        #[test]
+        fn padding_never_exceeds_the_budget(
+            buckets in any_buckets(),
+            budget in 1024u64..100_000,
+            writes in proptest::collection::vec(1usize..200_000, 1..200),
+        ) {
+            let mut padder = Padder::new(PaddingPolicy { buckets, cap: 65536, budget });
+            for len in writes {
+                if let Some(contents) = padder.decoy_for(len) {
+                    let wire = contents + MIN_DECOY_WIRE_BYTES;
+                    prop_assert_eq!(boundary(buckets, 65536, len + wire), len + wire);
+                }
+                prop_assert!(padder.spent() <= budget);
+            }
+        }
+
+        #[test]
+        fn handshake_draws_stay_in_their_ranges(
+            garbage_min in GARBAGE_BYTES,
+            decoys in HANDSHAKE_DECOYS,
+            decoy_max in HANDSHAKE_DECOY_BYTES,
+        ) {
+            let policy = HandshakePolicy {
+                garbage: garbage_min as usize..=MAX_GARBAGE_BYTES,
+                decoys: decoys as usize,
+                decoy_contents: 0..=decoy_max as usize,
+            };
+            let mut rng = rand::thread_rng();
+            prop_assert!(policy.garbage.contains(&policy.garbage_len(&mut rng)));
+            let lens = policy.decoy_lens(&mut rng);
+            prop_assert_eq!(lens.len(), decoys as usize);
+            let wire: usize = lens.iter().map(|l| l + MIN_DECOY_WIRE_BYTES).sum();
+            prop_assert!(wire <= policy.max_decoy_wire_bytes());
+            let shape = policy.draw(&mut rng);
+            prop_assert!(policy.garbage.contains(&shape.garbage_len));
+            prop_assert!(shape.decoy_lens.iter().all(|l| policy.decoy_contents.contains(l)));
+            prop_assert!(shape.decoy_wire_bytes() <= policy.max_decoy_wire_bytes());
+        }
+    }
+}

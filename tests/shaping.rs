@@ -1,0 +1,349 @@
+//! Traffic shaping against a real BIP324 responder (the `bip324` crate's, in
+//! tests/common): every shaped stream is accepted, decoys never carry
+//! application data, padded writes land on bucket boundaries, budgets are
+//! never exceeded, and all of it holds across rekeys.
+
+mod common;
+
+use std::sync::Arc;
+
+use bip324_proxy::config::{Cli, Config};
+use bip324_proxy::metrics::Observer;
+use bip324_proxy::shaping::{Buckets, MIN_DECOY_WIRE_BYTES, boundary};
+use bip324_proxy::translate::{MAX_MESSAGE_TYPE_LEN, encode_message_type};
+use clap::Parser;
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// The proxy's library entry point with this configuration file, and the
+/// observer its metrics come from.
+async fn shaped_proxy(toml: &str) -> (Proxy, Arc<Observer>) {
+    let path = std::env::temp_dir().join(format!(
+        "bip324-proxy-shaping-{}-{}.toml",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::write(&path, toml).unwrap();
+    let cli = Cli::try_parse_from(["bip324-proxy", "--config", path.to_str().unwrap()]).unwrap();
+    let config = Config::load(&cli).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let observer = Arc::new(Observer::default());
+    let state = Arc::new(bip324_proxy::state::ProxyState::new(Arc::new(config), observer.clone()));
+    let bound =
+        vec![bip324_proxy::server::Bound { listener: listener.into(), front: bip324_proxy::session::FrontEnd::Main }];
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(bip324_proxy::server::serve(bound, state, shutdown.clone()));
+    (Proxy { addr, shutdown, task }, observer)
+}
+
+/// v2 contents of a v1 message, as the proxy must deliver them.
+fn contents(command: &str, payload: &[u8]) -> Vec<u8> {
+    let mut padded = [0u8; 12];
+    padded[..command.len()].copy_from_slice(command.as_bytes());
+    let mut message_type = [0u8; MAX_MESSAGE_TYPE_LEN];
+    let len = encode_message_type(&padded, &mut message_type);
+    let mut contents = message_type[..len].to_vec();
+    contents.extend_from_slice(payload);
+    contents
+}
+
+/// Messages of the sizes a P2P session carries: pings, inv, tx, headers,
+/// a block small enough to be batched and ones written in place.
+fn messages() -> Vec<(&'static str, Vec<u8>)> {
+    let mut all = vec![("verack", Vec::new())];
+    for (command, len) in [
+        ("ping", 8),
+        ("inv", 37),
+        ("tx", 250),
+        ("inv", 73),
+        ("tx", 1_000),
+        ("headers", 8_001),
+        ("block", 40_000),
+        ("block", 65_536),
+        ("block", 70_000),
+        ("block", 300_017),
+        ("pong", 8),
+    ] {
+        all.push((command, random_payload(len)));
+    }
+    all
+}
+
+/// Opens a session and sends each message in lockstep (one write each),
+/// checking every echo; returns the contents the node must have received.
+async fn exchange(proxy: &Proxy, node: &Node, messages: &[(&str, Vec<u8>)]) -> (TcpStream, Vec<Vec<u8>>) {
+    let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    assert_eq!(expect_frame(&mut client).await.command, "version");
+    let mut sent = Vec::new();
+    for (command, payload) in messages {
+        client.write_all(&frame(REGTEST, command, payload)).await.unwrap();
+        let echo = expect_frame(&mut client).await;
+        assert_eq!((echo.command.as_str(), echo.payload.len()), (*command, payload.len()));
+        assert!(echo.payload == *payload, "{command} echoed intact");
+        sent.push(contents(command, payload));
+    }
+    (client, sent)
+}
+
+/// The node's packets after the client's VERSION (and its decoy, both in
+/// the handshake flight) as writes: each genuine packet with the decoy after it.
+fn writes(packets: &[(bool, usize)]) -> Vec<(usize, usize)> {
+    let mut writes = Vec::new();
+    let flight = if packets.get(1).is_some_and(|p| p.0) { 2 } else { 1 };
+    let mut iter = packets.iter().skip(flight).peekable();
+    while let Some(&(decoy, genuine)) = iter.next() {
+        assert!(!decoy, "a decoy without a genuine packet before it: {packets:?}");
+        let padding = match iter.peek() {
+            Some(&&(true, wire)) => {
+                iter.next();
+                wire
+            }
+            _ => 0,
+        };
+        writes.push((genuine, padding));
+    }
+    writes
+}
+
+fn metric(observer: &Observer, line_start: &str) -> u64 {
+    let text = observer.encode_metrics();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn padded_writes_reach_a_real_responder_on_bucket_boundaries() {
+    for (policy, buckets) in [("pow2", Buckets::Pow2), ("padme", Buckets::Padme)] {
+        let node = spawn_v2_node(V2NodeOptions::default()).await;
+        let (proxy, observer) = shaped_proxy(&format!("[shaping]\npadding = \"{policy}\"\n")).await;
+        let messages = messages();
+        let (client, sent) = exchange(&proxy, &node, &messages).await;
+        drop(client);
+
+        // Decoys never carry application data: the node got exactly what
+        // the client sent (after its VERSION), nothing more.
+        let received = node.log.received.lock().unwrap()[0].clone();
+        assert_eq!(received[1..], sent[..], "{policy}");
+
+        let packets = node.log.packets.lock().unwrap()[0].clone();
+        let writes = writes(&packets);
+        assert_eq!(writes.len(), messages.len(), "{policy}: one write per message");
+        let mut decoy_bytes = 0;
+        for &(genuine, padding) in &writes {
+            let total = genuine + padding;
+            assert_eq!(boundary(buckets, 65536, total), total, "{policy}: {genuine} + {padding} is off a boundary");
+            assert!(padding == 0 || padding >= MIN_DECOY_WIRE_BYTES, "{policy}: decoy of {padding} bytes");
+            if padding == 0 {
+                assert_eq!(boundary(buckets, 65536, genuine), genuine, "{policy}: {genuine} left unpadded");
+            }
+            decoy_bytes += padding;
+        }
+        assert!(decoy_bytes > 0, "{policy}");
+        // The counter holds exactly the decoy bytes the node skipped.
+        // The handshake flight (terminator, version packet, the client's
+        // VERSION and its decoy) is padded too.
+        let (version, flight_decoy) = (packets[0], packets[1]);
+        assert!(!version.0 && flight_decoy.0, "{policy}: {packets:?}");
+        let flight = 16 + MIN_DECOY_WIRE_BYTES + version.1 + flight_decoy.1;
+        assert_eq!(boundary(buckets, 65536, flight), flight, "{policy}: first flight of {flight} bytes");
+        let counted = metric(&observer, "bip324_proxy_shaping_decoy_bytes_total{kind=\"padding\"}");
+        assert_eq!(counted, (decoy_bytes + flight_decoy.1) as u64, "{policy}");
+        proxy.shutdown.cancel();
+    }
+}
+
+#[tokio::test]
+async fn small_messages_stop_producing_distinctive_sizes() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, _) = shaped_proxy("[shaping]\npadding = \"pow2\"\n").await;
+    // inv with 1..=5 entries, ping, pong, tx of various small sizes: 10
+    // distinct genuine sizes.
+    let mut messages = vec![("ping", vec![1u8; 8]), ("pong", vec![2u8; 8])];
+    for entries in 1..=5 {
+        messages.push(("inv", random_payload(1 + 36 * entries)));
+    }
+    for len in [150, 170, 190, 200] {
+        messages.push(("tx", random_payload(len)));
+    }
+    let (client, _) = exchange(&proxy, &node, &messages).await;
+    drop(client);
+    let packets = node.log.packets.lock().unwrap()[0].clone();
+    let writes = writes(&packets);
+    let genuine: std::collections::BTreeSet<usize> = writes.iter().map(|w| w.0).collect();
+    let on_wire: std::collections::BTreeSet<usize> = writes.iter().map(|w| w.0 + w.1).collect();
+    assert_eq!(genuine.len(), 10, "{genuine:?}");
+    assert_eq!(on_wire, [64, 128, 256].into_iter().collect(), "{writes:?}");
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn padding_stays_correct_across_rekeys() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, _) = shaped_proxy("[shaping]\npadding = \"padme\"\n").await;
+    // 300 messages plus their decoys: over 2.5 rekey intervals of 224 packets.
+    let messages: Vec<(&str, Vec<u8>)> = (0..300).map(|i| ("tx", random_payload(60 + i * 7))).collect();
+    let (client, sent) = exchange(&proxy, &node, &messages).await;
+    drop(client);
+    let received = node.log.received.lock().unwrap()[0].clone();
+    assert_eq!(received[1..], sent[..]);
+    let packets = node.log.packets.lock().unwrap()[0].clone();
+    assert!(packets.len() > 2 * 224, "{} packets", packets.len());
+    for (genuine, padding) in writes(&packets) {
+        assert_eq!(boundary(Buckets::Padme, 65536, genuine + padding), genuine + padding);
+    }
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn padding_budget_is_never_exceeded() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let budget = 4096;
+    let (proxy, observer) = shaped_proxy(&format!("[shaping]\npadding = \"pow2\"\npadding_budget = {budget}\n")).await;
+    let messages = messages();
+    let (client, sent) = exchange(&proxy, &node, &messages).await;
+    drop(client);
+    let received = node.log.received.lock().unwrap()[0].clone();
+    assert_eq!(received[1..], sent[..]);
+    let packets = node.log.packets.lock().unwrap()[0].clone();
+    let spent: usize = writes(&packets).iter().map(|w| w.1).sum::<usize>() + packets[1].1;
+    assert!(spent > 0 && spent <= budget, "spent {spent} of {budget}");
+    // The 300 kB block alone needs more than is left: it went out unpadded,
+    // and the session's exhaustion was counted once.
+    assert!(writes(&packets).iter().any(|&(genuine, padding)| genuine > 300_000 && padding == 0));
+    assert_eq!(metric(&observer, "bip324_proxy_shaping_budget_exhausted_total"), 1);
+    assert_eq!(metric(&observer, "bip324_proxy_shaping_decoy_bytes_total{kind=\"padding\"}"), spent as u64);
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn handshake_decoys_precede_our_version_and_are_accepted() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, observer) = shaped_proxy(
+        "[shaping]\nhandshake_decoys = 3\nhandshake_decoy_min = 10\nhandshake_decoy_max = 500\n\
+         garbage_min = 4000\ngarbage_max = 4095\n",
+    )
+    .await;
+    let sessions = 4;
+    for _ in 0..sessions {
+        let messages = vec![("verack", Vec::new()), ("ping", vec![7u8; 8])];
+        let (client, _) = exchange(&proxy, &node, &messages).await;
+        drop(client);
+    }
+    let decoys = node.log.handshake_decoys.lock().unwrap().clone();
+    assert_eq!(decoys.len(), sessions);
+    let mut total = 0;
+    for per_session in &decoys {
+        assert_eq!(per_session.len(), 3, "{decoys:?}");
+        assert!(
+            per_session.iter().all(|&wire| (10 + MIN_DECOY_WIRE_BYTES..=500 + MIN_DECOY_WIRE_BYTES).contains(&wire))
+        );
+        total += per_session.iter().sum::<usize>();
+    }
+    // The first flights differ in size (4 x 3 draws from 491 sizes).
+    assert!(decoys.iter().map(|d| d.iter().sum::<usize>()).collect::<std::collections::BTreeSet<_>>().len() > 1);
+    // Every genuine message arrived, the VERSION in the first flight included.
+    for received in node.log.received.lock().unwrap().iter() {
+        assert_eq!(received.len(), 3);
+        assert_eq!(received[0][..13], contents("version", &[])[..13]);
+    }
+    assert_eq!(metric(&observer, "bip324_proxy_shaping_decoy_bytes_total{kind=\"handshake\"}"), total as u64);
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn shaping_off_sends_no_decoys_and_records_nothing() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, observer) = shaped_proxy("").await;
+    let (client, _) = exchange(&proxy, &node, &messages()).await;
+    drop(client);
+    assert!(node.log.packets.lock().unwrap()[0].iter().all(|&(decoy, _)| !decoy));
+    assert!(node.log.handshake_decoys.lock().unwrap()[0].is_empty());
+    assert_eq!(metric(&observer, "bip324_proxy_shaping_decoy_bytes_total"), 0);
+    let text = observer.encode_metrics();
+    assert!(!text.contains("kind=\"handshake\""), "{text}");
+    assert!(text.contains("bip324_proxy_v2_write_bytes_count 0"), "{text}");
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn measure_records_write_sizes_without_padding() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, observer) = shaped_proxy("[shaping]\nmeasure = true\n").await;
+    let messages = messages();
+    let (client, _) = exchange(&proxy, &node, &messages).await;
+    drop(client);
+    assert!(node.log.packets.lock().unwrap()[0].iter().all(|&(decoy, _)| !decoy));
+    let writes = metric(&observer, "bip324_proxy_v2_write_bytes_count");
+    assert_eq!(writes, messages.len() as u64);
+    // A gap between each two consecutive writes.
+    assert_eq!(metric(&observer, "bip324_proxy_v2_write_gap_seconds_count"), writes - 1);
+    let sum = metric(&observer, "bip324_proxy_v2_write_bytes_sum");
+    let on_wire: usize = node.log.packets.lock().unwrap()[0].iter().skip(1).map(|p| p.1).sum();
+    assert!(!node.log.packets.lock().unwrap()[0][1].0, "no decoy after the VERSION either");
+    assert_eq!(sum, on_wire as u64);
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn batches_and_in_place_writes_are_padded_in_wire_order() {
+    // Many messages in one client write: the proxy batches the small ones
+    // and writes the large ones in place, each write with its own decoy. A
+    // decoy encrypted out of order would fail the node's authentication.
+    for policy in ["pow2", "padme"] {
+        let node = spawn_v2_node(V2NodeOptions::default()).await;
+        let (proxy, _) = shaped_proxy(&format!("[shaping]\npadding = \"{policy}\"\n")).await;
+        let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+        assert_eq!(expect_frame(&mut client).await.command, "version");
+        let mut burst = Vec::new();
+        let mut sent = Vec::new();
+        for round in 0..3 {
+            for (command, len) in
+                [("inv", 37), ("tx", 300), ("block", 100_000 + round), ("inv", 73), ("block", 70_000), ("ping", 8)]
+            {
+                let payload = random_payload(len);
+                burst.extend(frame(REGTEST, command, &payload));
+                sent.push(contents(command, &payload));
+            }
+        }
+        client.write_all(&burst).await.unwrap();
+        for expected in &sent {
+            let echo = expect_frame(&mut client).await;
+            assert!(expected.ends_with(&echo.payload), "{policy}: {} echoed intact", echo.command);
+        }
+        drop(client);
+        let received = node.log.received.lock().unwrap()[0].clone();
+        assert_eq!(received[1..], sent[..], "{policy}");
+        let packets = node.log.packets.lock().unwrap()[0].clone();
+        let decoys = packets.iter().filter(|p| p.0).count();
+        assert!(decoys > 0 && decoys <= sent.len(), "{policy}: {decoys} decoys for {} messages", sent.len());
+        assert!(!packets.windows(2).any(|w| w[0].0 && w[1].0), "{policy}: two decoys in a row");
+        proxy.shutdown.cancel();
+    }
+}
+
+#[tokio::test]
+async fn handshake_decoys_and_a_padded_version_make_one_flight_on_a_boundary() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, _) = shaped_proxy(
+        "[shaping]\npadding = \"pow2\"\nhandshake_decoys = 2\nhandshake_decoy_min = 1\nhandshake_decoy_max = 300\n",
+    )
+    .await;
+    for _ in 0..3 {
+        let (client, _) = exchange(&proxy, &node, &[("verack", Vec::new())]).await;
+        drop(client);
+    }
+    let decoys = node.log.handshake_decoys.lock().unwrap().clone();
+    for (conn, packets) in node.log.packets.lock().unwrap().iter().enumerate() {
+        assert_eq!(decoys[conn].len(), 2);
+        assert!(packets[1].0, "a decoy after the VERSION: {packets:?}");
+        let flight = 16 + decoys[conn].iter().sum::<usize>() + MIN_DECOY_WIRE_BYTES + packets[0].1 + packets[1].1;
+        assert_eq!(boundary(Buckets::Pow2, 65536, flight), flight, "first flight of {flight} bytes");
+    }
+    proxy.shutdown.cancel();
+}
