@@ -46,7 +46,9 @@ async fn ten_thousand_sessions_in_waves_leave_nothing_behind() {
     assert!(hard >= 4 * WAVE as u64 + 100, "fd limit {hard} too low for waves of {WAVE}");
 
     let node = spawn_v2_node(V2NodeOptions::default()).await;
-    let proxy = spawn_proxy(&["--max-sessions", "1024"]).await;
+    // Every client is 127.0.0.1: the per-client cap must not be what limits a
+    // wave while the previous wave's sessions are still closing.
+    let proxy = spawn_proxy(&["--max-sessions", "1024", "--max-sessions-per-client", "1024"]).await;
     // One session first, so lazily created state is in the baseline.
     still_works(proxy.addr, node.addr, 0).await;
     let (fds0, tasks0) = (settles(open_fds, 0).await, settles(alive_tasks, 0).await);
