@@ -1,13 +1,8 @@
 //! Property tests over the pure parsers, the same ones fuzz/ covers: SOCKS5 (both roles), v1
 //! framing, v2 message types, the v2 packet ciphers, transparent mode's addr_recv, the config
-//! file and inbound listeners' addr/addrv2 rewrite. They run in `cargo test` on every commit, so each property is bounded (small inputs, a
-//! few dozen to a few hundred cases) to keep the whole file to a few seconds in debug mode;
-//! long, coverage-guided runs are fuzz/'s job.
-//!
-//! Two kinds of property: arbitrary bytes never panic and keep the decoder contracts ("need
-//! more" is `Ok(None)`/`NeedMore`, consumed lengths stay inside the buffer), and values built
-//! from the spec's grammar survive encode -> decode unchanged, even when the bytes arrive cut
-//! at any point.
+//! file and inbound listeners' addr/addrv2 rewrite. They run in `cargo test` on every commit, so
+//! each property is bounded (small inputs, a few dozen to a few hundred cases) to keep the whole
+//! file to a few seconds in debug mode; long, coverage-guided runs are fuzz/'s job.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
