@@ -1,13 +1,8 @@
 //! Property tests over the pure parsers, the same ones fuzz/ covers: SOCKS5 (both roles), v1
-//! framing, v2 message types, the v2 packet ciphers, transparent mode's addr_recv and the config
-//! file. They run in `cargo test` on every commit, so each property is bounded (small inputs, a
-//! few dozen to a few hundred cases) to keep the whole file to a few seconds in debug mode;
-//! long, coverage-guided runs are fuzz/'s job.
-//!
-//! Two kinds of property: arbitrary bytes never panic and keep the decoder contracts ("need
-//! more" is `Ok(None)`/`NeedMore`, consumed lengths stay inside the buffer), and values built
-//! from the spec's grammar survive encode -> decode unchanged, even when the bytes arrive cut
-//! at any point.
+//! framing, v2 message types, the v2 packet ciphers, transparent mode's addr_recv, the config
+//! file and inbound listeners' addr/addrv2 rewrite. They run in `cargo test` on every commit, so
+//! each property is bounded (small inputs, a few dozen to a few hundred cases) to keep the whole
+//! file to a few seconds in debug mode; long, coverage-guided runs are fuzz/'s job.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -536,6 +531,106 @@ mod sniff_and_policy {
                 Err(DialRefusal::SelfTarget(a)) => prop_assert_eq!(a.port(), listen_port),
                 Err(DialRefusal::Private(_)) => prop_assert!(!allow_private && !is_routable(&ip.to_canonical())),
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// addr / addrv2: NODE_P2P_V2 on the advertised address (inbound listeners' `advertise`).
+// ---------------------------------------------------------------------------------------------
+
+mod addr_rewrite {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use bip324_proxy::advertise::{self, AddrRewrite, NODE_P2P_V2};
+    use proptest::prelude::*;
+
+    const ADVERTISED: [u8; 4] = [203, 0, 113, 7];
+    const PORT: u16 = 8333;
+
+    /// One IPv4 entry: (address is the advertised one, port is, services).
+    fn entry() -> impl Strategy<Value = (bool, bool, u64)> {
+        (any::<bool>(), any::<bool>(), prop_oneof![0u64..0x1_0000, any::<u64>()])
+    }
+
+    fn compact_size(value: u64, out: &mut Vec<u8>) {
+        match value {
+            0..=0xfc => out.push(value as u8),
+            0xfd..=0xffff => {
+                out.push(0xfd);
+                out.extend_from_slice(&(value as u16).to_le_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                out.push(0xfe);
+                out.extend_from_slice(&(value as u32).to_le_bytes());
+            }
+            _ => {
+                out.push(0xff);
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+    }
+
+    /// The payload with these entries, services as given or (`set`) with the
+    /// bit on the advertised entries.
+    fn payload(entries: &[(bool, bool, u64)], v2: bool, set: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        compact_size(entries.len() as u64, &mut out);
+        for &(ours, our_port, services) in entries {
+            let advertised = ours && our_port;
+            let services = if set && advertised { services | NODE_P2P_V2 } else { services };
+            let ip = if ours { ADVERTISED } else { [198, 51, 100, 9] };
+            let port = if our_port { PORT } else { PORT + 1 };
+            out.extend_from_slice(&1_700_000_000u32.to_le_bytes());
+            if v2 {
+                compact_size(services, &mut out);
+                out.extend_from_slice(&[1, 4]);
+                out.extend_from_slice(&ip);
+            } else {
+                out.extend_from_slice(&services.to_le_bytes());
+                out.extend_from_slice(&Ipv4Addr::from(ip).to_ipv6_mapped().octets());
+            }
+            out.extend_from_slice(&port.to_be_bytes());
+        }
+        out
+    }
+
+    fn advertise() -> SocketAddr {
+        SocketAddr::from((ADVERTISED, PORT))
+    }
+
+    proptest! {
+        #![proptest_config(super::cases(256))]
+
+        #[test]
+        fn exactly_the_advertised_entries_get_the_bit(entries in proptest::collection::vec(entry(), 0..40), v2 in any::<bool>()) {
+            let before = payload(&entries, v2, false);
+            let expected = payload(&entries, v2, true);
+            let to_set = entries.iter().filter(|(ours, port, services)| *ours && *port && services & NODE_P2P_V2 == 0).count();
+            let any_advertised = entries.iter().any(|(ours, port, _)| *ours && *port);
+            match advertise::set_p2p_v2_in_addr(&before, v2, advertise()) {
+                AddrRewrite::Set { entries, frame } => {
+                    prop_assert_eq!(entries, to_set);
+                    prop_assert_eq!(&frame, &expected);
+                    prop_assert!(frame.len() <= before.len() + 2 * to_set);
+                    prop_assert_eq!(advertise::set_p2p_v2_in_addr(&frame, v2, advertise()), AddrRewrite::AlreadySet);
+                }
+                AddrRewrite::AlreadySet => prop_assert!(to_set == 0 && any_advertised),
+                AddrRewrite::OtherAddresses => prop_assert!(!any_advertised),
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        #[test]
+        fn any_bytes_never_panic_and_a_rewrite_only_sets_bits(bytes in proptest::collection::vec(any::<u8>(), 0..400), v2 in any::<bool>()) {
+            if let AddrRewrite::Set { frame, .. } = advertise::set_p2p_v2_in_addr(&bytes, v2, advertise()) {
+                prop_assert!(frame.len() >= bytes.len());
+                prop_assert_eq!(advertise::set_p2p_v2_in_addr(&frame, v2, advertise()), AddrRewrite::AlreadySet);
+            }
+            // Every cut of a valid payload is refused, never half-rewritten.
+            let valid = payload(&[(true, true, 9), (false, true, 9)], v2, false);
+            let cut = bytes.first().map_or(0, |&b| usize::from(b) % valid.len());
+            prop_assert!(matches!(advertise::set_p2p_v2_in_addr(&valid[..cut.max(1)], v2, advertise()), AddrRewrite::Malformed(_)));
         }
     }
 }
