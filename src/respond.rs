@@ -19,17 +19,17 @@
 
 use std::io;
 
-use bip324::{GarbageResult, Handshake, Initialized, ReceivedKey, Role, VersionResult};
+use bip324::{Handshake, Initialized, ReceivedKey, Role};
 use bytes::{Buf, BytesMut};
 use rand::{Rng, RngCore};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 
-use crate::upgrade::{DerivedValue, MAX_GARBAGE_LEN, SECP, V2Channel, fresh_secret};
-use crate::v1::{Magic, V1_PREFIX_LEN, VERSION_COMMAND, is_version_prefix};
-use crate::v2::{
-    ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, HEADER_LEN, LENGTH_LEN, MAX_CONTENTS_BYTES, SessionKeys, TAG_LEN,
+use crate::upgrade::{
+    DerivedValue, HandshakeRead, MAX_GARBAGE_LEN, SECP, TailError, V2Channel, fresh_secret, receive_garbage_and_version,
 };
+use crate::v1::{Magic, V1_PREFIX_LEN, VERSION_COMMAND, is_version_prefix};
+use crate::v2::{ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, SessionKeys};
 
 /// What a peer's first bytes say it speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +101,27 @@ impl RespondError {
     }
 }
 
+impl From<TailError> for RespondError {
+    fn from(error: TailError) -> Self {
+        match error {
+            TailError::NoGarbageTerminator => RespondError::NoGarbageTerminator,
+            TailError::PacketTooLarge { len, max } => RespondError::PacketTooLarge { len, max },
+            TailError::Protocol(e) => RespondError::Protocol(e),
+            TailError::KeyMismatch(value) => RespondError::KeyMismatch(value),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> HandshakeRead for PeerReader<'_, S> {
+    type Error = RespondError;
+
+    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), RespondError> {
+        PeerReader::read_into(self, buf, want).await
+    }
+}
+
+/// Reads from the peer under one deadline, classifying failures by how many
+/// bytes came so far.
 /// Reads from the peer under the handshake deadline, counting what came.
 pub struct PeerReader<'s, S> {
     stream: &'s mut S,
@@ -126,13 +147,6 @@ impl<'s, S: AsyncRead + AsyncWrite + Unpin> PeerReader<'s, S> {
             }
             Ok(Err(e)) => Err(self.io_error(e)),
         }
-    }
-
-    pub async fn read_at_least(&mut self, buf: &mut BytesMut, len: usize) -> Result<(), RespondError> {
-        while buf.len() < len {
-            self.read_into(buf, len - buf.len()).await?;
-        }
-        Ok(())
     }
 
     async fn write_all(&mut self, bytes: &[u8]) -> Result<(), RespondError> {
@@ -191,46 +205,8 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     io.write_all(&flight).await?;
     drop(flight);
 
-    // The initiator's garbage, up to its terminator: the crate searches the
-    // first 4095 + 16 bytes and fails beyond; each read adds a bounded chunk.
-    let mut handshake = handshake;
-    let (mut handshake, terminator_end) = loop {
-        match handshake.receive_garbage(&received) {
-            Ok(GarbageResult::FoundGarbage { handshake, consumed_bytes }) => break (handshake, consumed_bytes),
-            Ok(GarbageResult::NeedMoreData(waiting)) => handshake = waiting,
-            Err(bip324::Error::NoGarbageTerminator) => return Err(RespondError::NoGarbageTerminator),
-            Err(e) => return Err(RespondError::Protocol(e)),
-        }
-        io.read_into(&mut received, 1).await?;
-    };
-    // The crate borrows the garbage (the first packet authenticates it);
-    // what follows the terminator continues in a buffer of its own.
-    let mut inbound = BytesMut::from(&received[terminator_end..]);
-
-    // Decoys, then the version packet (its contents are ignored).
-    let mut packets_received = 0u64;
-    loop {
-        io.read_at_least(&mut inbound, LENGTH_LEN).await?;
-        let mut length = [0u8; LENGTH_LEN];
-        length.copy_from_slice(&inbound[..LENGTH_LEN]);
-        let rest = handshake.decrypt_packet_len(length).map_err(RespondError::Protocol)?;
-        let contents_len = rest.saturating_sub(HEADER_LEN + TAG_LEN);
-        if contents_len > MAX_CONTENTS_BYTES {
-            return Err(RespondError::PacketTooLarge { len: contents_len, max: MAX_CONTENTS_BYTES });
-        }
-        io.read_at_least(&mut inbound, LENGTH_LEN + rest).await?;
-        let mut packet = inbound.split_to(LENGTH_LEN + rest);
-        packets_received += 1;
-        match handshake.receive_version(&mut packet[LENGTH_LEN..]).map_err(RespondError::Protocol)? {
-            VersionResult::Complete { cipher } => {
-                if cipher.id() != keys.session_id() {
-                    return Err(RespondError::KeyMismatch(DerivedValue::SessionId));
-                }
-                break;
-            }
-            VersionResult::Decoy(next) => handshake = next,
-        }
-    }
+    // The initiator's garbage, decoys and version packet.
+    let (packets_received, inbound) = receive_garbage_and_version(&mut io, handshake, received, &keys).await?;
 
     Ok(V2Channel {
         session_id: *keys.session_id(),

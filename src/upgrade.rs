@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use bip324::{FillBytes, GarbageResult, Handshake, Initialized, ReceivedKey, Role, VersionResult};
+use bip324::{FillBytes, GarbageResult, Handshake, Initialized, ReceivedKey, Role, SentVersion, VersionResult};
 use bytes::{Buf, BytesMut};
 use rand::RngCore;
 use secp256k1::{Secp256k1, SecretKey, SignOnly};
@@ -174,13 +174,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<'_, S> {
             }
             Ok(Err(e)) => Err(self.io_error(e)),
         }
-    }
-
-    async fn read_at_least(&mut self, buf: &mut BytesMut, len: usize) -> Result<(), UpgradeError> {
-        while buf.len() < len {
-            self.read_into(buf, len - buf.len()).await?;
-        }
-        Ok(())
     }
 
     async fn write_all(&mut self, bytes: &[u8]) -> Result<(), UpgradeError> {
@@ -357,46 +350,8 @@ pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     }
     io.write_all(&flight).await?;
 
-    // The responder's garbage, up to its terminator (searched by the crate
-    // within the first 4095 + 16 bytes).
-    let mut handshake = handshake;
-    let (mut handshake, terminator_end) = loop {
-        match handshake.receive_garbage(&inbound) {
-            Ok(GarbageResult::FoundGarbage { handshake, consumed_bytes }) => break (handshake, consumed_bytes),
-            Ok(GarbageResult::NeedMoreData(waiting)) => handshake = waiting,
-            Err(bip324::Error::NoGarbageTerminator) => return Err(UpgradeError::NoGarbageTerminator),
-            Err(e) => return Err(UpgradeError::Protocol(e)),
-        }
-        io.read_into(&mut inbound, 1).await?;
-    };
-    // The crate borrows the garbage (it authenticates the first packet);
-    // what follows the terminator continues in a buffer of its own.
-    let mut inbound = BytesMut::from(&inbound[terminator_end..]);
-
-    // Decoys, then the version packet (its contents are ignored).
-    let mut packets_received = 0u64;
-    loop {
-        io.read_at_least(&mut inbound, LENGTH_LEN).await?;
-        let mut length = [0u8; LENGTH_LEN];
-        length.copy_from_slice(&inbound[..LENGTH_LEN]);
-        let rest = handshake.decrypt_packet_len(length).map_err(UpgradeError::Protocol)?;
-        let contents_len = rest.saturating_sub(HEADER_LEN + TAG_LEN);
-        if contents_len > MAX_CONTENTS_BYTES {
-            return Err(UpgradeError::PacketTooLarge { len: contents_len, max: MAX_CONTENTS_BYTES });
-        }
-        io.read_at_least(&mut inbound, LENGTH_LEN + rest).await?;
-        let mut packet = inbound.split_to(LENGTH_LEN + rest);
-        packets_received += 1;
-        match handshake.receive_version(&mut packet[LENGTH_LEN..]).map_err(UpgradeError::Protocol)? {
-            VersionResult::Complete { cipher } => {
-                if cipher.id() != keys.session_id() {
-                    return Err(UpgradeError::KeyMismatch(DerivedValue::SessionId));
-                }
-                break;
-            }
-            VersionResult::Decoy(next) => handshake = next,
-        }
-    }
+    // The responder's garbage, decoys and version packet.
+    let (packets_received, inbound) = receive_garbage_and_version(&mut io, handshake, inbound, &keys).await?;
 
     Ok(V2Channel {
         session_id: *keys.session_id(),
@@ -404,6 +359,104 @@ pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
         decoder: keys.decoder(packets_received),
         leftover: inbound,
     })
+}
+
+/// How the part of the handshake both roles share can fail: after the keys
+/// are known, the remote's garbage, decoys and version packet.
+#[derive(Debug)]
+pub(crate) enum TailError {
+    NoGarbageTerminator,
+    PacketTooLarge { len: usize, max: usize },
+    Protocol(bip324::Error),
+    KeyMismatch(DerivedValue),
+}
+
+impl From<TailError> for UpgradeError {
+    fn from(error: TailError) -> Self {
+        match error {
+            TailError::NoGarbageTerminator => UpgradeError::NoGarbageTerminator,
+            TailError::PacketTooLarge { len, max } => UpgradeError::PacketTooLarge { len, max },
+            TailError::Protocol(e) => UpgradeError::Protocol(e),
+            TailError::KeyMismatch(value) => UpgradeError::KeyMismatch(value),
+        }
+    }
+}
+
+/// The reads the shared part of the handshake needs; each role's reader
+/// classifies its own I/O failures (silence means something else to an
+/// initiator than to a responder).
+pub(crate) trait HandshakeRead {
+    type Error: From<TailError>;
+    /// Reads at least one more byte into `buf`, reserving room for `want`.
+    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), Self::Error>;
+
+    /// Reads until `buf` holds at least `len` bytes.
+    async fn read_at_least(&mut self, buf: &mut BytesMut, len: usize) -> Result<(), Self::Error> {
+        while buf.len() < len {
+            self.read_into(buf, len - buf.len()).await?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> HandshakeRead for Reader<'_, S> {
+    type Error = UpgradeError;
+
+    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), UpgradeError> {
+        Reader::read_into(self, buf, want).await
+    }
+}
+
+/// The remote's garbage up to its terminator (the crate searches the first
+/// 4095 + 16 bytes and fails beyond; each read adds a bounded chunk), then
+/// its decoys and its version packet (contents ignored), each bounded by
+/// [`MAX_CONTENTS_BYTES`] before it is buffered. The same for both roles.
+/// `received` holds what came after the remote's key. Returns how many
+/// packets the remote sent (our decoder continues after them) and the bytes
+/// after its version packet.
+pub(crate) async fn receive_garbage_and_version<R: HandshakeRead>(
+    io: &mut R,
+    handshake: Handshake<SentVersion>,
+    mut received: BytesMut,
+    keys: &SessionKeys,
+) -> Result<(u64, BytesMut), R::Error> {
+    let mut handshake = handshake;
+    let (mut handshake, terminator_end) = loop {
+        match handshake.receive_garbage(&received) {
+            Ok(GarbageResult::FoundGarbage { handshake, consumed_bytes }) => break (handshake, consumed_bytes),
+            Ok(GarbageResult::NeedMoreData(waiting)) => handshake = waiting,
+            Err(bip324::Error::NoGarbageTerminator) => return Err(TailError::NoGarbageTerminator.into()),
+            Err(e) => return Err(TailError::Protocol(e).into()),
+        }
+        io.read_into(&mut received, 1).await?;
+    };
+    // The crate borrows the garbage (the first packet authenticates it);
+    // what follows the terminator continues in a buffer of its own.
+    let mut inbound = BytesMut::from(&received[terminator_end..]);
+
+    let mut packets_received = 0u64;
+    loop {
+        io.read_at_least(&mut inbound, LENGTH_LEN).await?;
+        let mut length = [0u8; LENGTH_LEN];
+        length.copy_from_slice(&inbound[..LENGTH_LEN]);
+        let rest = handshake.decrypt_packet_len(length).map_err(TailError::Protocol)?;
+        let contents_len = rest.saturating_sub(HEADER_LEN + TAG_LEN);
+        if contents_len > MAX_CONTENTS_BYTES {
+            return Err(TailError::PacketTooLarge { len: contents_len, max: MAX_CONTENTS_BYTES }.into());
+        }
+        io.read_at_least(&mut inbound, LENGTH_LEN + rest).await?;
+        let mut packet = inbound.split_to(LENGTH_LEN + rest);
+        packets_received += 1;
+        match handshake.receive_version(&mut packet[LENGTH_LEN..]).map_err(TailError::Protocol)? {
+            VersionResult::Complete { cipher } => {
+                if cipher.id() != keys.session_id() {
+                    return Err(TailError::KeyMismatch(DerivedValue::SessionId).into());
+                }
+                return Ok((packets_received, inbound));
+            }
+            VersionResult::Decoy(next) => handshake = next,
+        }
+    }
 }
 
 #[cfg(test)]
