@@ -19,7 +19,7 @@ programs=(
     chromium:chromium          # renders the status page (tests/status_page.rs)
     tor:tor                    # real Tor as the upstream, offline (tests/tor.rs)
     kill:procps                # signals the binary (tests/binary.rs)
-    ip:iproute2                # network namespaces for clients off this host (tests/security.rs)
+    ip:iproute2                # network namespaces (tests/security.rs, tests/inbound_netns.rs)
     cc:gcc                     # build scripts of ring and secp256k1
 )
 

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::network::{self, Network, NetworkSet};
 use crate::shaping::{FileShaping, Shaping};
-use crate::socks5::{Target, TargetError};
+use crate::socks5::{Host, Target, TargetError};
 
 /// Default listen address: loopback only, the port of the product.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1324";
@@ -271,6 +271,21 @@ pub struct Inbound {
     pub advertise: Option<SocketAddr>,
     /// Peer addresses and networks refused at accept.
     pub deny: Vec<IpNet>,
+    /// The source address of the connection to the node.
+    pub node_source: NodeSource,
+}
+
+/// `node_source`: where the node sees an inbound peer come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeSource {
+    /// The proxy's own address (e.g. 127.0.0.1): works anywhere.
+    #[default]
+    Proxy,
+    /// The peer's own IP address (Linux IP_TRANSPARENT, CAP_NET_ADMIN, and
+    /// the policy routing the README gives), so the node's bans, eviction
+    /// and address groups see real peers.
+    Peer,
 }
 
 impl Inbound {
@@ -903,7 +918,18 @@ fn inbound_section(
             v1: section.v1,
             advertise: section.advertise.as_deref().map(|a| socket_addr(&format!("{key}.advertise"), a)).transpose()?,
             deny: deny_list(&format!("{key}.deny"), &section.deny)?,
+            node_source: section.node_source,
         });
+        if section.node_source == NodeSource::Peer {
+            let node = &all[all.len() - 1].node;
+            if !matches!(node.host, Host::Ip(_)) {
+                return Err(ConfigError(format!(
+                    "{key}.node: node_source = \"peer\" needs the node as IP:PORT (the peer's address family \
+                     must match it), not the name `{}`",
+                    shown(&node.to_string())
+                )));
+            }
+        }
     }
     for text in &cli.inbound {
         let key = format!("inbound[{}]", all.len());
@@ -924,6 +950,7 @@ fn inbound_section(
             v1: V1Peers::Relay,
             advertise: None,
             deny: Vec::new(),
+            node_source: NodeSource::Proxy,
         });
     }
     Ok(all)
@@ -1004,6 +1031,8 @@ struct FileInbound {
     advertise: Option<String>,
     #[serde(default)]
     deny: Vec<String>,
+    #[serde(default)]
+    node_source: NodeSource,
 }
 
 /// `listen = "ADDR"` or `listen = ["ADDR", ...]`.
@@ -1524,6 +1553,23 @@ mod tests {
         assert_eq!(c.inbound[2].network.name, "regtest");
         assert_eq!(c.max_inbound, 256);
         assert_eq!(c.max_inbound_per_source, 8);
+    }
+
+    #[test]
+    fn inbound_node_source() {
+        let section = |node: &str, extra: &str| {
+            format!("[[inbound]]\nlisten = \"0.0.0.0:8333\"\nnode = \"{node}\"\nnetwork = \"mainnet\"\n{extra}\n")
+        };
+        assert_eq!(load_text(&section("127.0.0.1:8334", ""), &[]).unwrap().inbound[0].node_source, NodeSource::Proxy);
+        let c = load_text(&section("127.0.0.1:8334", "node_source = \"peer\""), &[]).unwrap();
+        assert_eq!(c.inbound[0].node_source, NodeSource::Peer);
+        assert_eq!(
+            load_text(&section("[::1]:8334", "node_source = \"proxy\""), &[]).unwrap().inbound[0].node_source,
+            NodeSource::Proxy
+        );
+        let err = load_text(&section("bitcoind:8334", "node_source = \"peer\""), &[]).unwrap_err();
+        assert!(err.0.contains("inbound[0].node") && err.0.contains("IP:PORT"), "{err}");
+        assert!(load_text(&section("127.0.0.1:8334", "node_source = \"transparent\""), &[]).is_err());
     }
 
     #[test]

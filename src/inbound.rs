@@ -20,8 +20,10 @@
 //! The span is opened by `server.rs`; this module writes the open and close
 //! lines and reports to the observer.
 
-use std::net::SocketAddr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
@@ -30,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info};
 
 use crate::advertise::{self, ADDR_COMMAND, AddrRewrite, Rewrite};
-use crate::config::{Inbound, V1Peers};
+use crate::config::{Inbound, NodeSource, V1Peers};
 use crate::metrics::{LiveSession, Observer};
 use crate::outbound::{self, DialError};
 use crate::policy::DialRules;
@@ -38,6 +40,7 @@ use crate::relay::{
     self, CloseReason, DirectionStats, Leg, RelayReport, Side, Step, Translator, V1ToV1, V1ToV2, V2ToV1,
 };
 use crate::respond::{self, FirstBytes, PeerReader, RespondError};
+use crate::socks5::Host;
 use crate::state::ProxyState;
 use crate::v1::{self, Decoded, FrameDecoder, Magic};
 
@@ -74,6 +77,8 @@ pub enum InboundError {
     OtherNetwork { found: Magic, network: String },
     #[error("node {node} unreachable: {error}")]
     Dial { node: String, error: DialError },
+    #[error("node {node} unreachable from the peer's address {source_ip} (node_source = \"peer\"): {error}")]
+    DialFromPeer { node: String, source_ip: IpAddr, error: std::io::Error },
 }
 
 impl InboundError {
@@ -85,7 +90,7 @@ impl InboundError {
             InboundError::Handshake(_) => "handshake_failed",
             InboundError::V1Refused => "v1_refused",
             InboundError::OtherNetwork { .. } => "wrong_network",
-            InboundError::Dial { .. } => "node_unreachable",
+            InboundError::Dial { .. } | InboundError::DialFromPeer { .. } => "node_unreachable",
         }
     }
 }
@@ -207,6 +212,41 @@ impl<T: Translator> Translator for NodeToPeer<T> {
     }
 }
 
+/// Connects to `node` from `source`, an address of another host (the
+/// peer's): IP_TRANSPARENT lets the socket bind it, and the policy routing
+/// the README gives delivers the node's answers back to this socket. The
+/// port is the kernel's choice.
+#[cfg(target_os = "linux")]
+async fn connect_from(source: IpAddr, node: SocketAddr, rules: &DialRules, limit: Duration) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if let Err(refusal) = rules.check_candidate(node) {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, refusal.to_string()));
+    }
+    if source.is_ipv4() != node.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the peer's address family differs from the node's (give the node an address of both families)",
+        ));
+    }
+    let socket = Socket::new(Domain::for_address(node), Type::STREAM, Some(Protocol::TCP))?;
+    if source.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        socket.set_ip_transparent_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    tokio::time::timeout(limit, socket.connect(node))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out (is the policy routing in place?)"))?
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn connect_from(_: IpAddr, _: SocketAddr, _: &DialRules, _: Duration) -> io::Result<TcpStream> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "node_source = \"peer\" needs Linux (IP_TRANSPARENT)"))
+}
+
 /// Runs one inbound connection to its end and writes its close line.
 pub async fn run(
     peer: TcpStream,
@@ -254,6 +294,7 @@ struct InboundSession<'a> {
 
 impl InboundSession<'_> {
     async fn serve(&self, mut peer: TcpStream) -> Result<(InboundTransport, RelayReport), InboundError> {
+        let peer_ip = peer.peer_addr().map(|addr| addr.ip());
         let config = &self.state.config;
         let magic = self.listener.network.magic;
         let deadline = self.accepted + config.timeouts.handshake;
@@ -277,7 +318,7 @@ impl InboundSession<'_> {
                 if self.listener.v1 == V1Peers::Refuse {
                     return Err(InboundError::V1Refused);
                 }
-                let node = self.dial_node().await?;
+                let node = self.dial_node(peer_ip).await?;
                 Ok((InboundTransport::V1, self.relay_v1(peer, pending, node).await))
             }
             FirstBytes::OtherNetworkV1(found) => {
@@ -292,7 +333,7 @@ impl InboundSession<'_> {
                     }
                 };
                 self.state.observer.inbound_handshake_done(self.accepted.elapsed());
-                let node = self.dial_node().await?;
+                let node = self.dial_node(peer_ip).await?;
                 self.open_line(InboundTransport::V2, Some(&channel.session_id), &node);
                 let report = relay::run(
                     Leg { stream: peer.into(), pending: channel.leftover },
@@ -315,13 +356,27 @@ impl InboundSession<'_> {
     }
 
     /// The node is the operator's own address, normally on loopback; never
-    /// one of this proxy's listeners.
-    async fn dial_node(&self) -> Result<TcpStream, InboundError> {
+    /// one of this proxy's listeners. With `node_source = "peer"` the
+    /// connection comes from the peer's own IP address.
+    async fn dial_node(&self, peer: io::Result<IpAddr>) -> Result<TcpStream, InboundError> {
         let rules = DialRules { listening: self.state.listening(), allow_private: true };
         let node = &self.listener.node;
-        outbound::dial_direct(node, self.state.config.timeouts.connect, &rules)
-            .await
-            .map_err(|error| InboundError::Dial { node: node.to_string(), error })
+        let connect = self.state.config.timeouts.connect;
+        match (self.listener.node_source, &node.host) {
+            (NodeSource::Peer, Host::Ip(ip)) => {
+                let addr = SocketAddr::new(*ip, node.port);
+                let unknown = IpAddr::from([0, 0, 0, 0]);
+                let fail = |source_ip, error| InboundError::DialFromPeer { node: node.to_string(), source_ip, error };
+                let source_ip = peer.map_err(|error| fail(unknown, error))?.to_canonical();
+                let stream =
+                    connect_from(source_ip, addr, &rules, connect).await.map_err(|error| fail(source_ip, error))?;
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            _ => outbound::dial_direct(node, connect, &rules)
+                .await
+                .map_err(|error| InboundError::Dial { node: node.to_string(), error }),
+        }
     }
 
     /// A v1 peer, framed both ways: the peer's bytes so far (its VERSION

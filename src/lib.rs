@@ -15,7 +15,8 @@
 //! - [`policy`]: when plaintext is allowed ([`policy::plan`]), what may be
 //!   dialed ([`policy::DialRules`]), Core's routability rules;
 //! - [`network`]: network names and magics;
-//! - [`advertise`]: NODE_P2P_V2 in the node's VERSION (inbound mode);
+//! - [`advertise`]: NODE_P2P_V2 in the node's VERSION and in its
+//!   `addr`/`addrv2` entries for the advertised address (inbound mode);
 //! - [`shaping`]: the `[shaping]` policy: padding and handshake-decoy schedules;
 //! - [`config`]: file, flags and environment -> one validated `Config`.
 //!
@@ -34,7 +35,8 @@
 //! Inbound mode (the public side of a v1-only node): [`server`] accepts on
 //! an inbound listener -> [`inbound`] (one peer's session) -> [`respond`]
 //! (the first-bytes rule, pure, and the BIP324 handshake as responder) ->
-//! [`relay`], with [`advertise`] (pure: NODE_P2P_V2 in the node's VERSION).
+//! [`relay`], with [`advertise`] (pure: NODE_P2P_V2 in the node's VERSION
+//! and self-announcements).
 
 #![forbid(unsafe_code)]
 // Shipped code: panics from input are bugs (an invariant is an `expect` with
