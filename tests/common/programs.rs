@@ -33,6 +33,7 @@ pub fn installed(program: &str) -> PathBuf {
 fn package(program: &str) -> &str {
     match program {
         "kill" => "procps",
+        "node" => "nodejs",
         other => other,
     }
 }
