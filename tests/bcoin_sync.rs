@@ -107,22 +107,60 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
+/// B, the v1-only node with `BLOCKS` blocks, behind an inbound listener of
+/// its own binary process. Dropping `b` stops B: a test keeps it to the end.
+struct Source {
+    b: Bcoin,
+    tip: String,
+    listener: BinaryProxy,
+    /// The inbound listener's address: what peers of B connect to.
+    listen: String,
+    /// From B's start to its READY line (mining included).
+    mined: Duration,
+}
+
+/// Starts B, then the listener: with `--inbound` (the flag, `v1` left at its
+/// default) when `v1` is `None`, or an `[[inbound]]` section with that `v1`.
+async fn source_behind_listener(v1: Option<&str>) -> Source {
+    let started = Instant::now();
+    let mut b = Bcoin::spawn("B", &[format!("--blocks={BLOCKS}")]).await;
+    let ready = b.wait_line(Duration::from_secs(60), |l| l.starts_with("READY")).await;
+    assert_eq!(field(&ready, "height"), BLOCKS.to_string());
+    let tip = field(&ready, "tip").to_owned();
+    let node = format!("127.0.0.1:{}", field(&ready, "port"));
+    let mined = started.elapsed();
+
+    let config =
+        std::env::temp_dir().join(format!("bip324-bcoin-{}-{}.toml", std::process::id(), rand::random::<u64>()));
+    let spec = format!("127.0.0.1:0={node}@regtest");
+    let args = match v1 {
+        None => vec!["--inbound".to_owned(), spec],
+        Some(v1) => {
+            let toml = format!(
+                "[[inbound]]\nlisten = \"127.0.0.1:0\"\nnode = \"{node}\"\nnetwork = \"regtest\"\nv1 = \"{v1}\"\n"
+            );
+            std::fs::write(&config, toml).unwrap();
+            vec!["--config".to_owned(), config.display().to_string()]
+        }
+    };
+    let mut listener = spawn_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), "info").await;
+    let _ = std::fs::remove_file(&config);
+    let line = listener.wait_for(&["listening (inbound)"]).await;
+    let listen = field(&line, "listen").to_owned();
+    Source { b, tip, listener, listen, mined }
+}
+
+/// Whether a `PEER` line shows NODE_P2P_V2 among the peer's services.
+fn advertises_v2(peer: &str) -> bool {
+    let services = u64::from_str_radix(field(peer, "services").trim_start_matches("0x"), 16).unwrap();
+    services & NODE_P2P_V2 != 0
+}
+
 #[tokio::test]
 async fn bcoin_syncs_from_bcoin_through_outbound_proxy_and_inbound_listener() {
     let started = Instant::now();
-
-    // B: the v1-only node with the blocks, behind our inbound listener.
-    let mut b = Bcoin::spawn("B", &[format!("--blocks={BLOCKS}")]).await;
-    let ready = b.wait_line(Duration::from_secs(60), |l| l.starts_with("READY")).await;
-    let b_port = field(&ready, "port");
-    let b_tip = field(&ready, "tip").to_owned();
-    assert_eq!(field(&ready, "height"), BLOCKS.to_string());
-    let mined = started.elapsed();
-
-    let spec = format!("127.0.0.1:0=127.0.0.1:{b_port}@regtest");
-    let mut inbound = spawn_binary(&["--inbound", &spec], "info").await;
-    let line = inbound.wait_for(&["listening (inbound)"]).await;
-    let inbound_addr = field(&line, "listen").to_owned();
+    let Source { mut b, tip: b_tip, listener: mut inbound, listen: inbound_addr, mined } =
+        source_behind_listener(None).await;
 
     // A: empty chain, connects only to the inbound listener, through our proxy.
     let mut outbound = spawn_binary(&[], "info").await;
@@ -136,8 +174,7 @@ async fn bcoin_syncs_from_bcoin_through_outbound_proxy_and_inbound_listener() {
     let peer = a.wait_line(SYNC_DEADLINE, |l| l.starts_with("PEER")).await;
     assert_eq!(field(&peer, "addr"), inbound_addr, "{peer}");
     assert_eq!(field(&peer, "outbound"), "true", "{peer}");
-    let services = u64::from_str_radix(field(&peer, "services").trim_start_matches("0x"), 16).unwrap();
-    assert_ne!(services & NODE_P2P_V2, 0, "B's VERSION as A sees it: {peer}");
+    assert!(advertises_v2(&peer), "B's VERSION as A sees it: {peer}");
 
     // The sync: A's tip becomes B's tip.
     let tip = format!("hash={b_tip}");
@@ -162,4 +199,38 @@ async fn bcoin_syncs_from_bcoin_through_outbound_proxy_and_inbound_listener() {
          {:?} in all",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn bcoin_v1_peer_syncs_through_the_inbound_listener_relay() {
+    let Source { b: _b, tip: b_tip, listener: mut inbound, listen: inbound_addr, .. } =
+        source_behind_listener(None).await;
+
+    // A speaks plain v1 straight to the listener (no proxy of ours before it).
+    let mut a = Bcoin::spawn("A", &[format!("--only={inbound_addr}")]).await;
+    let peer = a.wait_line(SYNC_DEADLINE, |l| l.starts_with("PEER")).await;
+    assert!(advertises_v2(&peer), "B's VERSION as a v1 peer sees it: {peer}");
+    let tip = format!("hash={b_tip}");
+    a.wait_line(SYNC_DEADLINE, |l| l.starts_with("TIP") && l.contains(&tip)).await;
+
+    let in_line = inbound.wait_for(&["inbound session open", "transport=v1"]).await;
+    assert!(!in_line.contains("session_id="), "{in_line}");
+}
+
+#[tokio::test]
+async fn bcoin_v1_peer_is_refused_when_the_listener_refuses_v1() {
+    let Source { mut b, listener: mut inbound, listen: inbound_addr, .. } =
+        source_behind_listener(Some("refuse")).await;
+
+    let mut a = Bcoin::spawn("A", &[format!("--only={inbound_addr}")]).await;
+    inbound.wait_for(&["inbound session closed", "refuses v1 peers"]).await;
+    // Neither node completed a handshake with the other: no PEER line by now,
+    // nor within a second more (A retries; every retry is refused the same way).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (node, name) in [(&mut a, "A"), (&mut b, "B")] {
+        while let Ok(line) = node.lines.try_recv() {
+            assert!(!line.starts_with("PEER") && !line.starts_with("TIP"), "bcoin {name}: {line}");
+        }
+    }
+    assert!(inbound.seen.iter().all(|l| !l.contains("inbound session open")), "{}", inbound.seen.join("\n"));
 }
