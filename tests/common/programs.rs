@@ -34,6 +34,7 @@ fn package(program: &str) -> &str {
     match program {
         "kill" => "procps",
         "ip" => "iproute2",
+        "node" => "nodejs",
         other => other,
     }
 }
