@@ -37,7 +37,7 @@ use crate::metrics::{LiveSession, Observer};
 use crate::outbound::{self, DialError};
 use crate::policy::DialRules;
 use crate::relay::{
-    self, CloseReason, DirectionStats, Leg, RelayReport, Side, Step, Translator, V1ToV1, V1ToV2, V2ToV1,
+    self, CloseReason, DirectionStats, Leg, RelayReport, Shaper, Side, Step, Translator, V1ToV1, V1ToV2, V2ToV1,
 };
 use crate::respond::{self, FirstBytes, PeerReader, RespondError};
 use crate::socks5::Host;
@@ -340,7 +340,13 @@ impl InboundSession<'_> {
                     Leg { stream: node.into(), pending: BytesMut::new() },
                     V2ToV1 { decoder: channel.decoder, magic },
                     NodeToPeer::new(
-                        V1ToV2 { decoder: FrameDecoder::new(magic, true), encoder: channel.encoder, shaper: None },
+                        V1ToV2 {
+                            decoder: FrameDecoder::new(magic, true),
+                            encoder: channel.encoder,
+                            // What the proxy writes to the peer is shaped
+                            // like an outbound session's client_to_remote leg.
+                            shaper: Shaper::for_config(&config.shaping, self.state.observer.shaping()),
+                        },
                         magic,
                         self.listener.advertise,
                         self.state.observer.clone(),

@@ -861,3 +861,27 @@ async fn probe_at_an_inbound_listener_reports_v2_and_the_node_side_port() {
     assert_eq!(field("node_local"), Some(node_peers.lock().unwrap()[0].to_string()), "{line}");
     assert!(line.contains("peer=127.0.0.1:"), "{line}");
 }
+
+#[tokio::test]
+async fn inbound_sessions_are_shaped_like_outbound_ones() {
+    let (node, _received) = spawn_answering_node().await;
+    let proxy =
+        spawn_inbound_proxy("[shaping]\npadding = \"pow2\"\n", &["--inbound", &format!("127.0.0.1:0={node}@regtest")])
+            .await;
+    let mut peer = V2Peer::connect(proxy.inbound[0], InitiatorShape::default()).await;
+    peer.send("version", &version_payload(proxy.inbound[0])).await;
+    // The peer skips the decoys: what it reads is exactly the node's messages.
+    let (command, theirs) = peer.recv().await;
+    assert_eq!(command, "version");
+    assert_eq!(services(&theirs) & NODE_P2P_V2, NODE_P2P_V2);
+    assert_eq!(peer.recv().await.0, "verack");
+    peer.send("ping", &9u64.to_le_bytes()).await;
+    assert_eq!(peer.recv().await, ("ping".to_owned(), 9u64.to_le_bytes().to_vec()));
+    let metrics = proxy.observer.encode_metrics();
+    let padding = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bip324_proxy_shaping_decoy_bytes_total{kind=\"padding\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(padding > 0, "no padding decoys on the inbound leg:\n{metrics}");
+}
