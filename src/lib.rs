@@ -17,7 +17,7 @@
 //! - [`network`]: network names and magics;
 //! - [`advertise`]: NODE_P2P_V2 in the node's VERSION and in its
 //!   `addr`/`addrv2` entries for the advertised address (inbound mode);
-//! - [`shaping`]: the `[shaping]` policy: padding and handshake-decoy schedules;
+//! - [`shaping`]: the `[shaping]` policy: padding, handshake-decoy and cover schedules, hourly budgets;
 //! - [`config`]: file, flags and environment -> one validated `Config`.
 //!
 //! Shared state without I/O of its own: [`state`] (what every session

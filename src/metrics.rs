@@ -30,6 +30,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::shaping::HourlyBudget;
 use crate::stream::Peer;
 
 type Labels1 = [(&'static str, &'static str); 1];
@@ -53,12 +54,18 @@ pub struct Metrics {
 }
 
 /// What traffic shaping spends and what the v2 legs look like on the wire,
-/// shared by every session (cloning shares the counters).
+/// shared by every session (cloning shares the counters), and the one piece
+/// of shaping state all sessions share: the proxy-wide cover budget.
 #[derive(Clone)]
 pub struct ShapingMetrics {
     decoy_bytes: Family<Labels1, Counter>,
     padding_decoy_bytes: Counter,
+    cover_decoy_bytes: Counter,
     budget_exhausted: Counter,
+    cover_budget_exhausted: Family<Labels1, Counter>,
+    /// `shaping.cover_global_budget_per_hour`, counted from the first cover
+    /// decoy (one lock per decoy).
+    cover_global: Arc<Mutex<Option<(Instant, HourlyBudget)>>>,
     v2_write_bytes: Histogram,
     v2_write_gap_seconds: Histogram,
 }
@@ -67,10 +74,14 @@ impl Default for ShapingMetrics {
     fn default() -> Self {
         let decoy_bytes = Family::<Labels1, Counter>::default();
         let padding_decoy_bytes = decoy_bytes.get_or_create(&[("kind", "padding")]).clone();
+        let cover_decoy_bytes = decoy_bytes.get_or_create(&[("kind", "cover")]).clone();
         ShapingMetrics {
             decoy_bytes,
             padding_decoy_bytes,
+            cover_decoy_bytes,
             budget_exhausted: Counter::default(),
+            cover_budget_exhausted: Family::default(),
+            cover_global: Arc::default(),
             // Power-of-two buckets, 32 B .. 4 MiB: pow2 padding lands on them exactly.
             v2_write_bytes: Histogram::new(exponential_buckets(32.0, 2.0, 18)),
             // 1 ms .. ~131 s
@@ -95,6 +106,26 @@ impl ShapingMetrics {
     /// A session's padding budget ran out (counted once per session).
     pub fn budget_exhausted(&self) {
         self.budget_exhausted.inc();
+    }
+
+    /// A cover decoy of `wire` bytes went out.
+    pub fn cover_decoy(&self, wire: usize) {
+        self.cover_decoy_bytes.inc_by(wire as u64);
+    }
+
+    /// A session's cover decoys stopped for want of its own (`"session"`) or
+    /// the proxy-wide (`"global"`) budget; counted once each time a session
+    /// runs into one after having sent.
+    pub fn cover_budget_exhausted(&self, scope: &'static str) {
+        self.cover_budget_exhausted.get_or_create(&[("scope", scope)]).inc();
+    }
+
+    /// Takes `wire` bytes from the proxy-wide cover budget of `per_hour`
+    /// bytes per hour; `false` (and nothing taken) when they do not fit.
+    pub fn cover_global_spend(&self, per_hour: u64, wire: u64) -> bool {
+        let Ok(mut global) = self.cover_global.lock() else { return false };
+        let (origin, budget) = global.get_or_insert_with(|| (Instant::now(), HourlyBudget::new(per_hour)));
+        budget.try_spend(origin.elapsed(), wire)
     }
 
     /// One write of `len` bytes (decoys included) on a v2 leg, `gap` after
@@ -205,8 +236,13 @@ impl Default for Metrics {
         let shaping = ShapingMetrics::default();
         registry.register(
             "shaping_decoy_bytes",
-            "Decoy bytes written on v2 legs (packet overhead included), by kind (padding, handshake)",
+            "Decoy bytes written on v2 legs (packet overhead included), by kind (padding, handshake, cover)",
             shaping.decoy_bytes.clone(),
+        );
+        registry.register(
+            "shaping_cover_budget_exhausted",
+            "Times a session's cover decoys stopped for want of budget, by scope (session, global)",
+            shaping.cover_budget_exhausted.clone(),
         );
         registry.register(
             "shaping_budget_exhausted",
@@ -215,7 +251,7 @@ impl Default for Metrics {
         );
         registry.register(
             "v2_write_bytes",
-            "Sizes of the writes on v2 legs, decoys included (recorded with [shaping] padding or measure on)",
+            "Sizes of the writes on v2 legs, decoys included (recorded with [shaping] padding, cover or measure on)",
             shaping.v2_write_bytes.clone(),
         );
         registry.register(

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::metrics::{Direction, LiveCounters, ShapingMetrics};
-use crate::shaping::{MIN_DECOY_WIRE_BYTES, Padder, Shaping};
+use crate::shaping::{CoverPolicy, HourlyBudget, MIN_DECOY_WIRE_BYTES, Padder, Shaping};
 use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
@@ -146,6 +146,18 @@ pub trait Translator: Send {
         output: &mut BytesMut,
         stats: &mut DirectionStats,
     ) -> Result<Step, CloseReason>;
+
+    /// When this direction wants to write while it waits for input (cover
+    /// traffic); `None`, the default, never.
+    fn idle_wake(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Called at or after [`Translator::idle_wake`] while the direction
+    /// waits for input, between whole writes: appends what to write to `out`.
+    fn idle_write(&mut self, _now: Instant, _out: &mut BytesMut) -> Result<(), CloseReason> {
+        Ok(())
+    }
 }
 
 /// Client v1 frames -> v2 packets.
@@ -171,6 +183,58 @@ pub struct Shaper {
     pub metrics: ShapingMetrics,
     /// When the previous write was prepared (for the inter-write gaps).
     pub last_write: Option<Instant>,
+    /// Decoys while idle; `None` when `shaping.cover` is off.
+    pub cover: Option<Cover>,
+}
+
+/// One session's cover traffic: its schedule and its own hourly budget (the
+/// proxy-wide one is in [`ShapingMetrics`]).
+pub struct Cover {
+    policy: CoverPolicy,
+    budget: HourlyBudget,
+    /// Where the session budget's clock starts.
+    origin: Instant,
+    /// When the next decoy is due if the direction stays idle.
+    next: Instant,
+    /// Which budget stopped the last decoy (counted once per stop).
+    stopped_by: Option<&'static str>,
+}
+
+impl Cover {
+    pub fn new(policy: CoverPolicy, now: Instant) -> Self {
+        let next = now + policy.next_delay(&mut rand::thread_rng());
+        Cover { budget: HourlyBudget::new(policy.budget_per_hour), policy, origin: now, next, stopped_by: None }
+    }
+
+    /// A genuine write went out at `now`: the next decoy waits a whole gap.
+    fn reschedule(&mut self, now: Instant) {
+        self.next = now + self.policy.next_delay(&mut rand::thread_rng());
+    }
+
+    /// The contents length of the decoy due at `now`, with both budgets
+    /// charged, or `None` when one of them has no room for it.
+    fn draw(&mut self, now: Instant, metrics: &ShapingMetrics) -> Option<usize> {
+        self.reschedule(now);
+        let contents = self.policy.decoy_len(&mut rand::thread_rng());
+        let wire = (contents + MIN_DECOY_WIRE_BYTES) as u64;
+        let elapsed = now.saturating_duration_since(self.origin);
+        let stop = if !self.budget.fits(elapsed, wire) {
+            Some("session")
+        } else if !metrics.cover_global_spend(self.policy.global_budget_per_hour, wire) {
+            Some("global")
+        } else {
+            self.budget.try_spend(elapsed, wire);
+            None
+        };
+        if let Some(scope) = stop
+            && self.stopped_by != Some(scope)
+        {
+            debug!(scope, spent = self.budget.spent_in_window(), "cover budget exhausted");
+            metrics.cover_budget_exhausted(scope);
+        }
+        self.stopped_by = stop;
+        stop.is_none().then_some(contents)
+    }
 }
 
 impl Shaper {
@@ -182,7 +246,29 @@ impl Shaper {
 
     /// The same, continuing a padder (and its budget) the handshake used.
     pub fn with_padder(padder: Option<Padder>, shaping: &Shaping, metrics: &ShapingMetrics) -> Option<Shaper> {
-        (padder.is_some() || shaping.measure).then(|| Shaper { padder, metrics: metrics.clone(), last_write: None })
+        (padder.is_some() || shaping.measure || shaping.cover.is_some()).then(|| Shaper {
+            padder,
+            metrics: metrics.clone(),
+            last_write: None,
+            cover: shaping.cover.clone().map(|policy| Cover::new(policy, Instant::now())),
+        })
+    }
+
+    /// Appends the cover decoy due at `now` to `out`, if the budgets allow.
+    fn cover_decoy(
+        &mut self,
+        now: Instant,
+        encoder: &mut PacketEncoder,
+        out: &mut BytesMut,
+    ) -> Result<(), CloseReason> {
+        let Some(cover) = &mut self.cover else { return Ok(()) };
+        let Some(contents) = cover.draw(now, &self.metrics) else { return Ok(()) };
+        encoder.encode_decoy(contents, out).map_err(CloseReason::Encode)?;
+        let wire = contents + MIN_DECOY_WIRE_BYTES;
+        self.metrics.cover_decoy(wire);
+        let gap = self.last_write.replace(now).map(|last| now - last);
+        self.metrics.v2_write(wire, gap);
+        Ok(())
     }
 
     /// Appends to `out` the decoy that brings a write of `written` bytes to
@@ -209,6 +295,9 @@ impl Shaper {
         let now = Instant::now();
         let gap = self.last_write.replace(now).map(|last| now - last);
         self.metrics.v2_write(total, gap);
+        if let Some(cover) = &mut self.cover {
+            cover.reschedule(now);
+        }
         Ok(())
     }
 }
@@ -263,6 +352,17 @@ impl Translator for V1ToV2 {
                     input.advance(len);
                 }
             }
+        }
+    }
+
+    fn idle_wake(&self) -> Option<Instant> {
+        self.shaper.as_ref()?.cover.as_ref().map(|cover| cover.next)
+    }
+
+    fn idle_write(&mut self, now: Instant, out: &mut BytesMut) -> Result<(), CloseReason> {
+        match &mut self.shaper {
+            Some(shaper) => shaper.cover_decoy(now, &mut self.encoder, out),
+            None => Ok(()),
         }
     }
 }
@@ -537,9 +637,27 @@ async fn pump(
         if inbound.pending.is_empty() && inbound.pending.capacity() > 0 {
             inbound.pending = BytesMut::new();
         }
+        let idle_wake = translator.idle_wake();
         let ready = tokio::select! {
             ready = inbound.reader.readable() => ready,
             _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+            // Only between whole writes: a decoy never splits a message.
+            _ = sleep_until_some(idle_wake) => {
+                if let Err(reason) = translator.idle_write(Instant::now(), &mut output) {
+                    break Some(reason);
+                }
+                if !output.is_empty() {
+                    let result = tokio::select! {
+                        result = writer.write_all(&output) => result,
+                        _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+                    };
+                    output.clear();
+                    if let Err(e) = result {
+                        break Some(CloseReason::Io(to, e));
+                    }
+                }
+                continue;
+            }
             _ = sleep_until_idle(&shared) => {
                 match shared.idle_deadline() {
                     Some(deadline) if Instant::now() >= deadline => {
@@ -596,6 +714,14 @@ async fn write_all_vectored(writer: &mut WriteHalf, pieces: &[&[u8]]) -> io::Res
 
 fn cancel_reason(shutdown: &CancellationToken) -> CloseReason {
     if shutdown.is_cancelled() { CloseReason::Shutdown } else { CloseReason::Aborted }
+}
+
+/// Sleeps until `at`; never wakes for `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_idle(shared: &Shared) {
@@ -693,6 +819,44 @@ mod tests {
             }
             assert_eq!(genuine, vec![1 + 37, 1 + 300, 1 + 100_000, 1 + 8, 1 + 70_000]);
         }
+    }
+
+    #[test]
+    fn idle_writes_are_budgeted_cover_decoys_only_with_cover_on() {
+        use crate::shaping::{CoverPolicy, CoverSchedule};
+        let ours = SessionKeys::from_shared_secret(&[7; 32], Role::Initiator, &MAGIC);
+        let theirs = SessionKeys::from_shared_secret(&[7; 32], Role::Responder, &MAGIC);
+        let cover = CoverPolicy {
+            schedule: CoverSchedule::Constant,
+            interval: Duration::from_millis(10),
+            contents: 5..=5,
+            budget_per_hour: 2 * 25 + 10,
+            global_budget_per_hour: 1 << 20,
+        };
+        let shaping = Shaping { cover: Some(cover), ..Shaping::default() };
+        let mut translator = V1ToV2 {
+            decoder: FrameDecoder::new(MAGIC, true),
+            encoder: ours.encoder(0),
+            shaper: Shaper::for_config(&shaping, &ShapingMetrics::default()),
+        };
+        let mut out = BytesMut::new();
+        let mut wake = translator.idle_wake().unwrap();
+        for _ in 0..3 {
+            translator.idle_write(wake, &mut out).unwrap();
+            let next = translator.idle_wake().unwrap();
+            assert_eq!(next, wake + Duration::from_millis(10));
+            wake = next;
+        }
+        // Two 25-byte decoys fit the budget, the third does not.
+        assert_eq!(out.len(), 2 * 25);
+        let mut decoder = theirs.decoder(0);
+        for _ in 0..2 {
+            let DecodedPacket::Packet { ignore, contents, len } = decoder.decode(&mut out).unwrap() else { panic!() };
+            assert!(ignore && contents.len() == 5 && out[contents].iter().all(|&b| b == 0));
+            out.advance(len);
+        }
+        let off = V1ToV2 { decoder: FrameDecoder::new(MAGIC, true), encoder: ours.encoder(0), shaper: None };
+        assert_eq!(off.idle_wake(), None);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! many decoy bytes go out and where. No I/O here: the relay's `V1ToV2`
 //! translator asks a [`Padder`] after each write it prepares, and the
 //! handshake asks a [`HandshakePolicy`] for its garbage length and decoys.
+//! While a direction is idle, a [`CoverPolicy`] schedules cover decoys and
+//! [`HourlyBudget`]s cap them per session and proxy-wide.
 //!
 //! BIP324 hides every byte but not packet sizes or timing; its decoy packets
 //! (the ignore bit) and handshake garbage exist for shaping and the BIP
@@ -14,6 +16,7 @@
 //! following bucket instead.
 
 use std::ops::RangeInclusive;
+use std::time::Duration;
 
 use rand::Rng;
 use serde::Deserialize;
@@ -32,6 +35,12 @@ pub const PADDING_BUDGET_BYTES: RangeInclusive<u64> = 1024..=1 << 40;
 pub const GARBAGE_BYTES: RangeInclusive<u64> = 0..=MAX_GARBAGE_BYTES as u64;
 pub const HANDSHAKE_DECOYS: RangeInclusive<u64> = 0..=16;
 pub const HANDSHAKE_DECOY_BYTES: RangeInclusive<u64> = 0..=16 * 1024;
+pub const COVER_INTERVAL_MS: RangeInclusive<u64> = 10..=3_600_000;
+pub const COVER_DECOY_BYTES: RangeInclusive<u64> = 0..=16 * 1024;
+pub const COVER_BUDGET_BYTES: RangeInclusive<u64> = 0..=1 << 40;
+
+/// The window cover budgets are counted over.
+pub const BUDGET_WINDOW: Duration = Duration::from_secs(3600);
 
 /// How genuine writes are rounded up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -48,6 +57,19 @@ pub enum Buckets {
     Padme,
 }
 
+/// When cover decoys go out while a session is idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CoverSchedule {
+    /// No cover traffic.
+    #[default]
+    Off,
+    /// One decoy every interval.
+    Constant,
+    /// Exponentially distributed gaps with the interval as their mean.
+    Poisson,
+}
+
 /// The `[shaping]` section as written. Every key is optional.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -61,6 +83,12 @@ pub struct FileShaping {
     handshake_decoy_min: u64,
     handshake_decoy_max: u64,
     measure: bool,
+    cover: CoverSchedule,
+    cover_interval_ms: u64,
+    cover_size_min: u64,
+    cover_size_max: u64,
+    cover_budget_per_hour: u64,
+    cover_global_budget_per_hour: u64,
 }
 
 impl Default for FileShaping {
@@ -75,6 +103,12 @@ impl Default for FileShaping {
             handshake_decoy_min: 0,
             handshake_decoy_max: 1024,
             measure: false,
+            cover: CoverSchedule::Off,
+            cover_interval_ms: 1000,
+            cover_size_min: 0,
+            cover_size_max: 256,
+            cover_budget_per_hour: 1 << 20,
+            cover_global_budget_per_hour: 64 << 20,
         }
     }
 }
@@ -152,12 +186,113 @@ impl HandshakePolicy {
     }
 }
 
+/// Cover traffic: decoys written while a session's v2 direction is idle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoverPolicy {
+    /// `Constant` or `Poisson` (never `Off`: no policy then).
+    pub schedule: CoverSchedule,
+    /// The (mean) gap between decoys.
+    pub interval: Duration,
+    /// Contents length of each decoy, drawn uniformly.
+    pub contents: RangeInclusive<usize>,
+    /// Decoy bytes (on the wire) one session may send in any hour.
+    pub budget_per_hour: u64,
+    /// Decoy bytes (on the wire) all sessions together may send in any hour.
+    pub global_budget_per_hour: u64,
+}
+
+impl CoverPolicy {
+    /// The gap before the next decoy: the interval, or an exponential draw
+    /// with the interval as its mean (inverse transform of a uniform draw).
+    pub fn next_delay(&self, rng: &mut impl Rng) -> Duration {
+        match self.schedule {
+            CoverSchedule::Poisson => {
+                let u: f64 = rng.r#gen(); // [0, 1)
+                // 1 - u is in (0, 1]: the logarithm is finite. Capped so a
+                // freak draw cannot silence cover for long.
+                let factor = (-(1.0 - u).ln()).min(50.0);
+                self.interval.mul_f64(factor)
+            }
+            CoverSchedule::Constant | CoverSchedule::Off => self.interval,
+        }
+    }
+
+    /// Contents length of the next decoy.
+    pub fn decoy_len(&self, rng: &mut impl Rng) -> usize {
+        rng.gen_range(self.contents.clone())
+    }
+}
+
+/// Slots of the sliding budget window: one per minute, plus one so that the
+/// slots counted always reach a whole hour back.
+const BUDGET_SLOTS: usize = 61;
+const SLOT: Duration = Duration::from_secs(60);
+
+/// A byte budget per hour, over a sliding window: in no window of an hour
+/// (anywhere, not only on the hour) is more than `per_hour` spent.
+///
+/// A token bucket refilled at `per_hour` per hour would let twice that
+/// through in one hour (a full bucket, then its refill), so spending is
+/// counted per minute instead: a spend is allowed when it and everything
+/// spent in the current and the 60 previous minutes fit. Any spend in the
+/// hour before a spend lies in those minutes, so each hour window holds at
+/// most `per_hour`. Pure: the caller passes `now` as time since an origin of
+/// its choosing, never decreasing.
+#[derive(Debug, Clone)]
+pub struct HourlyBudget {
+    per_hour: u64,
+    slots: [u64; BUDGET_SLOTS],
+    /// The minute (since the origin) the newest slot counts.
+    minute: u64,
+}
+
+impl HourlyBudget {
+    pub fn new(per_hour: u64) -> Self {
+        HourlyBudget { per_hour, slots: [0; BUDGET_SLOTS], minute: 0 }
+    }
+
+    /// Spends `bytes` at `now` if they fit; returns whether they did.
+    pub fn try_spend(&mut self, now: Duration, bytes: u64) -> bool {
+        if !self.fits(now, bytes) {
+            return false;
+        }
+        let minute = self.advance(now);
+        self.slots[(minute % BUDGET_SLOTS as u64) as usize] += bytes;
+        true
+    }
+
+    /// Whether `bytes` would fit at `now` (spends nothing).
+    pub fn fits(&mut self, now: Duration, bytes: u64) -> bool {
+        self.advance(now);
+        self.spent_in_window().saturating_add(bytes) <= self.per_hour
+    }
+
+    /// Bytes counted in the current window.
+    pub fn spent_in_window(&self) -> u64 {
+        self.slots.iter().sum()
+    }
+
+    /// Clears the slots of minutes that left the window; returns the current
+    /// minute. A `now` earlier than a previous one counts as that one.
+    fn advance(&mut self, now: Duration) -> u64 {
+        let minute = (now.as_secs() / SLOT.as_secs()).max(self.minute);
+        let stale = (minute - self.minute).min(BUDGET_SLOTS as u64);
+        for m in minute + 1 - stale..=minute {
+            self.slots[(m % BUDGET_SLOTS as u64) as usize] = 0;
+        }
+        self.minute = minute;
+        minute
+    }
+}
+
 /// The validated `[shaping]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Shaping {
     /// `None`: genuine writes go out as they are.
     pub padding: Option<PaddingPolicy>,
     pub handshake: HandshakePolicy,
+    /// `None`: no decoys while idle.
+    pub cover: Option<CoverPolicy>,
     /// Record the sizes of v2 writes even with padding off.
     pub measure: bool,
 }
@@ -174,6 +309,22 @@ impl Shaping {
             ("handshake_decoy_max", file.handshake_decoy_max),
             HANDSHAKE_DECOY_BYTES,
         )?;
+        let interval = in_range("cover_interval_ms", file.cover_interval_ms, COVER_INTERVAL_MS)?;
+        let contents = ordered(
+            ("cover_size_min", file.cover_size_min),
+            ("cover_size_max", file.cover_size_max),
+            COVER_DECOY_BYTES,
+        )?;
+        let budget_per_hour = in_range("cover_budget_per_hour", file.cover_budget_per_hour, COVER_BUDGET_BYTES)?;
+        let global_budget_per_hour =
+            in_range("cover_global_budget_per_hour", file.cover_global_budget_per_hour, COVER_BUDGET_BYTES)?;
+        let cover = (file.cover != CoverSchedule::Off).then(|| CoverPolicy {
+            schedule: file.cover,
+            interval: Duration::from_millis(interval),
+            contents,
+            budget_per_hour,
+            global_budget_per_hour,
+        });
         let padding = match file.padding {
             Buckets::Off => None,
             buckets => Some(PaddingPolicy { buckets, cap: cap as usize, budget }),
@@ -181,6 +332,7 @@ impl Shaping {
         Ok(Shaping {
             padding,
             handshake: HandshakePolicy { garbage, decoys: decoys as usize, decoy_contents },
+            cover,
             measure: file.measure,
         })
     }
@@ -376,6 +528,83 @@ mod tests {
         assert_eq!(padder.spent(), 90);
     }
 
+    fn cover(schedule: CoverSchedule, interval_ms: u64) -> CoverPolicy {
+        CoverPolicy {
+            schedule,
+            interval: Duration::from_millis(interval_ms),
+            contents: 0..=256,
+            budget_per_hour: 1 << 20,
+            global_budget_per_hour: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn cover_keys_parse_and_are_range_checked() {
+        assert_eq!(parse("").unwrap().cover, None);
+        let shaping = parse(
+            "cover = \"poisson\"\ncover_interval_ms = 250\ncover_size_min = 3\ncover_size_max = 7\n\
+             cover_budget_per_hour = 5000\ncover_global_budget_per_hour = 9000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            shaping.cover,
+            Some(CoverPolicy {
+                schedule: CoverSchedule::Poisson,
+                interval: Duration::from_millis(250),
+                contents: 3..=7,
+                budget_per_hour: 5000,
+                global_budget_per_hour: 9000,
+            })
+        );
+        assert!(toml::from_str::<FileShaping>("cover = \"random\"").is_err());
+        for (text, key) in [
+            ("cover_interval_ms = 9", "cover_interval_ms"),
+            ("cover_interval_ms = 3600001", "cover_interval_ms"),
+            ("cover_size_max = 16385", "cover_size_max"),
+            ("cover_budget_per_hour = 1099511627777", "cover_budget_per_hour"),
+            ("cover_global_budget_per_hour = 1099511627777", "cover_global_budget_per_hour"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(matches!(e, ShapingError::OutOfRange { key: k, .. } if k == key), "{text}: {e}");
+        }
+        assert!(matches!(
+            parse("cover_size_min = 10\ncover_size_max = 9").unwrap_err(),
+            ShapingError::EmptyRange { min_key: "cover_size_min", .. }
+        ));
+    }
+
+    #[test]
+    fn cover_delays_have_the_configured_mean() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(324);
+        let constant = cover(CoverSchedule::Constant, 500);
+        assert!((0..100).all(|_| constant.next_delay(&mut rng) == Duration::from_millis(500)));
+        let poisson = cover(CoverSchedule::Poisson, 500);
+        let draws: Vec<f64> = (0..20_000).map(|_| poisson.next_delay(&mut rng).as_secs_f64()).collect();
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.5 * 0.03, "mean {mean}");
+        // Exponential: about 1 - 1/e of the gaps are shorter than the mean.
+        let shorter = draws.iter().filter(|&&d| d < 0.5).count() as f64 / draws.len() as f64;
+        assert!((shorter - (1.0 - (-1.0f64).exp())).abs() < 0.02, "{shorter}");
+        assert!(draws.iter().all(|&d| d <= 0.5 * 50.0));
+    }
+
+    #[test]
+    fn hourly_budget_refills_after_an_hour() {
+        let mut budget = HourlyBudget::new(100);
+        let at = |s| Duration::from_secs(s);
+        assert!(budget.try_spend(at(0), 60));
+        assert!(!budget.try_spend(at(10), 41));
+        assert!(budget.try_spend(at(10), 40));
+        assert!(!budget.fits(at(3599), 1));
+        assert!(!budget.try_spend(at(3600), 1), "minute 0 is still within an hour of minute 60");
+        assert!(budget.try_spend(at(3660), 100));
+        assert_eq!(budget.spent_in_window(), 100);
+        assert!(budget.try_spend(at(100_000), 100), "a long gap clears everything");
+        assert!(HourlyBudget::new(0).try_spend(at(0), 0));
+        assert!(!HourlyBudget::new(0).try_spend(at(0), 1));
+    }
+
     fn any_buckets() -> impl Strategy<Value = Buckets> {
         prop_oneof![Just(Buckets::Pow2), Just(Buckets::Padme)]
     }
@@ -419,6 +648,42 @@ mod tests {
                 }
                 prop_assert!(padder.spent() <= budget);
             }
+        }
+
+        #[test]
+        fn hourly_budget_is_never_exceeded_in_any_hour_window(
+            per_hour in 0u64..5_000,
+            spends in proptest::collection::vec((0u64..400, 0u64..300), 1..400),
+        ) {
+            let mut budget = HourlyBudget::new(per_hour);
+            let mut now = 0u64;
+            let mut granted = Vec::new();
+            for (gap, bytes) in spends {
+                now += gap;
+                if budget.try_spend(Duration::from_secs(now), bytes) {
+                    granted.push((now, bytes));
+                }
+            }
+            // Every hour window [t, t + 3600), t at each grant.
+            for &(start, _) in &granted {
+                let spent: u64 = granted.iter().filter(|(t, _)| *t >= start && *t < start + 3600).map(|g| g.1).sum();
+                prop_assert!(spent <= per_hour, "{spent} > {per_hour} from {start}");
+            }
+        }
+
+        #[test]
+        fn cover_draws_stay_in_their_ranges(
+            interval in COVER_INTERVAL_MS,
+            min in 0usize..100,
+            extra in 0usize..100,
+            poisson in any::<bool>(),
+        ) {
+            let schedule = if poisson { CoverSchedule::Poisson } else { CoverSchedule::Constant };
+            let policy = CoverPolicy { contents: min..=min + extra, ..cover(schedule, interval) };
+            let mut rng = rand::thread_rng();
+            let delay = policy.next_delay(&mut rng);
+            prop_assert!(delay <= policy.interval * 50);
+            prop_assert!(policy.contents.contains(&policy.decoy_len(&mut rng)));
         }
 
         #[test]

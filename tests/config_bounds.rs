@@ -43,6 +43,16 @@ const NUMERIC_KEYS: &[(&str, &str, Option<&str>, u64, u64)] = &[
     ("shaping.garbage_max", "[shaping]\ngarbage_max = {}", None, 0, 4095),
     ("shaping.handshake_decoys", "[shaping]\nhandshake_decoys = {}", None, 0, 16),
     ("shaping.handshake_decoy_max", "[shaping]\nhandshake_decoy_max = {}", None, 0, 16_384),
+    ("shaping.cover_interval_ms", "[shaping]\ncover = \"constant\"\ncover_interval_ms = {}", None, 10, 3_600_000),
+    ("shaping.cover_size_max", "[shaping]\ncover = \"constant\"\ncover_size_max = {}", None, 0, 16_384),
+    ("shaping.cover_budget_per_hour", "[shaping]\ncover = \"poisson\"\ncover_budget_per_hour = {}", None, 0, 1 << 40),
+    (
+        "shaping.cover_global_budget_per_hour",
+        "[shaping]\ncover = \"poisson\"\ncover_global_budget_per_hour = {}",
+        None,
+        0,
+        1 << 40,
+    ),
 ];
 
 /// The value a loaded config holds for `key`.
@@ -66,6 +76,10 @@ fn value_of(config: &Config, key: &str) -> u64 {
         "shaping.garbage_max" => *config.shaping.handshake.garbage.end() as u64,
         "shaping.handshake_decoys" => config.shaping.handshake.decoys as u64,
         "shaping.handshake_decoy_max" => *config.shaping.handshake.decoy_contents.end() as u64,
+        "shaping.cover_interval_ms" => config.shaping.cover.as_ref().map_or(0, |c| c.interval.as_millis() as u64),
+        "shaping.cover_size_max" => config.shaping.cover.as_ref().map_or(0, |c| *c.contents.end() as u64),
+        "shaping.cover_budget_per_hour" => config.shaping.cover.as_ref().map_or(0, |c| c.budget_per_hour),
+        "shaping.cover_global_budget_per_hour" => config.shaping.cover.as_ref().map_or(0, |c| c.global_budget_per_hour),
         other => panic!("unknown key {other}"),
     }
 }

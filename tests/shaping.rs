@@ -347,3 +347,119 @@ async fn handshake_decoys_and_a_padded_version_make_one_flight_on_a_boundary() {
     }
     proxy.shutdown.cancel();
 }
+
+/// Wire sizes of the decoys the node skipped on connection `conn`.
+fn node_decoys(node: &Node, conn: usize) -> Vec<usize> {
+    let packets = node.log.packets.lock().unwrap();
+    packets.get(conn).map(|p| p.iter().filter(|p| p.0).map(|p| p.1).collect()).unwrap_or_default()
+}
+
+/// Waits (bounded) until `done` holds; false if it never did.
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..300 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    done()
+}
+
+/// Sends one message on an open session and checks its echo.
+async fn echo(client: &mut TcpStream, command: &str, payload: &[u8]) {
+    client.write_all(&frame(REGTEST, command, payload)).await.unwrap();
+    let echo = expect_frame(client).await;
+    assert_eq!(echo.command, command);
+    assert!(echo.payload == payload, "{command} echoed intact");
+}
+
+#[tokio::test]
+async fn cover_decoys_flow_while_idle_and_genuine_messages_stay_exact() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, observer) = shaped_proxy(
+        "[shaping]\ncover = \"constant\"\ncover_interval_ms = 100\ncover_size_min = 0\ncover_size_max = 64\n",
+    )
+    .await;
+    let messages = messages();
+    let (mut client, mut sent) = exchange(&proxy, &node, &messages).await;
+    // Idle for a second: about ten decoys are due.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    for (command, payload) in &messages {
+        echo(&mut client, command, payload).await;
+        sent.push(contents(command, payload));
+    }
+    drop(client);
+    let received = node.log.received.lock().unwrap()[0].clone();
+    assert_eq!(received[1..], sent[..], "decoys carry no application data");
+    let decoys = node_decoys(&node, 0);
+    assert!(decoys.len() >= 4, "{} decoys in 1.2 s idle", decoys.len());
+    assert!(decoys.iter().all(|wire| (MIN_DECOY_WIRE_BYTES..=64 + MIN_DECOY_WIRE_BYTES).contains(wire)));
+    // The counter holds exactly what the node skipped (once it read it all).
+    let counted = || metric(&observer, "bip324_proxy_shaping_decoy_bytes_total{kind=\"cover\"}");
+    assert!(eventually(|| node_decoys(&node, 0).iter().sum::<usize>() as u64 == counted()).await);
+    assert!(counted() > 0);
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn cover_session_budget_caps_decoy_bytes() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let wire = 30 + MIN_DECOY_WIRE_BYTES;
+    let budget = 4 * wire + wire / 2;
+    let (proxy, observer) = shaped_proxy(&format!(
+        "[shaping]\ncover = \"poisson\"\ncover_interval_ms = 10\ncover_size_min = 30\ncover_size_max = 30\n\
+         cover_budget_per_hour = {budget}\n"
+    ))
+    .await;
+    let (mut client, _) = exchange(&proxy, &node, &[("verack", Vec::new())]).await;
+    // About a hundred decoys are due in a second; the budget has room for four.
+    let exhausted = || metric(&observer, "bip324_proxy_shaping_cover_budget_exhausted_total{scope=\"session\"}");
+    assert!(eventually(|| exhausted() == 1).await);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    echo(&mut client, "ping", &[9u8; 8]).await;
+    assert_eq!(node_decoys(&node, 0), vec![wire; 4]);
+    assert_eq!(exhausted(), 1, "counted once per session");
+    assert_eq!(metric(&observer, "bip324_proxy_shaping_decoy_bytes_total{kind=\"cover\"}"), 4 * wire as u64);
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn cover_global_budget_caps_decoys_across_sessions() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let wire = 30 + MIN_DECOY_WIRE_BYTES;
+    let global = 6 * wire;
+    let (proxy, observer) = shaped_proxy(&format!(
+        "[shaping]\ncover = \"constant\"\ncover_interval_ms = 20\ncover_size_min = 30\ncover_size_max = 30\n\
+         cover_budget_per_hour = 1000000\ncover_global_budget_per_hour = {global}\n"
+    ))
+    .await;
+    let (mut first, _) = exchange(&proxy, &node, &[("verack", Vec::new())]).await;
+    let (mut second, _) = exchange(&proxy, &node, &[("verack", Vec::new())]).await;
+    let exhausted = || metric(&observer, "bip324_proxy_shaping_cover_budget_exhausted_total{scope=\"global\"}");
+    assert!(eventually(|| exhausted() >= 1).await);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    echo(&mut first, "ping", &[1u8; 8]).await;
+    echo(&mut second, "ping", &[2u8; 8]).await;
+    let spent: usize = node_decoys(&node, 0).iter().sum::<usize>() + node_decoys(&node, 1).iter().sum::<usize>();
+    assert_eq!(spent, global, "the proxy-wide budget, exactly");
+    assert!(node_decoys(&node, 1).len() + node_decoys(&node, 0).len() == 6);
+    assert_eq!(metric(&observer, "bip324_proxy_shaping_cover_budget_exhausted_total{scope=\"session\"}"), 0);
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn cover_stays_correct_across_rekeys() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, _) =
+        shaped_proxy("[shaping]\ncover = \"constant\"\ncover_interval_ms = 10\ncover_size_max = 16\n").await;
+    let (mut client, mut sent) = exchange(&proxy, &node, &[("verack", Vec::new())]).await;
+    // Decoys count as packets: past 224 of them the proxy has rekeyed.
+    assert!(eventually(|| node_decoys(&node, 0).len() >= 250).await, "{} decoys", node_decoys(&node, 0).len());
+    for (command, payload) in messages() {
+        echo(&mut client, command, &payload).await;
+        sent.push(contents(command, &payload));
+    }
+    let received = node.log.received.lock().unwrap()[0].clone();
+    assert_eq!(received[1..], sent[..]);
+    proxy.shutdown.cancel();
+}
