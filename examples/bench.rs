@@ -20,7 +20,7 @@
 //! binary re-executed with a hidden `--role`), so each one's CPU time and
 //! memory can be read on its own; the client and the floor run here.
 //!
-//! Run: `cargo run --release --example bench` (about 40 s on 2 cores; `--help` for options).
+//! Run: `cargo run --release --example bench` (about 50 s on 2 cores; `--help` for options).
 
 #![forbid(unsafe_code)]
 
@@ -603,17 +603,19 @@ fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed
     println!("bip324-proxy benchmark (machine: {}, {cores} cores)", procfs::cpu_model());
     println!("{:<20} {:<18} {:<22} {:<7} {:<10} verdict", "case", "proxy", "reference", "ratio", "goal");
 
-    let goals_throughput = [0.9, 0.6];
-    let goals_efficiency = [0.5, 0.75];
-    for (case, goal) in results.throughput.iter().zip(goals_throughput) {
+    // Issue 15: efficiency >= 0.75 of the floor at 1 KiB and >= 0.8 at 1 MiB.
+    // Throughput against the relay is context on 2 cores (the echo node's
+    // AEAD shares them), not a goal.
+    let goals_efficiency = [0.75, 0.8];
+    for case in &results.throughput {
         let ratio = case.proxy.mb_per_second / case.relay.mb_per_second;
-        row(
-            &format!("throughput {}", case.label),
-            &format!("{:.1} MB/s", case.proxy.mb_per_second),
-            &format!("relay {:.1} MB/s", case.relay.mb_per_second),
+        println!(
+            "{:<20} {:<18} {:<22} {:<7.2} {:<10}",
+            format!("throughput {}", case.label),
+            format!("{:.1} MB/s", case.proxy.mb_per_second),
+            format!("relay {:.1} MB/s", case.relay.mb_per_second),
             ratio,
-            &format!(">= {goal}"),
-            ratio >= goal,
+            "(context)"
         );
     }
     for ((case, goal), floor) in results.throughput.iter().zip(goals_efficiency).zip([floor.small, floor.large]) {
