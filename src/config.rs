@@ -334,7 +334,8 @@ impl Config {
         let SessionCap::Auto { per_client } = self.session_cap else { return };
         let max_sessions = auto_max_sessions(nofile, self.descriptor_reserve());
         self.max_sessions = to_usize(max_sessions);
-        self.max_sessions_per_client = to_usize(per_client.map_or(default_per_client(max_sessions), |v| v.min(max_sessions)));
+        self.max_sessions_per_client =
+            to_usize(per_client.map_or(default_per_client(max_sessions), |v| v.min(max_sessions)));
     }
 
     /// Every address the proxy listens on, with the key that set it.
@@ -606,7 +607,9 @@ pub enum SessionCap {
     Set,
     /// Chosen from the descriptor limit; `per_client` is an explicit
     /// `max_sessions_per_client`, if one was given.
-    Auto { per_client: Option<u64> },
+    Auto {
+        per_client: Option<u64>,
+    },
 }
 
 /// `max_sessions` before [`Config::resolve_limits`] has seen the descriptor
@@ -1416,7 +1419,8 @@ mod tests {
         assert_eq!((c.max_sessions, c.max_sessions_per_client), (1, 1));
 
         // Set by file, flag or environment: kept whatever the limit.
-        for mut set in [load_text("max_sessions = 300\n", &[]).unwrap(), load_text("", &["--max-sessions", "300"]).unwrap()]
+        for mut set in
+            [load_text("max_sessions = 300\n", &[]).unwrap(), load_text("", &["--max-sessions", "300"]).unwrap()]
         {
             assert_eq!(set.session_cap, SessionCap::Set);
             set.resolve_limits(100);
@@ -1431,7 +1435,9 @@ mod tests {
         assert_eq!((c.max_sessions, c.max_sessions_per_client), (9_680, 5_000));
         c.resolve_limits(1_024);
         assert_eq!((c.max_sessions, c.max_sessions_per_client), (192, 192));
-        assert!(load_text("max_sessions_per_client = 100001\n", &[]).unwrap_err().0.contains("max_sessions_per_client"));
+        assert!(
+            load_text("max_sessions_per_client = 100001\n", &[]).unwrap_err().0.contains("max_sessions_per_client")
+        );
         assert!(load_text("max_sessions_per_client = 0\n", &[]).unwrap_err().0.contains("max_sessions_per_client"));
         // With max_sessions set, the per-client limit stays within it.
         let err = load_text("max_sessions = 100\nmax_sessions_per_client = 101\n", &[]).unwrap_err();
