@@ -6,15 +6,21 @@
 //! 2. proxy CPU per echoed MB (from /proc/<pid>/stat) versus the in-process
 //!    floor of the work every byte needs (one ChaCha20-Poly1305 seal and
 //!    open, two SHA256d), and the relay's CPU per MB for context;
-//! 3. handshake latency, SOCKS connect to the VERSION echo, versus a native
-//!    v2 client running the proxy's own initiator handshake to the node;
-//! 4. resident memory per idle, fully established session.
+//! 3. handshake latency (median and p99), SOCKS connect to the VERSION echo,
+//!    versus the sum of what its parts cost on their own: a plain SOCKS relay
+//!    (no crypto) plus a native v2 client (the proxy's own initiator
+//!    handshake, straight to the node) minus direct v1;
+//! 4. connection churn: complete sessions per second (connect, SOCKS5,
+//!    handshake, VERSION echo, close) at 1, 16 and 256 at once, versus a
+//!    native v2 client to the same node, and the key pool's hit rate;
+//! 5. resident memory and descriptors per idle, fully established session,
+//!    up to 10,000 at once.
 //!
 //! The proxy, the relay and the echo nodes each run in a child process (this
 //! binary re-executed with a hidden `--role`), so each one's CPU time and
 //! memory can be read on its own; the client and the floor run here.
 //!
-//! Run: `cargo run --release --example bench` (about 40 s on 2 cores; `--help` for options).
+//! Run: `cargo run --release --example bench` (about 50 s on 2 cores; `--help` for options).
 
 #![forbid(unsafe_code)]
 
@@ -72,6 +78,16 @@ const PROXY_FD_RESERVE: u64 = 200;
 /// Time for a proxy to close what its clients closed, or to settle after opening.
 const SETTLE: Duration = Duration::from_secs(1);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Sessions running at once in the churn phases.
+const CHURN_CONCURRENCY: [usize; 3] = [1, 16, 256];
+/// Each churn phase stops after this long or this many sessions, whichever comes first.
+const CHURN_PHASE: Duration = Duration::from_secs(2);
+const CHURN_MAX_SESSIONS: usize = 4_000;
+/// Goal of the churn rows: proxy sessions per second over native v2's.
+const CHURN_GOAL: f64 = 0.8;
+/// Open-file limit the bench asks for (hard and soft) when it may raise the
+/// hard limit (root): room for 10,000 sessions in every process.
+const WANTED_NOFILE: u64 = 65_536;
 /// Cores busy outside the benchmark above which its numbers get a warning.
 const NOISY_MACHINE_CORES: f64 = 0.2;
 
@@ -106,7 +122,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // Soft limit up to the hard limit, in every process.
+    // The hard limit up when allowed (root), then the soft limit up to the
+    // hard limit, in every process; children inherit both.
+    if let Ok((soft, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        && hard < WANTED_NOFILE
+    {
+        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, soft, WANTED_NOFILE);
+    }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     if let Some(role) = args.role {
         return roles::run(role, args.target, args.max_sessions);
@@ -145,6 +167,7 @@ struct Floor {
 struct Results {
     throughput: Vec<ThroughputCase>,
     handshake: Handshakes,
+    churn: Vec<Churn>,
     idle: Vec<IdleMemory>,
     /// Why the large idle case has fewer sessions than asked, if it does.
     idle_cap_note: Option<String>,
@@ -171,11 +194,31 @@ struct Throughput {
     server_faults_per_mb: f64,
 }
 
+/// Sequential session set-up times of each path, in the same rounds.
 struct Handshakes {
     proxy: Vec<Duration>,
     native: Vec<Duration>,
-    proxy_errors: usize,
-    native_errors: usize,
+    /// v1 through the plain SOCKS relay.
+    relay: Vec<Duration>,
+    /// v1 straight to the v1 node.
+    direct: Vec<Duration>,
+    errors: usize,
+    first_error: Option<String>,
+}
+
+/// One churn phase at one concurrency.
+struct Churn {
+    concurrency: usize,
+    proxy: ChurnRate,
+    native: ChurnRate,
+    key_pool_hits: u64,
+    key_pool_misses: u64,
+}
+
+struct ChurnRate {
+    sessions: usize,
+    per_second: f64,
+    failures: usize,
     first_error: Option<String>,
 }
 
@@ -216,11 +259,17 @@ async fn run_cases(args: &Args, ticks_per_second: u64) -> anyhow::Result<Results
         let through_relay = measure_throughput(stream, load, &relay, &nodes, measure_for, ticks_per_second).await?;
         throughput.push(ThroughputCase { label, proxy: through_proxy, relay: through_relay });
     }
-    relay.stop().await;
 
     eprintln!("handshake latency: {} sessions each ...", args.handshakes);
-    let handshake =
-        measure_handshakes(proxy.addrs[0], v2_node, &version_frame, &version_payload, args.handshakes).await;
+    let paths = Paths { proxy: proxy.addrs[0], v2_node, socks_relay: relay.addrs[1], v1_node };
+    let handshake = measure_handshakes(&paths, &version_frame, &version_payload, args.handshakes).await;
+    relay.stop().await;
+
+    let mut churn = Vec::new();
+    for concurrency in CHURN_CONCURRENCY {
+        eprintln!("churn at {concurrency}: proxy, then native v2 ...");
+        churn.push(measure_churn(&proxy, v2_node, &version_frame, &version_payload, concurrency).await?);
+    }
     proxy.stop().await;
 
     let (hard_limit, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)
@@ -231,8 +280,8 @@ async fn run_cases(args: &Args, ticks_per_second: u64) -> anyhow::Result<Results
     let idle_cap_note = (large < args.sessions).then(|| {
         format!(
             "{} idle sessions would need {} descriptors in the proxy (2 per session, plus its listener, \
-             epoll and stdio); the hard open-file limit here is {} and cannot be raised, so the large \
-             case uses {}",
+             epoll and stdio), and as many in the bench (client sockets) and the nodes process; the hard \
+             open-file limit here is {} and could not be raised, so the large case uses {}",
             thousands(args.sessions),
             thousands(2 * args.sessions),
             thousands(hard_limit as usize),
@@ -246,7 +295,7 @@ async fn run_cases(args: &Args, ticks_per_second: u64) -> anyhow::Result<Results
     }
     nodes.stop().await;
 
-    Ok(Results { throughput, handshake, idle, idle_cap_note })
+    Ok(Results { throughput, handshake, churn, idle, idle_cap_note })
 }
 
 fn command(name: &str) -> v1::Command {
@@ -315,61 +364,144 @@ async fn measure_throughput(
     })
 }
 
-/// Sequential sessions, proxy and native v2 alternating so both see the same machine state.
-async fn measure_handshakes(
+/// Where each measured path starts.
+struct Paths {
     proxy: SocketAddr,
-    node: SocketAddr,
-    version_frame: &[u8],
-    version_payload: &[u8],
-    samples: usize,
-) -> Handshakes {
+    v2_node: SocketAddr,
+    socks_relay: SocketAddr,
+    v1_node: SocketAddr,
+}
+
+/// Sequential sessions, the four paths in turn in every round, so all see the same machine state.
+async fn measure_handshakes(paths: &Paths, version_frame: &[u8], version_payload: &[u8], samples: usize) -> Handshakes {
     let mut result = Handshakes {
         proxy: Vec::with_capacity(samples),
         native: Vec::with_capacity(samples),
-        proxy_errors: 0,
-        native_errors: 0,
+        relay: Vec::with_capacity(samples),
+        direct: Vec::with_capacity(samples),
+        errors: 0,
         first_error: None,
     };
     for round in 0..HANDSHAKE_WARMUP + samples {
         let counted = round >= HANDSHAKE_WARMUP;
-
-        let start = Instant::now();
-        let opened =
-            tokio::time::timeout(client::SESSION_TIMEOUT, client::open_proxy_session(proxy, None, node, version_frame))
-                .await;
-        let elapsed = start.elapsed();
-        match flatten(opened) {
-            Ok(stream) => {
-                drop(stream);
-                if counted {
-                    result.proxy.push(elapsed);
+        for path in 0..4 {
+            let start = Instant::now();
+            let outcome = match path {
+                0 => client::open_proxy_session(paths.proxy, None, paths.v2_node, version_frame).await.map(drop),
+                1 => client::native_v2_version_echo(paths.v2_node, None, version_payload).await,
+                2 => client::open_socks_relay_session(paths.socks_relay, paths.v1_node, version_frame).await.map(drop),
+                _ => client::open_direct_v1_session(paths.v1_node, version_frame).await.map(drop),
+            };
+            let elapsed = start.elapsed();
+            let samples = [&mut result.proxy, &mut result.native, &mut result.relay, &mut result.direct];
+            match outcome {
+                Ok(()) if counted => samples.into_iter().nth(path).expect("four paths").push(elapsed),
+                Ok(()) => {}
+                Err(e) => {
+                    result.errors += 1;
+                    let name = ["proxy", "native v2", "SOCKS relay", "direct v1"][path];
+                    result.first_error.get_or_insert(format!("{name} session: {e:#}"));
                 }
             }
-            Err(e) => {
-                result.proxy_errors += 1;
-                result.first_error.get_or_insert(format!("proxy session: {e:#}"));
-            }
+            tokio::time::sleep(HANDSHAKE_PAUSE).await;
         }
-        tokio::time::sleep(HANDSHAKE_PAUSE).await;
-
-        let start = Instant::now();
-        let echoed =
-            tokio::time::timeout(client::SESSION_TIMEOUT, client::native_v2_version_echo(node, version_payload)).await;
-        let elapsed = start.elapsed();
-        match flatten(echoed) {
-            Ok(()) => {
-                if counted {
-                    result.native.push(elapsed);
-                }
-            }
-            Err(e) => {
-                result.native_errors += 1;
-                result.first_error.get_or_insert(format!("native v2 session: {e:#}"));
-            }
-        }
-        tokio::time::sleep(HANDSHAKE_PAUSE).await;
     }
     result
+}
+
+/// Proxy sessions, then native v2 sessions, `concurrency` at a time, each
+/// phase bounded by `CHURN_PHASE` and `CHURN_MAX_SESSIONS`; the key pool's
+/// counters read from the proxy's metrics before and after its phase.
+async fn measure_churn(
+    proxy: &ChildProcess,
+    node: SocketAddr,
+    version_frame: &[u8],
+    version_payload: &[u8],
+    concurrency: usize,
+) -> anyhow::Result<Churn> {
+    let metrics = *proxy.addrs.get(1).context("the proxy reported no metrics address")?;
+    let before = key_pool_counts(&client::fetch_metrics(metrics).await?);
+    let proxy_addr = proxy.addrs[0];
+    let frame: Arc<[u8]> = Arc::from(version_frame);
+    let proxy_rate = churn_phase(concurrency, move |source| {
+        let frame = frame.clone();
+        async move { client::open_proxy_session(proxy_addr, Some(source), node, &frame).await.map(drop) }
+    })
+    .await;
+    let after = key_pool_counts(&client::fetch_metrics(metrics).await?);
+    let payload: Arc<[u8]> = Arc::from(version_payload);
+    let native_rate = churn_phase(concurrency, move |source| {
+        let payload = payload.clone();
+        async move { client::native_v2_version_echo(node, Some(source), &payload).await }
+    })
+    .await;
+    Ok(Churn {
+        concurrency,
+        proxy: proxy_rate,
+        native: native_rate,
+        key_pool_hits: after.0.saturating_sub(before.0),
+        key_pool_misses: after.1.saturating_sub(before.1),
+    })
+}
+
+/// `bip324_proxy_key_pool_total` by result: (hit, miss).
+fn key_pool_counts(metrics: &str) -> (u64, u64) {
+    let value = |result: &str| {
+        let prefix = format!("bip324_proxy_key_pool_total{{result=\"{result}\"}} ");
+        metrics.lines().find_map(|line| line.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    (value("hit"), value("miss"))
+}
+
+/// Runs `session` in `concurrency` workers until the phase's time or count runs out.
+async fn churn_phase<F, Fut>(concurrency: usize, session: F) -> ChurnRate
+where
+    F: Fn(IpAddr) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let started = Instant::now();
+    let deadline = started + CHURN_PHASE;
+    let issued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency {
+        let (session, issued) = (session.clone(), issued.clone());
+        workers.spawn(async move {
+            let (mut done, mut failures, mut first_error) = (0usize, 0usize, None);
+            while Instant::now() < deadline {
+                let index = issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if index >= CHURN_MAX_SESSIONS {
+                    break;
+                }
+                let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (index % usize::from(SOURCE_ADDRS)) as u8));
+                match flatten(tokio::time::timeout(client::SESSION_TIMEOUT, session(source)).await) {
+                    Ok(()) => done += 1,
+                    Err(e) => {
+                        failures += 1;
+                        first_error.get_or_insert(format!("{e:#}"));
+                    }
+                }
+            }
+            (done, failures, first_error)
+        });
+    }
+    let mut rate = ChurnRate { sessions: 0, per_second: 0.0, failures: 0, first_error: None };
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok((done, failures, first_error)) => {
+                rate.sessions += done;
+                rate.failures += failures;
+                if rate.first_error.is_none() {
+                    rate.first_error = first_error;
+                }
+            }
+            Err(e) => {
+                rate.failures += 1;
+                rate.first_error.get_or_insert(format!("{e}"));
+            }
+        }
+    }
+    rate.per_second = rate.sessions as f64 / started.elapsed().as_secs_f64();
+    rate
 }
 
 fn flatten<T>(outcome: Result<anyhow::Result<T>, tokio::time::error::Elapsed>) -> anyhow::Result<T> {
@@ -471,17 +603,19 @@ fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed
     println!("bip324-proxy benchmark (machine: {}, {cores} cores)", procfs::cpu_model());
     println!("{:<20} {:<18} {:<22} {:<7} {:<10} verdict", "case", "proxy", "reference", "ratio", "goal");
 
-    let goals_throughput = [0.9, 0.6];
-    let goals_efficiency = [0.5, 0.75];
-    for (case, goal) in results.throughput.iter().zip(goals_throughput) {
+    // Issue 15: efficiency >= 0.75 of the floor at 1 KiB and >= 0.8 at 1 MiB.
+    // Throughput against the relay is context on 2 cores (the echo node's
+    // AEAD shares them), not a goal.
+    let goals_efficiency = [0.75, 0.8];
+    for case in &results.throughput {
         let ratio = case.proxy.mb_per_second / case.relay.mb_per_second;
-        row(
-            &format!("throughput {}", case.label),
-            &format!("{:.1} MB/s", case.proxy.mb_per_second),
-            &format!("relay {:.1} MB/s", case.relay.mb_per_second),
+        println!(
+            "{:<20} {:<18} {:<22} {:<7.2} {:<10}",
+            format!("throughput {}", case.label),
+            format!("{:.1} MB/s", case.proxy.mb_per_second),
+            format!("relay {:.1} MB/s", case.relay.mb_per_second),
             ratio,
-            &format!(">= {goal}"),
-            ratio >= goal,
+            "(context)"
         );
     }
     for ((case, goal), floor) in results.throughput.iter().zip(goals_efficiency).zip([floor.small, floor.large]) {
@@ -507,34 +641,42 @@ fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed
     }
 
     let hs = &results.handshake;
-    if hs.proxy.is_empty() || hs.native.is_empty() {
-        println!("{:<20} no successful sessions", "handshake");
+    let all_paths = [&hs.proxy, &hs.native, &hs.relay, &hs.direct];
+    if all_paths.iter().any(|samples| samples.is_empty()) {
+        println!("{:<20} no successful sessions on some path", "handshake");
     } else {
-        for (label, quantile, goal) in [("median", 0.5, Some(1.3)), ("p99", 0.99, None)] {
-            let proxy = percentile(&hs.proxy, quantile);
-            let native = percentile(&hs.native, quantile);
-            let ratio = proxy.as_secs_f64() / native.as_secs_f64();
-            let text_proxy = format!("{:.3} ms", proxy.as_secs_f64() * 1e3);
-            let text_native = format!("native {:.3} ms", native.as_secs_f64() * 1e3);
-            match goal {
-                Some(goal) => row(
-                    &format!("handshake {label}"),
-                    &text_proxy,
-                    &text_native,
-                    ratio,
-                    &format!("<= {goal}"),
-                    ratio <= goal,
-                ),
-                None => println!(
-                    "{:<20} {:<18} {:<22} {:<7.2} {:<10}",
-                    format!("handshake {label}"),
-                    text_proxy,
-                    text_native,
-                    ratio,
-                    "(info)"
-                ),
-            }
+        for (label, quantile) in [("median", 0.5), ("p99", 0.99)] {
+            let [proxy, native, relay, direct] = all_paths.map(|samples| percentile(samples, quantile).as_secs_f64());
+            let reference = relay + native - direct;
+            let ratio = proxy / reference;
+            row(
+                &format!("handshake {label}"),
+                &format!("{:.3} ms", proxy * 1e3),
+                &format!("sum {:.3} ms", reference * 1e3),
+                ratio,
+                "<= 1.0",
+                ratio <= 1.0,
+            );
+            println!(
+                "{:<20} {:<18} {:<22} {:<7} {:<10}",
+                "",
+                "",
+                format!("= {:.3}+{:.3}-{:.3}", relay * 1e3, native * 1e3, direct * 1e3),
+                "",
+                "(relay+v2-v1)"
+            );
         }
+    }
+    for c in &results.churn {
+        let ratio = c.proxy.per_second / c.native.per_second;
+        row(
+            &format!("churn x{}", c.concurrency),
+            &format!("{:.0} sessions/s", c.proxy.per_second),
+            &format!("native v2 {:.0}/s", c.native.per_second),
+            ratio,
+            &format!(">= {CHURN_GOAL}"),
+            ratio >= CHURN_GOAL && c.proxy.failures == 0,
+        );
     }
 
     let idle_goal_kib = 24.0;
@@ -569,21 +711,46 @@ fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed
         }
     }
     println!(
-        "  handshake: {} samples each after {HANDSHAKE_WARMUP} warm-up; failed sessions: proxy {}, native v2 {}",
+        "  handshake: session set-up to the VERSION echo, {} samples of each path after {HANDSHAKE_WARMUP} \
+         warm-up rounds, paths in turn; sum = plain SOCKS relay (no crypto) + native v2 client - direct v1, \
+         each at the same quantile; failed sessions: {}",
         hs.proxy.len(),
-        hs.proxy_errors,
-        hs.native_errors
+        hs.errors
     );
     if let Some(error) = &hs.first_error {
         println!("    first failure: {error}");
     }
+    println!(
+        "  churn: complete sessions (connect, SOCKS5, handshake, VERSION echo, close); each phase {:.0} s or \
+         {} sessions at most",
+        CHURN_PHASE.as_secs_f64(),
+        thousands(CHURN_MAX_SESSIONS)
+    );
+    for c in &results.churn {
+        let taken = c.key_pool_hits + c.key_pool_misses;
+        let hit_rate = if taken > 0 { c.key_pool_hits as f64 / taken as f64 * 100.0 } else { 0.0 };
+        println!(
+            "  churn x{}: proxy {} sessions ({} failed), native v2 {} ({} failed); key pool hits {} of {} ({hit_rate:.0}%)",
+            c.concurrency,
+            thousands(c.proxy.sessions),
+            c.proxy.failures,
+            thousands(c.native.sessions),
+            c.native.failures,
+            thousands(c.key_pool_hits as usize),
+            thousands(taken as usize)
+        );
+        for error in [&c.proxy.first_error, &c.native.first_error].into_iter().flatten() {
+            println!("    first failure: {error}");
+        }
+    }
     for m in &results.idle {
         println!(
-            "  idle sessions {}: established {}, failed {}, proxy descriptors while open {}",
+            "  idle sessions {}: established {}, failed {}, proxy descriptors while open {}, proxy RSS growth {:.1} MiB",
             thousands(m.asked),
             thousands(m.established),
             m.failures,
-            thousands(m.proxy_fds)
+            thousands(m.proxy_fds),
+            m.kib_per_session * m.established as f64 / 1024.0
         );
         if let Some(error) = &m.first_error {
             println!("    first failure: {error}");
@@ -594,6 +761,13 @@ fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed
     }
     let busiest_other = results.throughput.iter().flat_map(|c| [c.proxy.other_cores, c.relay.other_cores]);
     let busiest_other = busiest_other.fold(background_cores, f64::max);
+    if let Ok((soft, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        println!(
+            "  open-file limit of every bench process: soft {}, hard {}",
+            thousands(soft as usize),
+            thousands(hard as usize)
+        );
+    }
     println!("  other processes kept {background_cores:.2} cores busy before the run");
     if busiest_other > NOISY_MACHINE_CORES {
         println!(

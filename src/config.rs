@@ -144,9 +144,16 @@ pub struct Config {
     /// Every network with a known magic (built in or custom), allowed or not:
     /// a v1 client of a disallowed network is refused, never passed through.
     pub known_networks: NetworkSet,
+    /// Sessions open at once. When no file, flag or environment sets it
+    /// (`session_cap` is [`SessionCap::Auto`]), this is a placeholder until
+    /// [`Config::resolve_limits`] sets it from the descriptor limit:
+    /// [`DEFAULT_MAX_SESSIONS`], or the explicit `max_sessions_per_client`
+    /// if that is larger.
     pub max_sessions: usize,
     /// Sessions one client address may hold at once.
     pub max_sessions_per_client: usize,
+    /// Whether `max_sessions` was set or is chosen from the descriptor limit.
+    pub session_cap: SessionCap,
     pub timeouts: Timeouts,
     pub client_auth: Option<ClientAuth>,
     /// Client addresses allowed to connect; empty means any.
@@ -325,6 +332,27 @@ impl Config {
         Config::from_parts(file, cli)
     }
 
+    /// Descriptors the proxy keeps out of the automatic `max_sessions`:
+    /// [`FD_RESERVE_BASE`] for its listeners, runtime and logging, two per
+    /// inbound session (`max_inbound`) and one per metrics connection.
+    pub fn descriptor_reserve(&self) -> u64 {
+        FD_RESERVE_BASE + 2 * self.max_inbound as u64 + self.metrics_max_connections as u64
+    }
+
+    /// Chooses `max_sessions` from `nofile`, the process's soft open-file
+    /// limit (main raises it to the hard limit first), when no file, flag or
+    /// environment set it: see [`auto_max_sessions`]. An explicit or default
+    /// `max_sessions_per_client` follows (capped at the chosen value). Does
+    /// nothing when `max_sessions` was set. Kept out of [`Config::load`] so
+    /// loading stays a pure function of its inputs.
+    pub fn resolve_limits(&mut self, nofile: u64) {
+        let SessionCap::Auto { per_client } = self.session_cap else { return };
+        let max_sessions = auto_max_sessions(nofile, self.descriptor_reserve());
+        self.max_sessions = to_usize(max_sessions);
+        self.max_sessions_per_client =
+            to_usize(per_client.map_or(default_per_client(max_sessions), |v| v.min(max_sessions)));
+    }
+
     /// Every address the proxy listens on, with the key that set it.
     pub fn listen_addresses(&self) -> Vec<(String, SocketAddr)> {
         let mut all = self.proxy_listen_addresses();
@@ -386,11 +414,26 @@ impl Config {
         let listen = listen_section(if cli.listen.is_empty() { &file.listen.0 } else { &cli.listen })?;
         let unix_socket = unix_socket_section(&file, cli)?;
         let (networks, known_networks) = networks_section(&file, cli)?;
-        let max_sessions = in_range("max_sessions", cli.max_sessions.unwrap_or(file.max_sessions), MAX_SESSIONS)?;
-        let per_client = match cli.max_sessions_per_client.or(file.max_sessions_per_client) {
-            Some(value) => in_range("max_sessions_per_client", value, 1..=max_sessions)
-                .map_err(|e| ConfigError(format!("{} (at most max_sessions, {max_sessions})", e.0)))?,
-            None => default_per_client(max_sessions),
+        let per_client_set = cli.max_sessions_per_client.or(file.max_sessions_per_client);
+        let (max_sessions, per_client, session_cap) = match cli.max_sessions.or(file.max_sessions) {
+            Some(value) => {
+                let max_sessions = in_range("max_sessions", value, MAX_SESSIONS)?;
+                let per_client = match per_client_set {
+                    Some(value) => in_range("max_sessions_per_client", value, 1..=max_sessions)
+                        .map_err(|e| ConfigError(format!("{} (at most max_sessions, {max_sessions})", e.0)))?,
+                    None => default_per_client(max_sessions),
+                };
+                (max_sessions, per_client, SessionCap::Set)
+            }
+            // Chosen from the descriptor limit by `resolve_limits`, which
+            // caps an explicit per-client limit at the value it chooses.
+            None => {
+                let per_client =
+                    per_client_set.map(|v| in_range("max_sessions_per_client", v, MAX_SESSIONS)).transpose()?;
+                let max_sessions = per_client.unwrap_or(0).max(DEFAULT_MAX_SESSIONS);
+                let default = default_per_client(max_sessions);
+                (max_sessions, per_client.unwrap_or(default), SessionCap::Auto { per_client })
+            }
         };
         let timeouts = timeouts_section(&file.timeouts, cli)?;
         let client_auth = client_auth_section(&file, cli)?;
@@ -436,6 +479,7 @@ impl Config {
             known_networks,
             max_sessions: to_usize(max_sessions),
             max_sessions_per_client: to_usize(per_client),
+            session_cap,
             timeouts,
             client_auth,
             allow,
@@ -570,6 +614,35 @@ pub const METRICS_MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1024;
 pub const METRICS_REQUEST_TIMEOUT_SECS: RangeInclusive<u64> = 1..=600;
 /// Inbound sessions open at once, counted apart from `max_sessions`.
 pub const MAX_INBOUND: RangeInclusive<u64> = 1..=100_000;
+
+/// Whether `max_sessions` was set (file, flag or environment) or is left to
+/// [`Config::resolve_limits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionCap {
+    Set,
+    /// Chosen from the descriptor limit; `per_client` is an explicit
+    /// `max_sessions_per_client`, if one was given.
+    Auto {
+        per_client: Option<u64>,
+    },
+}
+
+/// `max_sessions` before [`Config::resolve_limits`] has seen the descriptor
+/// limit (and in every configuration loaded without it: tests, the library).
+pub const DEFAULT_MAX_SESSIONS: u64 = 512;
+/// The automatic `max_sessions` never goes above this, however many
+/// descriptors the process may open.
+pub const AUTO_MAX_SESSIONS_CAP: u64 = 16_384;
+/// Descriptors every proxy keeps for itself before sessions: listeners,
+/// epoll and the runtime's own, stdio, the log, resolver sockets.
+pub const FD_RESERVE_BASE: u64 = 64;
+
+/// The automatic `max_sessions`: each session holds two descriptors (client
+/// and remote), so half of what `nofile` leaves after `reserve`, at most
+/// [`AUTO_MAX_SESSIONS_CAP`] and at least 1.
+pub fn auto_max_sessions(nofile: u64, reserve: u64) -> u64 {
+    (nofile.saturating_sub(reserve) / 2).clamp(1, AUTO_MAX_SESSIONS_CAP)
+}
 
 /// Inbound sessions one peer address may hold when `max_inbound_per_source`
 /// is not set: 8 (a peer has no reason for more than one or two; 8 leaves
@@ -1001,7 +1074,8 @@ pub struct FileConfig {
     passthrough: bool,
     networks: Option<Vec<String>>,
     custom_networks: BTreeMap<String, String>,
-    max_sessions: u64,
+    /// `None`: chosen from the descriptor limit at startup.
+    max_sessions: Option<u64>,
     max_sessions_per_client: Option<u64>,
     allow: Vec<String>,
     timeouts: FileTimeouts,
@@ -1137,7 +1211,7 @@ impl Default for FileConfig {
             passthrough: true,
             networks: None,
             custom_networks: BTreeMap::new(),
-            max_sessions: 512,
+            max_sessions: None,
             max_sessions_per_client: None,
             allow: Vec::new(),
             timeouts: FileTimeouts::default(),
@@ -1340,6 +1414,63 @@ mod tests {
         assert_eq!(c.timeouts.idle, None);
         assert!(c.client_auth.is_none());
         assert!(c.allow.is_empty());
+    }
+
+    #[test]
+    fn automatic_max_sessions_is_half_the_descriptors_left_after_the_reserve() {
+        assert_eq!(auto_max_sessions(20_000, 640), 9_680);
+        assert_eq!(auto_max_sessions(1_024, 640), 192);
+        assert_eq!(auto_max_sessions(1_025, 640), 192, "an odd descriptor is not half a session");
+        // Never zero, never above the cap, whatever the limit.
+        assert_eq!(auto_max_sessions(0, 640), 1);
+        assert_eq!(auto_max_sessions(640, 640), 1);
+        assert_eq!(auto_max_sessions(1 << 20, 640), AUTO_MAX_SESSIONS_CAP);
+        assert_eq!(auto_max_sessions(u64::MAX, u64::MAX), 1);
+        assert_eq!(auto_max_sessions(u64::MAX, 0), AUTO_MAX_SESSIONS_CAP);
+        // 64 + 2 x max_inbound (256) + metrics.max_connections (64).
+        assert_eq!(Config::default().descriptor_reserve(), 640);
+        let c = load_text("max_inbound = 10\n[metrics]\nmax_connections = 3\n", &[]).unwrap();
+        assert_eq!(c.descriptor_reserve(), 64 + 20 + 3);
+    }
+
+    #[test]
+    fn max_sessions_is_chosen_from_the_descriptor_limit_only_when_not_set() {
+        // Loading never reads the limit: the unresolved default is deterministic.
+        let mut c = Config::default();
+        assert_eq!(c.session_cap, SessionCap::Auto { per_client: None });
+        assert_eq!((c.max_sessions, c.max_sessions_per_client), (512, 128));
+        c.resolve_limits(20_000);
+        assert_eq!((c.max_sessions, c.max_sessions_per_client), (9_680, 2_420));
+        // Resolving again starts from what was configured, not from the last result.
+        c.resolve_limits(1_024);
+        assert_eq!((c.max_sessions, c.max_sessions_per_client), (192, 48));
+        c.resolve_limits(100);
+        assert_eq!((c.max_sessions, c.max_sessions_per_client), (1, 1));
+
+        // Set by file, flag or environment: kept whatever the limit.
+        for mut set in
+            [load_text("max_sessions = 300\n", &[]).unwrap(), load_text("", &["--max-sessions", "300"]).unwrap()]
+        {
+            assert_eq!(set.session_cap, SessionCap::Set);
+            set.resolve_limits(100);
+            assert_eq!((set.max_sessions, set.max_sessions_per_client), (300, 75));
+        }
+
+        // An explicit per-client limit with the automatic cap: any value up to
+        // the largest max_sessions, capped at the one chosen.
+        let mut c = load_text("max_sessions_per_client = 5000\n", &[]).unwrap();
+        assert_eq!((c.max_sessions, c.max_sessions_per_client), (5_000, 5_000));
+        c.resolve_limits(20_000);
+        assert_eq!((c.max_sessions, c.max_sessions_per_client), (9_680, 5_000));
+        c.resolve_limits(1_024);
+        assert_eq!((c.max_sessions, c.max_sessions_per_client), (192, 192));
+        assert!(
+            load_text("max_sessions_per_client = 100001\n", &[]).unwrap_err().0.contains("max_sessions_per_client")
+        );
+        assert!(load_text("max_sessions_per_client = 0\n", &[]).unwrap_err().0.contains("max_sessions_per_client"));
+        // With max_sessions set, the per-client limit stays within it.
+        let err = load_text("max_sessions = 100\nmax_sessions_per_client = 101\n", &[]).unwrap_err();
+        assert!(err.0.contains("at most max_sessions"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bip324_proxy::config::{Cli, Config, Listen};
+use bip324_proxy::config::{Cli, Config, Listen, SessionCap};
 use bip324_proxy::metrics::Observer;
 use bip324_proxy::session::FrontEnd;
 use bip324_proxy::socks5::Target;
@@ -90,7 +90,29 @@ async fn probe(config: &Config, target: &str, network: &str) -> anyhow::Result<(
     std::process::exit(outcome.exit_code().into());
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Raises the soft open-file limit to the hard limit and returns the soft
+/// limit in force (the automatic `max_sessions` is chosen from it).
+fn raise_open_file_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(FALLBACK_NOFILE, |(soft, _)| soft);
+            tracing::warn!(error = %e, open_file_limit = soft, "cannot raise the open-file limit");
+            soft
+        }
+    }
+}
+
+/// The open-file limit assumed when it cannot even be read (Linux's usual soft limit).
+const FALLBACK_NOFILE: u64 = 1024;
+
+async fn serve(mut config: Config) -> anyhow::Result<()> {
+    let open_file_limit = raise_open_file_limit();
+    config.resolve_limits(open_file_limit);
+    let max_sessions_from = match config.session_cap {
+        SessionCap::Set => "set",
+        SessionCap::Auto { .. } => "open_file_limit",
+    };
     // Handlers first: a SIGTERM right after the `listening` line is a graceful
     // stop (and removes Unix socket files), not the default instant death.
     let signals = install_signal_handlers();
@@ -112,6 +134,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 passthrough = config.passthrough,
                 allow_private_targets = config.allow_private_targets,
                 max_sessions = config.max_sessions,
+                max_sessions_from,
+                open_file_limit,
                 max_sessions_per_client = config.max_sessions_per_client,
                 networks = %config.networks.names().join(","),
                 upstream = %config.upstream.as_ref().map_or_else(|| "none".to_owned(), |u| u.addr.to_string()),

@@ -49,6 +49,7 @@ pub struct Metrics {
     upgrade_failures: Family<Labels1, Counter>,
     v1_only_memory: Family<Labels1, Counter>,
     connections_refused: Family<Labels1, Counter>,
+    key_pool: Family<Labels1, Counter>,
     inbound: InboundMetrics,
     shaping: ShapingMetrics,
 }
@@ -164,6 +165,7 @@ impl Default for Metrics {
         let upgrade_failures = Family::<Labels1, Counter>::default();
         let v1_only_memory = Family::<Labels1, Counter>::default();
         let connections_refused = Family::<Labels1, Counter>::default();
+        let key_pool = Family::<Labels1, Counter>::default();
         registry.register(
             "sessions_opened",
             "Sessions whose relay started, by transport (v2, v1-fallback, passthrough)",
@@ -194,6 +196,12 @@ impl Default for Metrics {
             "Connections closed at accept, by reason (allow_list, session_limit, client_limit, \
              metrics_allow_list, metrics_limit, inbound_limit, inbound_source_limit, inbound_deny)",
             connections_refused.clone(),
+        );
+        registry.register(
+            "key_pool",
+            "Handshake keys taken, by result: hit (made ahead of time by the key pool) or miss \
+             (made on the session's critical path because the pool was empty)",
+            key_pool.clone(),
         );
         let inbound = InboundMetrics {
             handshake_seconds: Some(Histogram::new(exponential_buckets(0.001, 2.0, 15))),
@@ -273,8 +281,17 @@ impl Default for Metrics {
             upgrade_failures,
             v1_only_memory,
             connections_refused,
+            key_pool,
         }
     }
+}
+
+/// The key pool's counters (cloning shares them): keys handed out ready and
+/// keys made on the spot.
+#[derive(Debug, Clone, Default)]
+pub struct KeyPoolCounters {
+    pub hit: Counter,
+    pub miss: Counter,
 }
 
 /// The direction traffic flows in.
@@ -488,6 +505,16 @@ impl Observer {
     /// messages.
     pub fn inbound_addr_rewrite(&self, command: &'static str, outcome: &'static str) {
         self.metrics.inbound.addr_rewrites.get_or_create(&[("command", command), ("outcome", outcome)]).inc();
+    }
+
+    /// The counters the handshake key pool moves as sessions take keys.
+    pub fn key_pool_counters(&self) -> KeyPoolCounters {
+        let family = &self.metrics.key_pool;
+        // One statement each: the family's read guard must be gone before
+        // the next get_or_create takes its write lock.
+        let hit = family.get_or_create(&[("result", "hit")]).clone();
+        let miss = family.get_or_create(&[("result", "miss")]).clone();
+        KeyPoolCounters { hit, miss }
     }
 
     /// The shaping counters, for a session's relay and handshake.
@@ -721,6 +748,19 @@ mod tests {
         assert!(text.contains("bip324_proxy_sessions_closed_total{transport=\"v2\",reason=\"closed\"} 1"), "{text}");
         assert!(text.contains("bip324_proxy_bytes_total{direction=\"client_to_remote\"} 100"), "{text}");
         assert!(text.contains("bip324_proxy_sessions_active 0"), "{text}");
+    }
+
+    #[test]
+    fn key_pool_hits_and_misses_are_exposed() {
+        let observer = Observer::default();
+        let counters = observer.key_pool_counters();
+        counters.hit.inc();
+        counters.hit.inc();
+        // A second handle shares the counters.
+        observer.key_pool_counters().miss.inc();
+        let text = observer.encode_metrics();
+        assert!(text.contains("bip324_proxy_key_pool_total{result=\"hit\"} 2"), "{text}");
+        assert!(text.contains("bip324_proxy_key_pool_total{result=\"miss\"} 1"), "{text}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ const KEY_POOL_DEPTH: usize = 8;
 impl ProxyState {
     pub fn new(config: Arc<Config>, observer: Arc<Observer>) -> Self {
         let (capacity, ttl) = config.v1_only_memory;
-        let keys = KeyPool::new(config.networks.iter().map(|n| n.magic), KEY_POOL_DEPTH);
+        let keys = KeyPool::new(config.networks.iter().map(|n| n.magic), KEY_POOL_DEPTH, observer.key_pool_counters());
         let listening = Mutex::new(config.listen_addresses().into_iter().map(|(_, addr)| addr).collect());
         ProxyState { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer, keys, listening }
     }

@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 use zeroize::Zeroize;
 
+use crate::metrics::KeyPoolCounters;
 use crate::shaping::{HandshakePolicy, HandshakeShape, Padder};
 use crate::v1::Magic;
 use crate::v2::{
@@ -225,22 +226,26 @@ impl InitiatorKey {
 
 /// Keys generated ahead of time, per network, so key generation is off each
 /// session's critical path. Every key is used once; the pool refills itself
-/// on a blocking thread when it runs low.
+/// on a blocking thread when it runs low. Each key taken counts as a hit
+/// (it was ready) or a miss (made on the spot: the pool was empty, or the
+/// network has none).
 pub struct KeyPool {
     per_network: Vec<(Magic, Mutex<Vec<InitiatorKey>>)>,
     depth: usize,
     refilling: AtomicBool,
+    counters: KeyPoolCounters,
 }
 
 impl KeyPool {
-    pub fn new(magics: impl IntoIterator<Item = Magic>, depth: usize) -> Arc<Self> {
+    pub fn new(magics: impl IntoIterator<Item = Magic>, depth: usize, counters: KeyPoolCounters) -> Arc<Self> {
         let per_network = magics.into_iter().map(|m| (m, Mutex::new(Vec::with_capacity(depth)))).collect();
-        Arc::new(KeyPool { per_network, depth, refilling: AtomicBool::new(false) })
+        Arc::new(KeyPool { per_network, depth, refilling: AtomicBool::new(false), counters })
     }
 
     /// A key for `magic`: from the pool when one is ready, else made now.
     pub fn take(self: &Arc<Self>, magic: Magic) -> Result<InitiatorKey, UpgradeError> {
         let Some((_, keys)) = self.per_network.iter().find(|(m, _)| *m == magic) else {
+            self.counters.miss.inc();
             return InitiatorKey::generate(magic);
         };
         let (key, low) = {
@@ -259,8 +264,14 @@ impl KeyPool {
             }
         }
         match key {
-            Some(key) => Ok(key),
-            None => InitiatorKey::generate(magic),
+            Some(key) => {
+                self.counters.hit.inc();
+                Ok(key)
+            }
+            None => {
+                self.counters.miss.inc();
+                InitiatorKey::generate(magic)
+            }
         }
     }
 
@@ -467,9 +478,11 @@ mod tests {
 
     #[test]
     fn key_pool_hands_out_each_key_once() {
-        let pool = KeyPool::new([REGTEST], 2);
+        let counters = KeyPoolCounters::default();
+        let pool = KeyPool::new([REGTEST], 2, counters.clone());
         pool.refill();
         let keys: Vec<InitiatorKey> = (0..3).map(|_| pool.take(REGTEST).unwrap()).collect();
+        assert_eq!((counters.hit.get(), counters.miss.get()), (2, 1), "two ready keys, then one made on the spot");
         let secrets: Vec<[u8; 32]> = keys.iter().map(|k| k.secret.secret_bytes()).collect();
         assert_ne!(secrets[0], secrets[1]);
         assert_ne!(secrets[1], secrets[2], "an empty pool makes a fresh key");
@@ -477,5 +490,6 @@ mod tests {
         // A network without a pool still gets a key for its own magic.
         let mainnet = pool.take([0xf9, 0xbe, 0xb4, 0xd9]).unwrap();
         assert_eq!(*mainnet.handshake.magic(), [0xf9, 0xbe, 0xb4, 0xd9]);
+        assert_eq!((counters.hit.get(), counters.miss.get()), (2, 2));
     }
 }

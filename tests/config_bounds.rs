@@ -27,7 +27,8 @@ fn load(toml: &str, args: &[&str]) -> Result<Config, ConfigError> {
 /// the README documents (inclusive).
 const NUMERIC_KEYS: &[(&str, &str, Option<&str>, u64, u64)] = &[
     ("max_sessions", "max_sessions = {}", Some("--max-sessions"), 1, 100_000),
-    ("max_sessions_per_client", "max_sessions_per_client = {}", Some("--max-sessions-per-client"), 1, 512),
+    // Without max_sessions, up to the largest max_sessions (capped at the one chosen at startup).
+    ("max_sessions_per_client", "max_sessions_per_client = {}", Some("--max-sessions-per-client"), 1, 100_000),
     ("timeouts.socks", "[timeouts]\nsocks = {}", None, 1, 3600),
     ("timeouts.connect", "[timeouts]\nconnect = {}", Some("--connect-timeout"), 1, 3600),
     ("timeouts.first_message", "[timeouts]\nfirst_message = {}", None, 1, 3600),

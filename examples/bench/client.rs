@@ -154,10 +154,43 @@ pub async fn open_relay_session(relay: SocketAddr, version_frame: &[u8]) -> anyh
     Ok(stream)
 }
 
+/// A v1 session through the plain SOCKS relay (SOCKS5, no crypto) to the v1 node.
+pub async fn open_socks_relay_session(
+    relay: SocketAddr,
+    node: SocketAddr,
+    version_frame: &[u8],
+) -> anyhow::Result<TcpStream> {
+    let mut stream = socks_connect(relay, None, node).await?;
+    exchange_version(&mut stream, version_frame).await?;
+    Ok(stream)
+}
+
+/// A v1 session straight to the v1 node, no proxy.
+pub async fn open_direct_v1_session(node: SocketAddr, version_frame: &[u8]) -> anyhow::Result<TcpStream> {
+    let mut stream = connect_from(None, node).await?;
+    exchange_version(&mut stream, version_frame).await?;
+    Ok(stream)
+}
+
+/// `GET /metrics` from the proxy's metrics listener, the body as text.
+pub async fn fetch_metrics(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8(response).context("metrics response is not UTF-8")?;
+    let (_, body) = text.split_once("\r\n\r\n").context("no end of headers in the metrics response")?;
+    Ok(body.to_owned())
+}
+
 /// A native v2 peer: our initiator handshake straight to the node with
 /// VERSION in its first flight, then the VERSION echo read back.
-pub async fn native_v2_version_echo(node: SocketAddr, version_payload: &[u8]) -> anyhow::Result<()> {
-    let mut stream = connect_from(None, node).await?;
+pub async fn native_v2_version_echo(
+    node: SocketAddr,
+    source: Option<IpAddr>,
+    version_payload: &[u8],
+) -> anyhow::Result<()> {
+    let mut stream = connect_from(source, node).await?;
     let mut message_type = [0u8; translate::MAX_MESSAGE_TYPE_LEN];
     let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
     let message_type = &message_type[..type_len];

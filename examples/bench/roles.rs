@@ -8,7 +8,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bip324_proxy::config::{Cli, Config};
+use bip324_proxy::metrics::Observer;
+use bip324_proxy::server::Bound;
+use bip324_proxy::session::FrontEnd;
+use bip324_proxy::socks5::{self, Host, ReplyCode, Target};
+use bip324_proxy::state::ProxyState;
+use bytes::{Buf, BytesMut};
 use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -29,21 +36,47 @@ pub fn run(role: Role, target: Option<SocketAddr>, max_sessions: usize) -> anyho
 }
 
 /// The proxy with its default configuration, except the session cap (the
-/// idle-memory case opens thousands). No tracing subscriber is installed,
-/// so log lines cost only their level check.
+/// idle-memory case opens thousands), and its metrics listener (the key
+/// pool's counters). Announces the proxy's address, then the metrics
+/// address. No tracing subscriber is installed, so log lines cost only their
+/// level check.
 async fn run_proxy(max_sessions: usize) -> anyhow::Result<()> {
-    let cli =
-        Cli::try_parse_from(["bip324-proxy", "--max-sessions", &max_sessions.to_string()]).context("proxy flags")?;
-    let config = Config::load(&cli).context("proxy configuration")?;
+    let cli = Cli::try_parse_from([
+        "bip324-proxy",
+        "--max-sessions",
+        &max_sessions.to_string(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .context("proxy flags")?;
+    let config = Arc::new(Config::load(&cli).context("proxy configuration")?);
     let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the proxy")?;
-    children::announce_ready(&[listener.local_addr()?]);
-    bip324_proxy::server::run(listener, Arc::new(config), CancellationToken::new()).await.context("proxy")
+    let metrics = TcpListener::bind("127.0.0.1:0").await.context("binding the metrics listener")?;
+    let observer = Arc::new(Observer::default());
+    let state = Arc::new(ProxyState::new(config.clone(), observer.clone()));
+    state.add_listening(metrics.local_addr()?);
+    children::announce_ready(&[listener.local_addr()?, metrics.local_addr()?]);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(bip324_proxy::metrics::serve(metrics, observer, config, shutdown.clone()));
+    let bound = vec![Bound { listener: listener.into(), front: FrontEnd::Main }];
+    bip324_proxy::server::serve(bound, state, shutdown).await.context("proxy")
 }
 
-/// The reference: accept, connect to the target, `copy_bidirectional`.
+/// The references: accept, connect to the target, `copy_bidirectional`; on
+/// the second address the same behind a SOCKS5 CONNECT (no crypto), the
+/// plain SOCKS hop the proxy's handshake is compared with.
 async fn run_relay(target: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the relay")?;
-    children::announce_ready(&[listener.local_addr()?]);
+    let socks = TcpListener::bind("127.0.0.1:0").await.context("binding the SOCKS relay")?;
+    children::announce_ready(&[listener.local_addr()?, socks.local_addr()?]);
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = socks.accept().await else { continue };
+            tokio::spawn(async move {
+                let _ = socks_relay(client).await;
+            });
+        }
+    });
     loop {
         let Ok((mut client, _)) = listener.accept().await else { continue };
         tokio::spawn(async move {
@@ -52,6 +85,46 @@ async fn run_relay(target: SocketAddr) -> anyhow::Result<()> {
             let _ = remote.set_nodelay(true);
             let _ = tokio::io::copy_bidirectional(&mut client, &mut remote).await;
         });
+    }
+}
+
+/// One SOCKS5 session of the plain SOCKS relay: no authentication, CONNECT
+/// to an address, then bytes copied both ways.
+async fn socks_relay(mut client: TcpStream) -> anyhow::Result<()> {
+    client.set_nodelay(true)?;
+    let mut buf = BytesMut::with_capacity(64);
+    let greeting = read_decoded(&mut client, &mut buf, socks5::decode_greeting).await?;
+    anyhow::ensure!(greeting.offers(socks5::METHOD_NO_AUTH), "no acceptable method");
+    client.write_all(&socks5::encode_method_choice(socks5::METHOD_NO_AUTH)).await?;
+    let request = read_decoded(&mut client, &mut buf, socks5::decode_request).await?;
+    let Host::Ip(ip) = request.target.host else { anyhow::bail!("a name target") };
+    let mut remote = TcpStream::connect(SocketAddr::new(ip, request.target.port)).await?;
+    remote.set_nodelay(true)?;
+    let mut reply = Vec::with_capacity(16);
+    socks5::encode_reply(ReplyCode::SUCCEEDED, &Target::new(Host::Ip([0, 0, 0, 0].into()), 0), &mut reply)?;
+    client.write_all(&reply).await?;
+    remote.write_all(&buf).await?;
+    tokio::io::copy_bidirectional(&mut client, &mut remote).await?;
+    Ok(())
+}
+
+/// Reads until `decode` finds a whole message at the front of `buf`, which it then consumes.
+async fn read_decoded<T, E>(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, E>,
+) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    loop {
+        if let Some((value, used)) = decode(buf)? {
+            buf.advance(used);
+            return Ok(value);
+        }
+        anyhow::ensure!(buf.len() < 1024, "SOCKS5 message too long");
+        buf.reserve(64);
+        anyhow::ensure!(stream.read_buf(buf).await? > 0, "client closed during SOCKS5");
     }
 }
 
