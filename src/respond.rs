@@ -22,11 +22,12 @@ use std::io;
 use bip324::{Handshake, Initialized, ReceivedKey, Role};
 use bytes::{Buf, BytesMut};
 use rand::{Rng, RngCore};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, timeout_at};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 
 use crate::upgrade::{
-    DerivedValue, HandshakeRead, MAX_GARBAGE_LEN, SECP, TailError, V2Channel, fresh_secret, receive_garbage_and_version,
+    DerivedValue, HandshakeErrors, HandshakeIo, HandshakeRead, IoFailure, MAX_GARBAGE_LEN, SECP, TailError, V2Channel,
+    fresh_secret, receive_garbage_and_version,
 };
 use crate::v1::{Magic, V1_PREFIX_LEN, VERSION_COMMAND, is_version_prefix};
 use crate::v2::{ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, SessionKeys};
@@ -112,59 +113,18 @@ impl From<TailError> for RespondError {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> HandshakeRead for PeerReader<'_, S> {
-    type Error = RespondError;
-
-    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), RespondError> {
-        PeerReader::read_into(self, buf, want).await
+impl HandshakeErrors for RespondError {
+    fn from_io(failure: IoFailure, received: usize) -> Self {
+        match failure {
+            IoFailure::TimedOut => RespondError::TimedOut { received },
+            IoFailure::Closed { reset } => RespondError::Closed { received, reset },
+            IoFailure::Io(e) => RespondError::Io(e),
+        }
     }
 }
 
-/// Reads from the peer under one deadline, classifying failures by how many
-/// bytes came so far.
 /// Reads from the peer under the handshake deadline, counting what came.
-pub struct PeerReader<'s, S> {
-    stream: &'s mut S,
-    deadline: Instant,
-    received: usize,
-}
-
-impl<'s, S: AsyncRead + AsyncWrite + Unpin> PeerReader<'s, S> {
-    /// `already` bytes were read before (they count towards the totals).
-    pub fn new(stream: &'s mut S, deadline: Instant, already: usize) -> Self {
-        PeerReader { stream, deadline, received: already }
-    }
-
-    /// One read into `buf` (at least `want` bytes of room).
-    pub async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), RespondError> {
-        buf.reserve(want.max(1024));
-        match timeout_at(self.deadline, self.stream.read_buf(buf)).await {
-            Err(_) => Err(RespondError::TimedOut { received: self.received }),
-            Ok(Ok(0)) => Err(RespondError::Closed { received: self.received, reset: false }),
-            Ok(Ok(n)) => {
-                self.received += n;
-                Ok(())
-            }
-            Ok(Err(e)) => Err(self.io_error(e)),
-        }
-    }
-
-    async fn write_all(&mut self, bytes: &[u8]) -> Result<(), RespondError> {
-        match timeout_at(self.deadline, self.stream.write_all(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.io_error(e)),
-            Err(_) => Err(RespondError::TimedOut { received: self.received }),
-        }
-    }
-
-    fn io_error(&self, e: io::Error) -> RespondError {
-        let reset = matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
-        );
-        if reset { RespondError::Closed { received: self.received, reset: true } } else { RespondError::Io(e) }
-    }
-}
+pub(crate) type PeerReader<'s, S> = HandshakeIo<'s, S, RespondError>;
 
 /// Runs the responder handshake for network `magic` on `peer`, whose first
 /// bytes (already classified as [`FirstBytes::V2`]) are in `received`.

@@ -153,22 +153,60 @@ pub(crate) fn fresh_secret() -> (KnownSecret, SecretKey) {
     }
 }
 
-/// Reads from the remote, classifying failures by how many bytes came so far.
-struct Reader<'s, S> {
+/// How a handshake read or write failed, before a role names it.
+#[derive(Debug)]
+pub(crate) enum IoFailure {
+    /// The deadline passed.
+    TimedOut,
+    /// The remote closed (`reset`: reset or aborted) the connection.
+    Closed {
+        reset: bool,
+    },
+    Io(io::Error),
+}
+
+/// What a role's handshake calls each failure, given how many bytes the
+/// remote had sent (silence means something else to an initiator than to a
+/// responder).
+pub(crate) trait HandshakeErrors: From<TailError> {
+    fn from_io(failure: IoFailure, received: usize) -> Self;
+}
+
+impl HandshakeErrors for UpgradeError {
+    fn from_io(failure: IoFailure, received: usize) -> Self {
+        match (failure, received) {
+            (IoFailure::TimedOut, 0) => UpgradeError::NoResponse(Silence::TimedOut),
+            (IoFailure::TimedOut, received) => UpgradeError::TimedOut { received },
+            (IoFailure::Closed { reset: false }, 0) => UpgradeError::NoResponse(Silence::Closed),
+            (IoFailure::Closed { reset: true }, 0) => UpgradeError::NoResponse(Silence::Reset),
+            (IoFailure::Closed { reset }, received) => UpgradeError::ClosedMidway { received, reset },
+            (IoFailure::Io(e), _) => UpgradeError::Io(e),
+        }
+    }
+}
+
+/// The remote's side of a handshake, in either role: every read and write
+/// under one deadline, failures counted by how many bytes came so far and
+/// named by the role's error type `E`.
+pub(crate) struct HandshakeIo<'s, S, E> {
     stream: &'s mut S,
     deadline: Instant,
     received: usize,
+    errors: std::marker::PhantomData<fn() -> E>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Reader<'_, S> {
-    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), UpgradeError> {
+impl<'s, S: AsyncRead + AsyncWrite + Unpin, E: HandshakeErrors> HandshakeIo<'s, S, E> {
+    /// `already` bytes were read before (they count towards the totals).
+    pub(crate) fn new(stream: &'s mut S, deadline: Instant, already: usize) -> Self {
+        HandshakeIo { stream, deadline, received: already, errors: std::marker::PhantomData }
+    }
+
+    /// One read into `buf` (with room for at least `want` bytes).
+    pub(crate) async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), E> {
         buf.reserve(want.max(4096));
-        let result = timeout_at(self.deadline, self.stream.read_buf(buf)).await;
-        match result {
-            Err(_) if self.received == 0 => Err(UpgradeError::NoResponse(Silence::TimedOut)),
-            Err(_) => Err(UpgradeError::TimedOut { received: self.received }),
-            Ok(Ok(0)) if self.received == 0 => Err(UpgradeError::NoResponse(Silence::Closed)),
-            Ok(Ok(0)) => Err(UpgradeError::ClosedMidway { received: self.received, reset: false }),
+        match timeout_at(self.deadline, self.stream.read_buf(buf)).await {
+            Err(_) => Err(self.fail(IoFailure::TimedOut)),
+            Ok(Ok(0)) => Err(self.fail(IoFailure::Closed { reset: false })),
             Ok(Ok(n)) => {
                 self.received += n;
                 Ok(())
@@ -177,25 +215,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<'_, S> {
         }
     }
 
-    async fn write_all(&mut self, bytes: &[u8]) -> Result<(), UpgradeError> {
+    pub(crate) async fn write_all(&mut self, bytes: &[u8]) -> Result<(), E> {
         match timeout_at(self.deadline, self.stream.write_all(bytes)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.io_error(e)),
-            Err(_) if self.received == 0 => Err(UpgradeError::NoResponse(Silence::TimedOut)),
-            Err(_) => Err(UpgradeError::TimedOut { received: self.received }),
+            Err(_) => Err(self.fail(IoFailure::TimedOut)),
         }
     }
 
-    fn io_error(&self, e: io::Error) -> UpgradeError {
+    fn fail(&self, failure: IoFailure) -> E {
+        E::from_io(failure, self.received)
+    }
+
+    fn io_error(&self, e: io::Error) -> E {
         let reset = matches!(
             e.kind(),
             io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
         );
-        match (reset, self.received) {
-            (true, 0) => UpgradeError::NoResponse(Silence::Reset),
-            (true, received) => UpgradeError::ClosedMidway { received, reset: true },
-            (false, _) => UpgradeError::Io(e),
-        }
+        self.fail(if reset { IoFailure::Closed { reset: true } } else { IoFailure::Io(e) })
     }
 }
 
@@ -315,7 +352,7 @@ pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     shape: &HandshakeShape,
     padder: Option<&mut Padder>,
 ) -> Result<V2Channel, UpgradeError> {
-    let mut io = Reader { stream: remote, deadline: Instant::now() + handshake_timeout, received: 0 };
+    let mut io = HandshakeIo::<_, UpgradeError>::new(remote, Instant::now() + handshake_timeout, 0);
     let InitiatorKey { handshake, secret } = key;
     let magic = *handshake.magic();
 
@@ -410,11 +447,11 @@ pub(crate) trait HandshakeRead {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> HandshakeRead for Reader<'_, S> {
-    type Error = UpgradeError;
+impl<S: AsyncRead + AsyncWrite + Unpin, E: HandshakeErrors> HandshakeRead for HandshakeIo<'_, S, E> {
+    type Error = E;
 
-    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), UpgradeError> {
-        Reader::read_into(self, buf, want).await
+    async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), E> {
+        HandshakeIo::read_into(self, buf, want).await
     }
 }
 
