@@ -764,7 +764,8 @@ pub fn parse_socket_mode(text: &str) -> Option<u32> {
 /// trailing `$`, the portable set `groupadd` takes.
 pub fn parse_socket_group(text: &str) -> Option<UnixGroup> {
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return text.parse().ok().map(UnixGroup::Gid);
+        // (gid_t)-1 means "leave the group unchanged" to chown(2), not a group.
+        return text.parse().ok().filter(|&gid: &u32| gid != u32::MAX).map(UnixGroup::Gid);
     }
     let body = text.strip_suffix('$').unwrap_or(text);
     let portable = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
@@ -1640,8 +1641,8 @@ mod tests {
         for good in ["bitcoin", "_bitcoin", "node-users", "machine$", "a.b", &"g".repeat(64)] {
             assert_eq!(parse_socket_group(good), Some(UnixGroup::Name(good.to_owned())), "{good:?}");
         }
-        assert_eq!(parse_socket_group("4294967295"), Some(UnixGroup::Gid(u32::MAX)));
-        for bad in ["", "-x", "a b", "a:b", "4294967296", "$", "a\n", &"g".repeat(65), "grüppe"] {
+        assert_eq!(parse_socket_group("4294967294"), Some(UnixGroup::Gid(u32::MAX - 1)));
+        for bad in ["", "-x", "a b", "a:b", "4294967296", "4294967295", "$", "a\n", &"g".repeat(65), "grüppe"] {
             assert_eq!(parse_socket_group(bad), None, "{bad:?}");
         }
         let err = load_text("unix_socket_group = \"a:b\"\n", &[]).unwrap_err();

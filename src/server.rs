@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -139,8 +139,14 @@ pub async fn bind_unix(path: &Path, settings: &UnixSocket) -> io::Result<UnixSoc
     if !file.is_ours() {
         return Err(io::Error::other(format!("binding {shown}: the socket file was replaced while binding")));
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(settings.mode))
-        .map_err(|e| failed(&format!("setting mode {:04o} on", settings.mode), e))?;
+    // Never through a symlink: a file swapped in after the check above keeps
+    // its mode (fchmodat refuses a link), and the check after catches it.
+    let mode = nix::sys::stat::Mode::from_bits_truncate(settings.mode);
+    nix::sys::stat::fchmodat(nix::fcntl::AT_FDCWD, path, mode, nix::sys::stat::FchmodatFlags::NoFollowSymlink)
+        .map_err(|e| failed(&format!("setting mode {:04o} on", settings.mode), io::Error::from(e)))?;
+    if !file.is_ours() {
+        return Err(io::Error::other(format!("binding {shown}: the socket file was replaced while binding")));
+    }
     socket.listen(UNIX_BACKLOG).map_err(|e| failed("listening on", e))?;
     socket.set_nonblocking(true).map_err(|e| failed("listening on", e))?;
     let listener = UnixListener::from_std(socket.into()).map_err(|e| failed("listening on", e))?;
