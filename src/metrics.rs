@@ -653,20 +653,8 @@ pub async fn serve(
     http.timer(TokioTimer::new()).header_read_timeout(config.metrics_request_timeout);
     let lifetime = config.metrics_request_timeout * CONNECTION_LIFETIME_TIMEOUTS;
     let connections = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => break,
-        };
-        let (stream, client) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning.
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let failed = |e: &std::io::Error| tracing::warn!(error = %e, "metrics accept failed");
+    while let Some((stream, client)) = crate::server::next_connection(|| listener.accept(), &shutdown, failed).await {
         // Refusals are counted, not logged one by one: a flood must not flood the log.
         if !config.allows(&client) {
             tracing::debug!(%client, "metrics connection refused: client address not in the allow-list");
