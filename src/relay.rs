@@ -138,14 +138,12 @@ pub struct Direct {
     pub consumed: usize,
 }
 
+/// What a translator returns: the next step, or why the session ends.
+pub type Translated = Result<Step, CloseReason>;
+
 /// Moves complete messages from the front of `input` to the end of `output`.
 pub trait Translator: Send {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason>;
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, stats: &mut DirectionStats) -> Translated;
 
     /// When this direction wants to write while it waits for input (cover
     /// traffic); `None`, the default, never.
@@ -302,21 +300,25 @@ impl Shaper {
     }
 }
 
+impl V1ToV2 {
+    /// Ends the batch in `output` (if any) as one write: its decoy and its
+    /// size recorded, when shaping is on.
+    fn end_batch(&mut self, output: &mut BytesMut) -> Result<(), CloseReason> {
+        if let Some(shaper) = &mut self.shaper
+            && !output.is_empty()
+        {
+            shaper.pad(output.len(), &mut self.encoder, output)?;
+        }
+        Ok(())
+    }
+}
+
 impl Translator for V1ToV2 {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason> {
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, stats: &mut DirectionStats) -> Translated {
         loop {
             match self.decoder.decode(input).map_err(|e| CloseReason::BadV1(Side::Client, e))? {
                 Decoded::NeedMore { total } => {
-                    if let Some(shaper) = &mut self.shaper
-                        && !output.is_empty()
-                    {
-                        shaper.pad(output.len(), &mut self.encoder, output)?;
-                    }
+                    self.end_batch(output)?;
                     return Ok(Step::NeedMore(total));
                 }
                 Decoded::Frame { header, len } => {
@@ -328,11 +330,7 @@ impl Translator for V1ToV2 {
                     if header.payload_len as usize >= DIRECT_THRESHOLD {
                         // The batch so far is a write of its own and goes
                         // out first: its decoy is encrypted first too.
-                        if let Some(shaper) = &mut self.shaper
-                            && !output.is_empty()
-                        {
-                            shaper.pad(output.len(), &mut self.encoder, output)?;
-                        }
+                        self.end_batch(output)?;
                         // The v2 prefix (at most 17 bytes) fits where the
                         // 24-byte v1 header was: encrypt in place.
                         let start = HEADER_LEN - PACKET_PREFIX - message_type.len();
@@ -374,12 +372,7 @@ pub struct V2ToV1 {
 }
 
 impl Translator for V2ToV1 {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason> {
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, stats: &mut DirectionStats) -> Translated {
         loop {
             match self.decoder.decode(input).map_err(CloseReason::BadV2)? {
                 DecodedPacket::NeedMore { total } => return Ok(Step::NeedMore(total)),
@@ -438,12 +431,7 @@ pub struct V1ToV1 {
 }
 
 impl Translator for V1ToV1 {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason> {
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, stats: &mut DirectionStats) -> Translated {
         let mut complete = 0;
         let need = loop {
             match self.decoder.decode(&input[complete..]).map_err(|e| CloseReason::BadV1(self.side, e))? {
@@ -465,12 +453,7 @@ impl Translator for V1ToV1 {
 pub struct Passthrough;
 
 impl Translator for Passthrough {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        _stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason> {
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, _stats: &mut DirectionStats) -> Translated {
         if output.is_empty() {
             std::mem::swap(input, output);
         } else {
