@@ -467,6 +467,8 @@ impl Translator for Passthrough {
 /// Shared by the two directions of one session.
 struct Shared {
     cancel: CancellationToken,
+    /// The proxy's shutdown, which tells a shutdown from an abort.
+    shutdown: CancellationToken,
     started: Instant,
     /// Milliseconds since `started` of the last byte read either way.
     last_activity_ms: AtomicU64,
@@ -479,6 +481,11 @@ impl Shared {
     fn touch(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Why a direction stopped when `cancel` fired.
+    fn cancel_reason(&self) -> CloseReason {
+        if self.shutdown.is_cancelled() { CloseReason::Shutdown } else { CloseReason::Aborted }
     }
 
     fn idle_deadline(&self) -> Option<Instant> {
@@ -501,6 +508,15 @@ pub struct Leg {
     pub pending: BytesMut,
 }
 
+impl Leg {
+    /// The leg's input (its socket's read half and pending bytes) and its
+    /// write half.
+    fn into_halves(self) -> (Inbound, WriteHalf) {
+        let (reader, writer) = self.stream.into_split();
+        (Inbound { reader, pending: self.pending }, writer)
+    }
+}
+
 /// Runs both directions to the end.
 pub async fn run(
     client: Leg,
@@ -511,33 +527,18 @@ pub async fn run(
     live: Arc<LiveCounters>,
     shutdown: CancellationToken,
 ) -> RelayReport {
-    let (client_pending, remote_pending) = (client.pending, remote.pending);
-    let (client, remote) = (client.stream, remote.stream);
-    let (client_read, client_write) = client.into_split();
-    let (remote_read, remote_write) = remote.into_split();
+    let (client_in, client_write) = client.into_halves();
+    let (remote_in, remote_write) = remote.into_halves();
     let shared = Arc::new(Shared {
         cancel: shutdown.child_token(),
+        shutdown,
         started: Instant::now(),
         last_activity_ms: AtomicU64::new(0),
         idle,
         live,
     });
-    let up = pump(
-        Inbound { reader: client_read, pending: client_pending },
-        remote_write,
-        client_to_remote,
-        Side::Client,
-        shared.clone(),
-        shutdown.clone(),
-    );
-    let down = pump(
-        Inbound { reader: remote_read, pending: remote_pending },
-        client_write,
-        remote_to_client,
-        Side::Remote,
-        shared.clone(),
-        shutdown.clone(),
-    );
+    let up = pump(client_in, remote_write, client_to_remote, Side::Client, shared.clone());
+    let down = pump(remote_in, client_write, remote_to_client, Side::Remote, shared.clone());
     let ((up_stats, up_end), (down_stats, down_end)) = tokio::join!(up, down);
     // The first real failure explains the close; plain ends of stream only
     // when nothing else happened.
@@ -563,7 +564,6 @@ async fn pump(
     mut translator: impl Translator,
     from: Side,
     shared: Arc<Shared>,
-    shutdown: CancellationToken,
 ) -> (DirectionStats, Option<CloseReason>) {
     let to = match from {
         Side::Client => Side::Remote,
@@ -589,7 +589,7 @@ async fn pump(
             let write = writer.write_all(&output);
             let result = tokio::select! {
                 result = write => result,
-                _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+                _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
             };
             if let Err(e) = result {
                 break Some(CloseReason::Io(to, e));
@@ -606,7 +606,7 @@ async fn pump(
                 let pieces = [&direct.head[..], &inbound.pending[direct.body.clone()], &direct.tail[..]];
                 let result = tokio::select! {
                     result = write_all_vectored(&mut writer, &pieces) => result,
-                    _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+                    _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
                 };
                 if let Err(e) = result {
                     break Some(CloseReason::Io(to, e));
@@ -623,7 +623,7 @@ async fn pump(
         let idle_wake = translator.idle_wake();
         let ready = tokio::select! {
             ready = inbound.reader.readable() => ready,
-            _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+            _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
             // Only between whole writes: a decoy never splits a message.
             _ = sleep_until_some(idle_wake) => {
                 if let Err(reason) = translator.idle_write(Instant::now(), &mut output) {
@@ -632,7 +632,7 @@ async fn pump(
                 if !output.is_empty() {
                     let result = tokio::select! {
                         result = writer.write_all(&output) => result,
-                        _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+                        _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
                     };
                     output.clear();
                     if let Err(e) = result {
@@ -693,10 +693,6 @@ async fn write_all_vectored(writer: &mut WriteHalf, pieces: &[&[u8]]) -> io::Res
         IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())
-}
-
-fn cancel_reason(shutdown: &CancellationToken) -> CloseReason {
-    if shutdown.is_cancelled() { CloseReason::Shutdown } else { CloseReason::Aborted }
 }
 
 /// Sleeps until `at`; never wakes for `None`.
