@@ -353,13 +353,7 @@ async fn configured_client_auth_rejects_wrong_credentials() {
         let mut choice = [0u8; 2];
         s.read_exact(&mut choice).await.unwrap();
         assert_eq!(choice, [0x05, 0x02], "credentials are required");
-        let mut auth = vec![0x01, user.len() as u8];
-        auth.extend_from_slice(user.as_bytes());
-        auth.push(pass.len() as u8);
-        auth.extend_from_slice(pass.as_bytes());
-        s.write_all(&auth).await.unwrap();
-        let mut status = [0u8; 2];
-        s.read_exact(&mut status).await.unwrap();
+        let status = socks_auth(&mut s, user, pass).await;
         assert_eq!(status, if ok { [0x01, 0x00] } else { [0x01, 0x01] }, "{user}:{pass}");
     }
     // A client offering only no-auth gets 0xFF.

@@ -140,14 +140,7 @@ pub async fn socks_named(
         assert_eq!(choice[1], 0x02, "the proxy must ask for credentials to forward them");
     }
     if choice[1] == 0x02 {
-        let mut auth = vec![0x01, credentials.len() as u8];
-        auth.extend_from_slice(credentials.as_bytes());
-        auth.push(credentials.len() as u8);
-        auth.extend_from_slice(credentials.as_bytes());
-        s.write_all(&auth).await.unwrap();
-        let mut status = [0u8; 2];
-        s.read_exact(&mut status).await.unwrap();
-        assert_eq!(status, [0x01, 0x00]);
+        assert_eq!(socks_auth(&mut s, credentials, credentials).await, [0x01, 0x00]);
     } else {
         assert_eq!(choice[1], 0x00);
     }
@@ -156,6 +149,18 @@ pub async fn socks_named(
     request.extend_from_slice(&port.to_be_bytes());
     s.write_all(&request).await.unwrap();
     read_reply(s).await
+}
+
+/// RFC 1929: sends `username` and `password`, returns the two-byte status.
+pub async fn socks_auth(s: &mut TcpStream, username: &str, password: &str) -> [u8; 2] {
+    let mut auth = vec![0x01, username.len() as u8];
+    auth.extend_from_slice(username.as_bytes());
+    auth.push(password.len() as u8);
+    auth.extend_from_slice(password.as_bytes());
+    s.write_all(&auth).await.unwrap();
+    let mut status = [0u8; 2];
+    s.read_exact(&mut status).await.unwrap();
+    status
 }
 
 /// SOCKS5 as btcd and lnd send it: no-auth only, ATYP 1 or 4.
