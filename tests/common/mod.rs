@@ -591,7 +591,7 @@ impl BinaryProxy {
     }
 }
 
-fn binary_command(args: &[&str], rust_log: &str) -> tokio::process::Command {
+fn binary_command(args: &[&str], rust_log: &str, env: &[(&str, &str)]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bip324-proxy"));
     command
         .args(args)
@@ -606,14 +606,26 @@ fn binary_command(args: &[&str], rust_log: &str) -> tokio::process::Command {
             command.env_remove(key);
         }
     }
+    command.envs(env.iter().copied());
     command
 }
 
 /// Starts the binary on 127.0.0.1:0 and waits for its `listening` line.
 pub async fn spawn_binary(args: &[&str], rust_log: &str) -> BinaryProxy {
+    let mut proxy = start_binary(args, rust_log, &[]);
+    let line = proxy.wait_for(&["listening"]).await;
+    let addr = line.split("listen=").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("listen field");
+    proxy.addr = addr.parse().expect("listen address");
+    proxy
+}
+
+/// Starts the binary on 127.0.0.1:0, with `env` set for the child only
+/// (process-wide environment is shared by the test threads); its log lines
+/// arrive in `lines` and `addr` is not known yet.
+pub fn start_binary(args: &[&str], rust_log: &str, env: &[(&str, &str)]) -> BinaryProxy {
     let mut all = vec!["--listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
-    let mut child = binary_command(&all, rust_log).spawn().expect("binary starts");
+    let mut child = binary_command(&all, rust_log, env).spawn().expect("binary starts");
     let stderr = child.stderr.take().unwrap();
     let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -625,16 +637,17 @@ pub async fn spawn_binary(args: &[&str], rust_log: &str) -> BinaryProxy {
             }
         }
     });
-    let mut proxy = BinaryProxy { child, addr: "127.0.0.1:0".parse().unwrap(), lines, seen: Vec::new() };
-    let line = proxy.wait_for(&["listening"]).await;
-    let addr = line.split("listen=").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("listen field");
-    proxy.addr = addr.parse().expect("listen address");
-    proxy
+    BinaryProxy { child, addr: "127.0.0.1:0".parse().unwrap(), lines, seen: Vec::new() }
 }
 
 /// Runs the binary to completion; returns its exit status and stderr.
 pub async fn run_binary(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let output = tokio::time::timeout(WAIT, binary_command(args, "info").output())
+    run_binary_env(args, &[]).await
+}
+
+/// [`run_binary`] with `env` set for the child only.
+pub async fn run_binary_env(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let output = tokio::time::timeout(WAIT, binary_command(args, "info", env).output())
         .await
         .expect("binary exits")
         .expect("binary runs");
@@ -908,9 +921,10 @@ pub async fn wait_for_metric(addr: SocketAddr, line: &str) -> String {
 
 /// Runs the binary to completion; returns its exit status and stdout.
 pub async fn run_binary_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let output = tokio::time::timeout(WAIT, binary_command(args, "warn").stdout(std::process::Stdio::piped()).output())
-        .await
-        .expect("binary exits")
-        .expect("binary runs");
+    let output =
+        tokio::time::timeout(WAIT, binary_command(args, "warn", &[]).stdout(std::process::Stdio::piped()).output())
+            .await
+            .expect("binary exits")
+            .expect("binary runs");
     (output.status, String::from_utf8_lossy(&output.stdout).into_owned())
 }
