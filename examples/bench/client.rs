@@ -138,40 +138,24 @@ async fn exchange_version(stream: &mut TcpStream, version_frame: &[u8]) -> anyho
     }
 }
 
-/// A v1 session through the proxy: SOCKS5, VERSION out, VERSION echoed
-/// (which means the proxy's v2 handshake with the node is done).
-pub async fn open_proxy_session(
-    proxy: SocketAddr,
-    source: Option<IpAddr>,
-    node: SocketAddr,
-    version_frame: &[u8],
-) -> anyhow::Result<TcpStream> {
-    let mut stream = socks_connect(proxy, source, node).await?;
-    exchange_version(&mut stream, version_frame).await?;
-    Ok(stream)
+/// How a v1 session reaches the node.
+#[derive(Debug, Clone, Copy)]
+pub enum V1Route {
+    /// SOCKS5 CONNECT to `node` through `proxy` (the proxy, or the plain SOCKS
+    /// relay: SOCKS5, no crypto), from `source` when given.
+    Socks { proxy: SocketAddr, source: Option<IpAddr>, node: SocketAddr },
+    /// A plain TCP connection: to the plain relay, which always forwards to
+    /// the v1 node, or straight to the v1 node.
+    Direct(SocketAddr),
 }
 
-/// A v1 session through the plain relay, which always forwards to the v1 node.
-pub async fn open_relay_session(relay: SocketAddr, version_frame: &[u8]) -> anyhow::Result<TcpStream> {
-    let mut stream = connect_from(None, relay).await?;
-    exchange_version(&mut stream, version_frame).await?;
-    Ok(stream)
-}
-
-/// A v1 session through the plain SOCKS relay (SOCKS5, no crypto) to the v1 node.
-pub async fn open_socks_relay_session(
-    relay: SocketAddr,
-    node: SocketAddr,
-    version_frame: &[u8],
-) -> anyhow::Result<TcpStream> {
-    let mut stream = socks_connect(relay, None, node).await?;
-    exchange_version(&mut stream, version_frame).await?;
-    Ok(stream)
-}
-
-/// A v1 session straight to the v1 node, no proxy.
-pub async fn open_direct_v1_session(node: SocketAddr, version_frame: &[u8]) -> anyhow::Result<TcpStream> {
-    let mut stream = connect_from(None, node).await?;
+/// A v1 session: the route opened, VERSION out, VERSION echoed (through the
+/// proxy, that means its v2 handshake with the node is done).
+pub async fn open_v1_session(route: V1Route, version_frame: &[u8]) -> anyhow::Result<TcpStream> {
+    let mut stream = match route {
+        V1Route::Socks { proxy, source, node } => socks_connect(proxy, source, node).await?,
+        V1Route::Direct(addr) => connect_from(None, addr).await?,
+    };
     exchange_version(&mut stream, version_frame).await?;
     Ok(stream)
 }
