@@ -33,7 +33,7 @@ use bip324_proxy::config::{Cli, Config};
 use bitcoin::hashes::{Hash, sha256d};
 use clap::Parser;
 use rand::{Rng, RngCore};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -132,9 +132,7 @@ pub async fn socks_named(
     require_auth: bool,
 ) -> Result<TcpStream, u8> {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[0x05, 0x02, 0x00, 0x02]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    let choice = socks_greet(&mut s, &[0x05, 0x02, 0x00, 0x02]).await;
     assert_eq!(choice[0], 0x05);
     if require_auth {
         assert_eq!(choice[1], 0x02, "the proxy must ask for credentials to forward them");
@@ -149,6 +147,14 @@ pub async fn socks_named(
     request.extend_from_slice(&port.to_be_bytes());
     s.write_all(&request).await.unwrap();
     read_reply(s).await
+}
+
+/// Sends a SOCKS5 greeting (`05 NMETHODS METHODS`), returns the method choice.
+pub async fn socks_greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, greeting: &[u8]) -> [u8; 2] {
+    s.write_all(greeting).await.unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.unwrap();
+    choice
 }
 
 /// RFC 1929: sends `username` and `password`, returns the two-byte status.
@@ -166,9 +172,7 @@ pub async fn socks_auth(s: &mut TcpStream, username: &str, password: &str) -> [u
 /// SOCKS5 as btcd and lnd send it: no-auth only, ATYP 1 or 4.
 pub async fn socks_btcd(proxy: SocketAddr, target: SocketAddr) -> Result<TcpStream, u8> {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    let choice = socks_greet(&mut s, &[0x05, 0x01, 0x00]).await;
     assert_eq!(choice, [0x05, 0x00]);
     let mut request = vec![0x05, 0x01, 0x00];
     match target {
@@ -865,9 +869,7 @@ pub async fn spawn_microsocks(user: &str, password: &str) -> Microsocks {
 /// Sends a Tor RESOLVE (0xF0) for `name`; Ok(address) or Err(reply code).
 pub async fn socks_resolve(proxy: SocketAddr, name: &str) -> Result<std::net::IpAddr, u8> {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    socks_greet(&mut s, &[0x05, 0x01, 0x00]).await;
     let mut request = vec![0x05, 0xF0, 0x00, 0x03, name.len() as u8];
     request.extend_from_slice(name.as_bytes());
     request.extend_from_slice(&[0, 0]);
