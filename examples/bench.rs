@@ -49,7 +49,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::children::{ChildProcess, Role};
-use crate::client::{Load, Pipeline};
+use crate::client::{Load, Pipeline, V1Route};
 
 /// Regtest: every session of the benchmark speaks it.
 pub const MAGIC: Magic = [0xfa, 0xbf, 0xb5, 0xda];
@@ -250,11 +250,12 @@ async fn run_cases(args: &Args, ticks_per_second: u64) -> anyhow::Result<Results
     let mut throughput = Vec::new();
     for (label, load) in loads {
         eprintln!("throughput {label}: proxy ...");
-        let opened = client::open_proxy_session(proxy.addrs[0], None, v2_node, &version_frame);
+        let route = V1Route::Socks { proxy: proxy.addrs[0], source: None, node: v2_node };
+        let opened = client::open_v1_session(route, &version_frame);
         let stream = flatten(tokio::time::timeout(client::SESSION_TIMEOUT, opened).await)?;
         let through_proxy = measure_throughput(stream, load, &proxy, &nodes, measure_for, ticks_per_second).await?;
         eprintln!("throughput {label}: plain relay ...");
-        let opened = client::open_relay_session(relay.addrs[0], &version_frame);
+        let opened = client::open_v1_session(V1Route::Direct(relay.addrs[0]), &version_frame);
         let stream = flatten(tokio::time::timeout(client::SESSION_TIMEOUT, opened).await)?;
         let through_relay = measure_throughput(stream, load, &relay, &nodes, measure_for, ticks_per_second).await?;
         throughput.push(ThroughputCase { label, proxy: through_proxy, relay: through_relay });
@@ -385,12 +386,17 @@ async fn measure_handshakes(paths: &Paths, version_frame: &[u8], version_payload
     for round in 0..HANDSHAKE_WARMUP + samples {
         let counted = round >= HANDSHAKE_WARMUP;
         for path in 0..4 {
+            // Path 1 is the native v2 client; the others are v1 sessions.
+            let v1_route = match path {
+                0 => Some(V1Route::Socks { proxy: paths.proxy, source: None, node: paths.v2_node }),
+                1 => None,
+                2 => Some(V1Route::Socks { proxy: paths.socks_relay, source: None, node: paths.v1_node }),
+                _ => Some(V1Route::Direct(paths.v1_node)),
+            };
             let start = Instant::now();
-            let outcome = match path {
-                0 => client::open_proxy_session(paths.proxy, None, paths.v2_node, version_frame).await.map(drop),
-                1 => client::native_v2_version_echo(paths.v2_node, None, version_payload).await,
-                2 => client::open_socks_relay_session(paths.socks_relay, paths.v1_node, version_frame).await.map(drop),
-                _ => client::open_direct_v1_session(paths.v1_node, version_frame).await.map(drop),
+            let outcome = match v1_route {
+                Some(route) => client::open_v1_session(route, version_frame).await.map(drop),
+                None => client::native_v2_version_echo(paths.v2_node, None, version_payload).await,
             };
             let elapsed = start.elapsed();
             let samples = [&mut result.proxy, &mut result.native, &mut result.relay, &mut result.direct];
@@ -425,7 +431,8 @@ async fn measure_churn(
     let frame: Arc<[u8]> = Arc::from(version_frame);
     let proxy_rate = churn_phase(concurrency, move |source| {
         let frame = frame.clone();
-        async move { client::open_proxy_session(proxy_addr, Some(source), node, &frame).await.map(drop) }
+        let route = V1Route::Socks { proxy: proxy_addr, source: Some(source), node };
+        async move { client::open_v1_session(route, &frame).await.map(drop) }
     })
     .await;
     let after = key_pool_counts(&client::fetch_metrics(metrics).await?);
@@ -563,7 +570,7 @@ async fn open_sessions(proxy: SocketAddr, node: SocketAddr, version_frame: &[u8]
             let _permit = gate.acquire_owned().await.expect("gate is never closed");
             let opened = tokio::time::timeout(
                 client::SESSION_TIMEOUT,
-                client::open_proxy_session(proxy, Some(source), node, &version_frame),
+                client::open_v1_session(V1Route::Socks { proxy, source: Some(source), node }, &version_frame),
             )
             .await;
             flatten(opened)

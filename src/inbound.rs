@@ -37,7 +37,8 @@ use crate::metrics::{LiveSession, Observer};
 use crate::outbound::{self, DialError};
 use crate::policy::DialRules;
 use crate::relay::{
-    self, CloseReason, DirectionStats, Leg, RelayReport, Shaper, Side, Step, Translator, V1ToV1, V1ToV2, V2ToV1,
+    self, CloseReason, DirectionStats, Leg, RelayReport, Shaper, Side, Step, Translated, Translator, V1ToV1, V1ToV2,
+    V2ToV1,
 };
 use crate::respond::{self, FirstBytes, PeerReader, RespondError};
 use crate::socks5::Host;
@@ -182,12 +183,7 @@ impl<T: Translator> NodeToPeer<T> {
 }
 
 impl<T: Translator> Translator for NodeToPeer<T> {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason> {
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, stats: &mut DirectionStats) -> Translated {
         // Every whole frame not yet looked at, in order. A partial frame
         // waits for its bytes; a bad header is `inner`'s to report.
         let decoder = FrameDecoder::new(self.magic, false);
@@ -466,7 +462,7 @@ mod tests {
             input: &mut BytesMut,
             output: &mut BytesMut,
             _stats: &mut DirectionStats,
-        ) -> Result<Step, CloseReason> {
+        ) -> Translated {
             if self.fail {
                 return Err(CloseReason::BadV1(Side::Client, V1Error::InvalidCommand { command: [0; 12] }));
             }

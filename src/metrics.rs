@@ -23,7 +23,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -166,107 +166,107 @@ impl Default for Metrics {
         let v1_only_memory = Family::<Labels1, Counter>::default();
         let connections_refused = Family::<Labels1, Counter>::default();
         let key_pool = Family::<Labels1, Counter>::default();
-        registry.register(
-            "sessions_opened",
-            "Sessions whose relay started, by transport (v2, v1-fallback, passthrough)",
-            sessions_opened.clone(),
-        );
-        registry.register(
-            "sessions_closed",
-            "Sessions closed, by transport (none if the relay never started) and close reason",
-            sessions_closed.clone(),
-        );
-        registry.register("sessions_active", "Sessions open now, from accept to close", sessions_active.clone());
-        registry.register(
-            "handshake_duration_seconds",
-            "Time for a successful BIP324 handshake with the remote",
-            handshake_seconds.clone(),
-        );
-        registry.register("bytes", "Bytes received, by direction, counted as they flow", bytes.clone());
-        registry.register("messages", "P2P messages carried, by direction, counted as they flow", messages.clone());
-        registry.register("socks_replies", "SOCKS5 replies sent, by reply code", socks_replies.clone());
-        registry.register("upgrade_failures", "Failed BIP324 handshakes, by reason", upgrade_failures.clone());
-        registry.register(
-            "v1_only_memory",
-            "Sessions decided by the v1-only peer memory, by action (refused, direct_v1)",
-            v1_only_memory.clone(),
-        );
-        registry.register(
-            "connections_refused",
-            "Connections closed at accept, by reason (allow_list, session_limit, client_limit, \
-             metrics_allow_list, metrics_limit, inbound_limit, inbound_source_limit, inbound_deny)",
-            connections_refused.clone(),
-        );
-        registry.register(
-            "key_pool",
-            "Handshake keys taken, by result: hit (made ahead of time by the key pool) or miss \
-             (made on the session's critical path because the pool was empty)",
-            key_pool.clone(),
-        );
-        let inbound = InboundMetrics {
-            handshake_seconds: Some(Histogram::new(exponential_buckets(0.001, 2.0, 15))),
-            ..Default::default()
-        };
-        registry.register(
-            "inbound_sessions_opened",
-            "Inbound sessions whose relay started, by transport (v2, v1)",
-            inbound.opened.clone(),
-        );
-        registry.register(
-            "inbound_sessions_closed",
-            "Inbound sessions closed, by transport (none if the relay never started) and close reason",
-            inbound.closed.clone(),
-        );
-        if let Some(histogram) = &inbound.handshake_seconds {
-            registry.register(
+        // 1 ms .. ~16 s, like the outbound handshakes.
+        let inbound_handshake_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let inbound =
+            InboundMetrics { handshake_seconds: Some(inbound_handshake_seconds.clone()), ..Default::default() };
+        let shaping = ShapingMetrics::default();
+        // Name, help and metric, in the order `/metrics` lists them.
+        let registrations: &[(&str, &str, &dyn Registrable)] = &[
+            (
+                "sessions_opened",
+                "Sessions whose relay started, by transport (v2, v1-fallback, passthrough)",
+                &sessions_opened,
+            ),
+            (
+                "sessions_closed",
+                "Sessions closed, by transport (none if the relay never started) and close reason",
+                &sessions_closed,
+            ),
+            ("sessions_active", "Sessions open now, from accept to close", &sessions_active),
+            (
+                "handshake_duration_seconds",
+                "Time for a successful BIP324 handshake with the remote",
+                &handshake_seconds,
+            ),
+            ("bytes", "Bytes received, by direction, counted as they flow", &bytes),
+            ("messages", "P2P messages carried, by direction, counted as they flow", &messages),
+            ("socks_replies", "SOCKS5 replies sent, by reply code", &socks_replies),
+            ("upgrade_failures", "Failed BIP324 handshakes, by reason", &upgrade_failures),
+            (
+                "v1_only_memory",
+                "Sessions decided by the v1-only peer memory, by action (refused, direct_v1)",
+                &v1_only_memory,
+            ),
+            (
+                "connections_refused",
+                "Connections closed at accept, by reason (allow_list, session_limit, client_limit, \
+                 metrics_allow_list, metrics_limit, inbound_limit, inbound_source_limit, inbound_deny)",
+                &connections_refused,
+            ),
+            (
+                "key_pool",
+                "Handshake keys taken, by result: hit (made ahead of time by the key pool) or miss \
+                 (made on the session's critical path because the pool was empty)",
+                &key_pool,
+            ),
+            ("inbound_sessions_opened", "Inbound sessions whose relay started, by transport (v2, v1)", &inbound.opened),
+            (
+                "inbound_sessions_closed",
+                "Inbound sessions closed, by transport (none if the relay never started) and close reason",
+                &inbound.closed,
+            ),
+            (
                 "inbound_handshake_duration_seconds",
                 "Time for a successful BIP324 handshake as responder, from accept",
-                histogram.clone(),
-            );
+                &inbound_handshake_seconds,
+            ),
+            (
+                "inbound_handshake_failures",
+                "Failed BIP324 handshakes as responder, by reason",
+                &inbound.handshake_failures,
+            ),
+            (
+                "inbound_version_rewrites",
+                "The node's first message on inbound sessions, by what the NODE_P2P_V2 rewrite did \
+                 (set, already_set, not_version, too_short, malformed)",
+                &inbound.version_rewrites,
+            ),
+            (
+                "inbound_addr_rewrites",
+                "The node's addr and addrv2 messages on inbound listeners with `advertise`, by command \
+                 and what the NODE_P2P_V2 rewrite did (set, already_set, other_addresses, malformed)",
+                &inbound.addr_rewrites,
+            ),
+            (
+                "shaping_decoy_bytes",
+                "Decoy bytes written on v2 legs (packet overhead included), by kind (padding, handshake, cover)",
+                &shaping.decoy_bytes,
+            ),
+            (
+                "shaping_cover_budget_exhausted",
+                "Times a session's cover decoys stopped for want of budget, by scope (session, global)",
+                &shaping.cover_budget_exhausted,
+            ),
+            (
+                "shaping_budget_exhausted",
+                "Sessions whose padding budget ran out (later writes went out unpadded)",
+                &shaping.budget_exhausted,
+            ),
+            (
+                "v2_write_bytes",
+                "Sizes of the writes on v2 legs, decoys included (recorded with [shaping] padding, cover or measure on)",
+                &shaping.v2_write_bytes,
+            ),
+            (
+                "v2_write_gap_seconds",
+                "Time between one session's consecutive writes on a v2 leg (recorded like v2_write_bytes)",
+                &shaping.v2_write_gap_seconds,
+            ),
+        ];
+        for (name, help, metric) in registrations {
+            metric.register_in(&mut registry, name, help);
         }
-        registry.register(
-            "inbound_handshake_failures",
-            "Failed BIP324 handshakes as responder, by reason",
-            inbound.handshake_failures.clone(),
-        );
-        registry.register(
-            "inbound_version_rewrites",
-            "The node's first message on inbound sessions, by what the NODE_P2P_V2 rewrite did \
-             (set, already_set, not_version, too_short, malformed)",
-            inbound.version_rewrites.clone(),
-        );
-        registry.register(
-            "inbound_addr_rewrites",
-            "The node's addr and addrv2 messages on inbound listeners with `advertise`, by command \
-             and what the NODE_P2P_V2 rewrite did (set, already_set, other_addresses, malformed)",
-            inbound.addr_rewrites.clone(),
-        );
-        let shaping = ShapingMetrics::default();
-        registry.register(
-            "shaping_decoy_bytes",
-            "Decoy bytes written on v2 legs (packet overhead included), by kind (padding, handshake, cover)",
-            shaping.decoy_bytes.clone(),
-        );
-        registry.register(
-            "shaping_cover_budget_exhausted",
-            "Times a session's cover decoys stopped for want of budget, by scope (session, global)",
-            shaping.cover_budget_exhausted.clone(),
-        );
-        registry.register(
-            "shaping_budget_exhausted",
-            "Sessions whose padding budget ran out (later writes went out unpadded)",
-            shaping.budget_exhausted.clone(),
-        );
-        registry.register(
-            "v2_write_bytes",
-            "Sizes of the writes on v2 legs, decoys included (recorded with [shaping] padding, cover or measure on)",
-            shaping.v2_write_bytes.clone(),
-        );
-        registry.register(
-            "v2_write_gap_seconds",
-            "Time between one session's consecutive writes on a v2 leg (recorded like v2_write_bytes)",
-            shaping.v2_write_gap_seconds.clone(),
-        );
         Metrics {
             registry,
             inbound,
@@ -283,6 +283,18 @@ impl Default for Metrics {
             connections_refused,
             key_pool,
         }
+    }
+}
+
+/// A metric the registry keeps a handle of (cloning a metric shares its
+/// values), so that one table can list metrics of every type.
+trait Registrable {
+    fn register_in(&self, registry: &mut Registry, name: &str, help: &str);
+}
+
+impl<M: Metric + Clone> Registrable for M {
+    fn register_in(&self, registry: &mut Registry, name: &str, help: &str) {
+        registry.register(name, help, self.clone());
     }
 }
 
@@ -653,20 +665,8 @@ pub async fn serve(
     http.timer(TokioTimer::new()).header_read_timeout(config.metrics_request_timeout);
     let lifetime = config.metrics_request_timeout * CONNECTION_LIFETIME_TIMEOUTS;
     let connections = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => break,
-        };
-        let (stream, client) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning.
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let failed = |e: &std::io::Error| tracing::warn!(error = %e, "metrics accept failed");
+    while let Some((stream, client)) = crate::server::next_connection(|| listener.accept(), &shutdown, failed).await {
         // Refusals are counted, not logged one by one: a flood must not flood the log.
         if !config.allows(&client) {
             tracing::debug!(%client, "metrics connection refused: client address not in the allow-list");

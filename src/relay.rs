@@ -138,14 +138,12 @@ pub struct Direct {
     pub consumed: usize,
 }
 
+/// What a translator returns: the next step, or why the session ends.
+pub type Translated = Result<Step, CloseReason>;
+
 /// Moves complete messages from the front of `input` to the end of `output`.
 pub trait Translator: Send {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason>;
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, stats: &mut DirectionStats) -> Translated;
 
     /// When this direction wants to write while it waits for input (cover
     /// traffic); `None`, the default, never.
@@ -302,21 +300,25 @@ impl Shaper {
     }
 }
 
+impl V1ToV2 {
+    /// Ends the batch in `output` (if any) as one write: its decoy and its
+    /// size recorded, when shaping is on.
+    fn end_batch(&mut self, output: &mut BytesMut) -> Result<(), CloseReason> {
+        if let Some(shaper) = &mut self.shaper
+            && !output.is_empty()
+        {
+            shaper.pad(output.len(), &mut self.encoder, output)?;
+        }
+        Ok(())
+    }
+}
+
 impl Translator for V1ToV2 {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason> {
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, stats: &mut DirectionStats) -> Translated {
         loop {
             match self.decoder.decode(input).map_err(|e| CloseReason::BadV1(Side::Client, e))? {
                 Decoded::NeedMore { total } => {
-                    if let Some(shaper) = &mut self.shaper
-                        && !output.is_empty()
-                    {
-                        shaper.pad(output.len(), &mut self.encoder, output)?;
-                    }
+                    self.end_batch(output)?;
                     return Ok(Step::NeedMore(total));
                 }
                 Decoded::Frame { header, len } => {
@@ -328,11 +330,7 @@ impl Translator for V1ToV2 {
                     if header.payload_len as usize >= DIRECT_THRESHOLD {
                         // The batch so far is a write of its own and goes
                         // out first: its decoy is encrypted first too.
-                        if let Some(shaper) = &mut self.shaper
-                            && !output.is_empty()
-                        {
-                            shaper.pad(output.len(), &mut self.encoder, output)?;
-                        }
+                        self.end_batch(output)?;
                         // The v2 prefix (at most 17 bytes) fits where the
                         // 24-byte v1 header was: encrypt in place.
                         let start = HEADER_LEN - PACKET_PREFIX - message_type.len();
@@ -374,12 +372,7 @@ pub struct V2ToV1 {
 }
 
 impl Translator for V2ToV1 {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason> {
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, stats: &mut DirectionStats) -> Translated {
         loop {
             match self.decoder.decode(input).map_err(CloseReason::BadV2)? {
                 DecodedPacket::NeedMore { total } => return Ok(Step::NeedMore(total)),
@@ -438,12 +431,7 @@ pub struct V1ToV1 {
 }
 
 impl Translator for V1ToV1 {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason> {
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, stats: &mut DirectionStats) -> Translated {
         let mut complete = 0;
         let need = loop {
             match self.decoder.decode(&input[complete..]).map_err(|e| CloseReason::BadV1(self.side, e))? {
@@ -465,12 +453,7 @@ impl Translator for V1ToV1 {
 pub struct Passthrough;
 
 impl Translator for Passthrough {
-    fn translate(
-        &mut self,
-        input: &mut BytesMut,
-        output: &mut BytesMut,
-        _stats: &mut DirectionStats,
-    ) -> Result<Step, CloseReason> {
+    fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, _stats: &mut DirectionStats) -> Translated {
         if output.is_empty() {
             std::mem::swap(input, output);
         } else {
@@ -484,6 +467,8 @@ impl Translator for Passthrough {
 /// Shared by the two directions of one session.
 struct Shared {
     cancel: CancellationToken,
+    /// The proxy's shutdown, which tells a shutdown from an abort.
+    shutdown: CancellationToken,
     started: Instant,
     /// Milliseconds since `started` of the last byte read either way.
     last_activity_ms: AtomicU64,
@@ -496,6 +481,11 @@ impl Shared {
     fn touch(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Why a direction stopped when `cancel` fired.
+    fn cancel_reason(&self) -> CloseReason {
+        if self.shutdown.is_cancelled() { CloseReason::Shutdown } else { CloseReason::Aborted }
     }
 
     fn idle_deadline(&self) -> Option<Instant> {
@@ -518,6 +508,15 @@ pub struct Leg {
     pub pending: BytesMut,
 }
 
+impl Leg {
+    /// The leg's input (its socket's read half and pending bytes) and its
+    /// write half.
+    fn into_halves(self) -> (Inbound, WriteHalf) {
+        let (reader, writer) = self.stream.into_split();
+        (Inbound { reader, pending: self.pending }, writer)
+    }
+}
+
 /// Runs both directions to the end.
 pub async fn run(
     client: Leg,
@@ -528,33 +527,18 @@ pub async fn run(
     live: Arc<LiveCounters>,
     shutdown: CancellationToken,
 ) -> RelayReport {
-    let (client_pending, remote_pending) = (client.pending, remote.pending);
-    let (client, remote) = (client.stream, remote.stream);
-    let (client_read, client_write) = client.into_split();
-    let (remote_read, remote_write) = remote.into_split();
+    let (client_in, client_write) = client.into_halves();
+    let (remote_in, remote_write) = remote.into_halves();
     let shared = Arc::new(Shared {
         cancel: shutdown.child_token(),
+        shutdown,
         started: Instant::now(),
         last_activity_ms: AtomicU64::new(0),
         idle,
         live,
     });
-    let up = pump(
-        Inbound { reader: client_read, pending: client_pending },
-        remote_write,
-        client_to_remote,
-        Side::Client,
-        shared.clone(),
-        shutdown.clone(),
-    );
-    let down = pump(
-        Inbound { reader: remote_read, pending: remote_pending },
-        client_write,
-        remote_to_client,
-        Side::Remote,
-        shared.clone(),
-        shutdown.clone(),
-    );
+    let up = pump(client_in, remote_write, client_to_remote, Side::Client, shared.clone());
+    let down = pump(remote_in, client_write, remote_to_client, Side::Remote, shared.clone());
     let ((up_stats, up_end), (down_stats, down_end)) = tokio::join!(up, down);
     // The first real failure explains the close; plain ends of stream only
     // when nothing else happened.
@@ -580,7 +564,6 @@ async fn pump(
     mut translator: impl Translator,
     from: Side,
     shared: Arc<Shared>,
-    shutdown: CancellationToken,
 ) -> (DirectionStats, Option<CloseReason>) {
     let to = match from {
         Side::Client => Side::Remote,
@@ -606,7 +589,7 @@ async fn pump(
             let write = writer.write_all(&output);
             let result = tokio::select! {
                 result = write => result,
-                _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+                _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
             };
             if let Err(e) = result {
                 break Some(CloseReason::Io(to, e));
@@ -623,7 +606,7 @@ async fn pump(
                 let pieces = [&direct.head[..], &inbound.pending[direct.body.clone()], &direct.tail[..]];
                 let result = tokio::select! {
                     result = write_all_vectored(&mut writer, &pieces) => result,
-                    _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+                    _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
                 };
                 if let Err(e) = result {
                     break Some(CloseReason::Io(to, e));
@@ -640,7 +623,7 @@ async fn pump(
         let idle_wake = translator.idle_wake();
         let ready = tokio::select! {
             ready = inbound.reader.readable() => ready,
-            _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+            _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
             // Only between whole writes: a decoy never splits a message.
             _ = sleep_until_some(idle_wake) => {
                 if let Err(reason) = translator.idle_write(Instant::now(), &mut output) {
@@ -649,7 +632,7 @@ async fn pump(
                 if !output.is_empty() {
                     let result = tokio::select! {
                         result = writer.write_all(&output) => result,
-                        _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+                        _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
                     };
                     output.clear();
                     if let Err(e) = result {
@@ -710,10 +693,6 @@ async fn write_all_vectored(writer: &mut WriteHalf, pieces: &[&[u8]]) -> io::Res
         IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())
-}
-
-fn cancel_reason(shutdown: &CancellationToken) -> CloseReason {
-    if shutdown.is_cancelled() { CloseReason::Shutdown } else { CloseReason::Aborted }
 }
 
 /// Sleeps until `at`; never wakes for `None`.

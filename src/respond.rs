@@ -17,8 +17,6 @@
 //! the garbage terminator and the session id of both are compared. The whole
 //! handshake, first bytes included, runs under one deadline.
 
-use std::io;
-
 use bip324::{Handshake, Initialized, ReceivedKey, Role};
 use bytes::{Buf, BytesMut};
 use rand::{Rng, RngCore};
@@ -26,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::upgrade::{
-    DerivedValue, HandshakeErrors, HandshakeIo, HandshakeRead, IoFailure, MAX_GARBAGE_LEN, SECP, TailError, V2Channel,
-    fresh_secret, receive_garbage_and_version,
+    DerivedValue, HandshakeErrors, HandshakeFailure, HandshakeIo, HandshakeRead, IoFailure, MAX_GARBAGE_LEN, SECP,
+    V2Channel, fresh_secret, receive_garbage_and_version,
 };
 use crate::v1::{Magic, V1_PREFIX_LEN, VERSION_COMMAND, is_version_prefix};
 use crate::v2::{ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, SessionKeys};
@@ -73,18 +71,8 @@ pub enum RespondError {
     Closed { received: usize, reset: bool },
     #[error("handshake timed out after {received} bytes from the peer")]
     TimedOut { received: usize },
-    #[error("no garbage terminator within {} bytes", MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN)]
-    NoGarbageTerminator,
-    #[error("handshake packet of {len} bytes exceeds the {max}-byte limit")]
-    PacketTooLarge { len: usize, max: usize },
-    #[error("handshake: {0}")]
-    Protocol(bip324::Error),
-    #[error("handshake I/O: {0}")]
-    Io(io::Error),
-    /// Our own key derivation disagrees with the `bip324` crate's: a defect
-    /// here, never the peer's doing.
-    #[error("internal: derived {0} differs from the bip324 crate's")]
-    KeyMismatch(DerivedValue),
+    #[error(transparent)]
+    Failed(#[from] HandshakeFailure),
 }
 
 impl RespondError {
@@ -93,22 +81,7 @@ impl RespondError {
         match self {
             RespondError::Closed { .. } => "peer_closed",
             RespondError::TimedOut { .. } => "timeout",
-            RespondError::NoGarbageTerminator => "no_garbage_terminator",
-            RespondError::PacketTooLarge { .. } => "packet_too_large",
-            RespondError::Protocol(_) => "protocol",
-            RespondError::Io(_) => "io_error",
-            RespondError::KeyMismatch(_) => "internal",
-        }
-    }
-}
-
-impl From<TailError> for RespondError {
-    fn from(error: TailError) -> Self {
-        match error {
-            TailError::NoGarbageTerminator => RespondError::NoGarbageTerminator,
-            TailError::PacketTooLarge { len, max } => RespondError::PacketTooLarge { len, max },
-            TailError::Protocol(e) => RespondError::Protocol(e),
-            TailError::KeyMismatch(value) => RespondError::KeyMismatch(value),
+            RespondError::Failed(failure) => failure.label(),
         }
     }
 }
@@ -118,7 +91,7 @@ impl HandshakeErrors for RespondError {
         match failure {
             IoFailure::TimedOut => RespondError::TimedOut { received },
             IoFailure::Closed { reset } => RespondError::Closed { received, reset },
-            IoFailure::Io(e) => RespondError::Io(e),
+            IoFailure::Io(e) => HandshakeFailure::Io(e).into(),
         }
     }
 }
@@ -146,21 +119,21 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     // then our terminator and version packet, in one write.
     let (mut known, secret) = fresh_secret();
     let handshake = Handshake::<Initialized>::new_with_rng(magic, Role::Responder, &mut known, &*SECP)
-        .map_err(RespondError::Protocol)?;
+        .map_err(HandshakeFailure::Protocol)?;
     drop(known);
     let mut garbage = vec![0u8; rand::thread_rng().gen_range(0..=MAX_GARBAGE_LEN)];
     RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
     let mut flight = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
-    let handshake = handshake.send_key(Some(&garbage), &mut flight).map_err(RespondError::Protocol)?;
+    let handshake = handshake.send_key(Some(&garbage), &mut flight).map_err(HandshakeFailure::Protocol)?;
     let mut ours = [0u8; ELLSWIFT_LEN];
     ours.copy_from_slice(&flight[..ELLSWIFT_LEN]);
-    let handshake = handshake.receive_key(theirs).map_err(RespondError::Protocol)?;
+    let handshake = handshake.receive_key(theirs).map_err(HandshakeFailure::Protocol)?;
     let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Responder, &magic);
     let key_len = flight.len();
     flight.resize(key_len + Handshake::<ReceivedKey>::send_version_len(None), 0);
-    let handshake = handshake.send_version(&mut flight[key_len..], None).map_err(RespondError::Protocol)?;
+    let handshake = handshake.send_version(&mut flight[key_len..], None).map_err(HandshakeFailure::Protocol)?;
     if flight[key_len..key_len + GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator()[..] {
-        return Err(RespondError::KeyMismatch(DerivedValue::GarbageTerminator));
+        return Err(HandshakeFailure::KeyMismatch(DerivedValue::GarbageTerminator).into());
     }
     io.write_all(&flight).await?;
     drop(flight);
@@ -221,7 +194,7 @@ mod tests {
 
     #[test]
     fn labels_are_fixed() {
-        assert_eq!(RespondError::NoGarbageTerminator.label(), "no_garbage_terminator");
+        assert_eq!(RespondError::Failed(HandshakeFailure::NoGarbageTerminator).label(), "no_garbage_terminator");
         assert_eq!(
             RespondError::TimedOut { received: 3 }.to_string(),
             "handshake timed out after 3 bytes from the peer"

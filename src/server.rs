@@ -22,11 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, field, info, info_span, warn};
+use tracing::{Instrument, Span, error, field, info, info_span, warn};
 
 use crate::config::{Config, Inbound, Listen, UnixGroup, UnixSocket};
 use crate::inbound;
@@ -38,6 +38,9 @@ use crate::stream::{ClientKey, Peer, Stream};
 /// After the drain deadline, sessions are cancelled; this is how long their
 /// tasks get to write their close lines.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// How long an accept loop waits after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// A bound listener and what it serves.
 pub struct Bound {
@@ -312,6 +315,13 @@ pub struct SessionGuard {
     pub client_key: ClientKey,
 }
 
+impl SessionGuard {
+    /// The guard of session `live`, holding `key`'s slot in `per_client`.
+    pub fn new(observer: &Arc<Observer>, live: &Arc<LiveSession>, per_client: &Arc<PerClient>, key: ClientKey) -> Self {
+        SessionGuard { observer: observer.clone(), live: live.clone(), per_client: per_client.clone(), client_key: key }
+    }
+}
+
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.per_client.release(self.client_key);
@@ -395,22 +405,54 @@ pub async fn serve_with_inbound(
     Ok(())
 }
 
-async fn accept_loop(listener: Listener, front: FrontEnd, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let config = &shared.state.config;
+/// The next connection `accept` yields, or `None` once `shutdown` is
+/// cancelled. A failed accept (out of file descriptors and similar) goes to
+/// `failed`, and the loop backs off for [`ACCEPT_RETRY`] instead of spinning.
+pub(crate) async fn next_connection<T, F: Future<Output = io::Result<T>>>(
+    mut accept: impl FnMut() -> F,
+    shutdown: &CancellationToken,
+    failed: impl Fn(&io::Error),
+) -> Option<T> {
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => return,
+            accepted = accept() => accepted,
+            _ = shutdown.cancelled() => return None,
         };
-        let (stream, client) = match accepted {
-            Ok(pair) => pair,
+        match accepted {
+            Ok(connection) => return Some(connection),
             Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+                failed(&e);
+                tokio::time::sleep(ACCEPT_RETRY).await;
             }
-        };
+        }
+    }
+}
+
+impl Shared {
+    /// Runs an accepted session on the tracker, in its `span`, holding its
+    /// concurrency `permit` until it ends and its `guard` until its task is gone.
+    fn spawn_session(
+        &self,
+        span: Span,
+        guard: SessionGuard,
+        permit: OwnedSemaphorePermit,
+        session: impl Future<Output = ()> + Send + 'static,
+    ) {
+        self.tracker.spawn(
+            async move {
+                let _guard = guard;
+                session.await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn accept_loop(listener: Listener, front: FrontEnd, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let config = &shared.state.config;
+    let failed = |e: &io::Error| warn!(error = %e, "accept failed");
+    while let Some((stream, client)) = next_connection(|| listener.accept(), &shutdown, failed).await {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let observer = &shared.state.observer;
         // Unix-socket clients passed the socket file's permissions instead.
@@ -448,20 +490,8 @@ async fn accept_loop(listener: Listener, front: FrontEnd, shared: Arc<Shared>, s
         );
         let (state, cancel, front) = (shared.state.clone(), shared.sessions_cancel.clone(), front.clone());
         let live = state.observer.accepted(id, client);
-        let guard = SessionGuard {
-            observer: state.observer.clone(),
-            live: live.clone(),
-            per_client: shared.per_client.clone(),
-            client_key,
-        };
-        shared.tracker.spawn(
-            async move {
-                let _guard = guard;
-                session::run(stream, front, live, state, cancel).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        let guard = SessionGuard::new(&state.observer, &live, &shared.per_client, client_key);
+        shared.spawn_session(span, guard, permit, session::run(stream, front, live, state, cancel));
     }
 }
 
@@ -477,19 +507,8 @@ async fn inbound_accept_loop(
 ) {
     let InboundBound { listener, inbound } = bound;
     let config = &shared.state.config;
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                warn!(error = %e, listen = %inbound.listen, "inbound accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let failed = |e: &io::Error| warn!(error = %e, listen = %inbound.listen, "inbound accept failed");
+    while let Some((stream, peer)) = next_connection(|| listener.accept(), &shutdown, failed).await {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let observer = &shared.state.observer;
         // Dropped before a byte is read, before any limit is spent on it.
@@ -526,20 +545,8 @@ async fn inbound_accept_loop(
         );
         let (state, cancel, listener) = (shared.state.clone(), shared.sessions_cancel.clone(), inbound.clone());
         let live = state.observer.accepted_inbound(id, peer);
-        let guard = SessionGuard {
-            observer: state.observer.clone(),
-            live: live.clone(),
-            per_client: limits.per_source.clone(),
-            client_key: peer_key,
-        };
-        shared.tracker.spawn(
-            async move {
-                let _guard = guard;
-                inbound::run(stream, listener, live, state, cancel).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        let guard = SessionGuard::new(&state.observer, &live, &limits.per_source, peer_key);
+        shared.spawn_session(span, guard, permit, inbound::run(stream, listener, live, state, cancel));
     }
 }
 
@@ -547,16 +554,23 @@ async fn inbound_accept_loop(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_panicking_session_leaves_status_and_counts_consistent() {
+    /// A session accepted from 127.0.0.1:5000, holding its client's slot
+    /// (of `max`), and its guard.
+    fn guarded_session(max: usize) -> (Arc<Observer>, Arc<PerClient>, ClientKey, Arc<LiveSession>, SessionGuard) {
         let observer = Arc::new(Observer::default());
         let per_client = Arc::new(PerClient::default());
         let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let ip = Peer::from(client).key();
-        assert!(per_client.try_take(ip, 1));
+        let key = Peer::from(client).key();
+        assert!(per_client.try_take(key, max));
+        let live = observer.accepted(1, client);
+        let guard = SessionGuard::new(&observer, &live, &per_client, key);
+        (observer, per_client, key, live, guard)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_session_leaves_status_and_counts_consistent() {
+        let (observer, per_client, ip, _, guard) = guarded_session(1);
         assert!(!per_client.try_take(ip, 1), "the cap holds");
-        let live = observer.accepted(7, client);
-        let guard = SessionGuard { observer: observer.clone(), live, per_client: per_client.clone(), client_key: ip };
         let task = tokio::spawn(async move {
             let _guard = guard;
             panic!("a bug in a session");
@@ -572,18 +586,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_session_that_closed_itself_is_counted_once() {
-        let observer = Arc::new(Observer::default());
-        let per_client = Arc::new(PerClient::default());
-        let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let key = Peer::from(client).key();
-        assert!(per_client.try_take(key, 4));
-        let live = observer.accepted(1, client);
-        let guard = SessionGuard {
-            observer: observer.clone(),
-            live: live.clone(),
-            per_client: per_client.clone(),
-            client_key: key,
-        };
+        let (observer, per_client, key, live, guard) = guarded_session(4);
         observer.closed(&live, "closed");
         drop(guard);
         let text = observer.encode_metrics();

@@ -279,10 +279,7 @@ impl fmt::Debug for Credentials {
 /// empty password, and refusing them gains nothing.
 pub fn decode_auth(buf: &[u8]) -> Result<Option<(Credentials, usize)>, Socks5Error> {
     let mut r = Reader::new(buf);
-    let version = need!(r.u8());
-    if version != AUTH_VERSION {
-        return Err(Socks5Error::BadAuthVersion(version));
-    }
+    check_auth_version(need!(r.u8()))?;
     let username_len = need!(r.u8());
     let username = need!(r.take(usize::from(username_len)));
     let password_len = need!(r.u8());
@@ -484,10 +481,7 @@ pub fn encode_auth(credentials: &Credentials, out: &mut Vec<u8>) -> Result<(), S
 /// Decodes the server's RFC 1929 `01 STATUS`: `true` for 0x00, `false` for any other status.
 pub fn decode_auth_status(buf: &[u8]) -> Result<Option<(bool, usize)>, Socks5Error> {
     let mut r = Reader::new(buf);
-    let version = need!(r.u8());
-    if version != AUTH_VERSION {
-        return Err(Socks5Error::BadAuthVersion(version));
-    }
+    check_auth_version(need!(r.u8()))?;
     let status = need!(r.u8());
     Ok(Some((status == 0x00, r.pos)))
 }
@@ -581,6 +575,10 @@ impl<'a> Reader<'a> {
 
 fn check_version(version: u8) -> Result<(), Socks5Error> {
     if version == SOCKS_VERSION { Ok(()) } else { Err(Socks5Error::BadVersion(version)) }
+}
+
+fn check_auth_version(version: u8) -> Result<(), Socks5Error> {
+    if version == AUTH_VERSION { Ok(()) } else { Err(Socks5Error::BadAuthVersion(version)) }
 }
 
 fn field_len(field: &'static str, bytes: &[u8]) -> Result<u8, Socks5Error> {

@@ -102,12 +102,24 @@ impl fmt::Display for Peer {
     }
 }
 
-/// A connected socket of either kind.
+/// A socket of either kind, or one half of one: the connection itself
+/// ([`Stream`]) and its owned halves ([`ReadHalf`], [`WriteHalf`]) are the
+/// same enum over different socket types, so each I/O call is forwarded in
+/// one place for all three.
 #[derive(Debug)]
-pub enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+pub enum Socket<T, U> {
+    Tcp(T),
+    Unix(U),
 }
+
+/// A connected socket of either kind.
+pub type Stream = Socket<TcpStream, UnixStream>;
+
+/// The read half of a [`Stream`].
+pub type ReadHalf = Socket<tcp::OwnedReadHalf, unix::OwnedReadHalf>;
+
+/// The write half of a [`Stream`]; shutting it down half-closes the socket.
+pub type WriteHalf = Socket<tcp::OwnedWriteHalf, unix::OwnedWriteHalf>;
 
 impl From<TcpStream> for Stream {
     fn from(stream: TcpStream) -> Self {
@@ -145,59 +157,6 @@ impl Stream {
     }
 }
 
-/// Forwards an `AsyncRead`/`AsyncWrite` call to the variant's socket (both
-/// socket kinds are `Unpin`).
-macro_rules! forward {
-    ($self:ident, $inner:ident => $call:expr) => {
-        match $self.get_mut() {
-            Self::Tcp($inner) => $call,
-            Self::Unix($inner) => $call,
-        }
-    };
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        forward!(self, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        forward!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        forward!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Unix(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        forward!(self, s => Pin::new(s).poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        forward!(self, s => Pin::new(s).poll_shutdown(cx))
-    }
-}
-
-/// The read half of a [`Stream`].
-#[derive(Debug)]
-pub enum ReadHalf {
-    Tcp(tcp::OwnedReadHalf),
-    Unix(unix::OwnedReadHalf),
-}
-
 impl ReadHalf {
     /// Waits until the socket is readable, without a buffer.
     pub async fn readable(&self) -> io::Result<()> {
@@ -216,16 +175,26 @@ impl ReadHalf {
     }
 }
 
-/// The write half of a [`Stream`]; shutting it down half-closes the socket.
-#[derive(Debug)]
-pub enum WriteHalf {
-    Tcp(tcp::OwnedWriteHalf),
-    Unix(unix::OwnedWriteHalf),
+/// Forwards an `AsyncRead`/`AsyncWrite` call to the variant's socket (every
+/// socket type here is `Unpin`).
+macro_rules! forward {
+    ($self:ident, $inner:ident => $call:expr) => {
+        match $self.get_mut() {
+            Socket::Tcp($inner) => $call,
+            Socket::Unix($inner) => $call,
+        }
+    };
 }
 
-impl AsyncWrite for WriteHalf {
+impl<T: AsyncRead + Unpin, U: AsyncRead + Unpin> AsyncRead for Socket<T, U> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        forward!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl<T: AsyncWrite + Unpin, U: AsyncWrite + Unpin> AsyncWrite for Socket<T, U> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        forward!(self, w => Pin::new(w).poll_write(cx, buf))
+        forward!(self, s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -233,22 +202,22 @@ impl AsyncWrite for WriteHalf {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        forward!(self, w => Pin::new(w).poll_write_vectored(cx, bufs))
+        forward!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            WriteHalf::Tcp(w) => w.is_write_vectored(),
-            WriteHalf::Unix(w) => w.is_write_vectored(),
+            Socket::Tcp(s) => s.is_write_vectored(),
+            Socket::Unix(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        forward!(self, w => Pin::new(w).poll_flush(cx))
+        forward!(self, s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        forward!(self, w => Pin::new(w).poll_shutdown(cx))
+        forward!(self, s => Pin::new(s).poll_shutdown(cx))
     }
 }
 

@@ -64,20 +64,41 @@ pub enum UpgradeError {
     ClosedMidway { received: usize, reset: bool },
     #[error("handshake timed out after {received} bytes from the remote")]
     TimedOut { received: usize },
+    #[error("handshake: {0}")]
+    Packet(#[from] V2Error),
+    #[error(transparent)]
+    Failed(#[from] HandshakeFailure),
+}
+
+/// How a handshake fails the same way in either role (the responder's
+/// `RespondError` wraps it too).
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeFailure {
     #[error("no garbage terminator within {} bytes", MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN)]
     NoGarbageTerminator,
     #[error("handshake packet of {len} bytes exceeds the {max}-byte limit")]
     PacketTooLarge { len: usize, max: usize },
     #[error("handshake: {0}")]
     Protocol(bip324::Error),
-    #[error("handshake: {0}")]
-    Packet(#[from] V2Error),
     #[error("handshake I/O: {0}")]
     Io(io::Error),
     /// Our own key derivation disagrees with the `bip324` crate's: a defect
-    /// here, never the remote's doing.
+    /// here, never the other side's doing.
     #[error("internal: derived {0} differs from the bip324 crate's")]
     KeyMismatch(DerivedValue),
+}
+
+impl HandshakeFailure {
+    /// A short fixed label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HandshakeFailure::NoGarbageTerminator => "no_garbage_terminator",
+            HandshakeFailure::PacketTooLarge { .. } => "packet_too_large",
+            HandshakeFailure::Protocol(_) => "protocol",
+            HandshakeFailure::Io(_) => "io_error",
+            HandshakeFailure::KeyMismatch(_) => "internal",
+        }
+    }
 }
 
 /// What our key derivation is checked against the crate's on.
@@ -111,11 +132,8 @@ impl UpgradeError {
             UpgradeError::NoResponse(_) => "no_response",
             UpgradeError::ClosedMidway { .. } => "closed_midway",
             UpgradeError::TimedOut { .. } => "timeout",
-            UpgradeError::NoGarbageTerminator => "no_garbage_terminator",
-            UpgradeError::PacketTooLarge { .. } => "packet_too_large",
-            UpgradeError::Protocol(_) | UpgradeError::Packet(_) => "protocol",
-            UpgradeError::Io(_) => "io_error",
-            UpgradeError::KeyMismatch(_) => "internal",
+            UpgradeError::Packet(_) => "protocol",
+            UpgradeError::Failed(failure) => failure.label(),
         }
     }
 
@@ -168,7 +186,7 @@ pub(crate) enum IoFailure {
 /// What a role's handshake calls each failure, given how many bytes the
 /// remote had sent (silence means something else to an initiator than to a
 /// responder).
-pub(crate) trait HandshakeErrors: From<TailError> {
+pub(crate) trait HandshakeErrors: From<HandshakeFailure> {
     fn from_io(failure: IoFailure, received: usize) -> Self;
 }
 
@@ -180,7 +198,7 @@ impl HandshakeErrors for UpgradeError {
             (IoFailure::Closed { reset: false }, 0) => UpgradeError::NoResponse(Silence::Closed),
             (IoFailure::Closed { reset: true }, 0) => UpgradeError::NoResponse(Silence::Reset),
             (IoFailure::Closed { reset }, received) => UpgradeError::ClosedMidway { received, reset },
-            (IoFailure::Io(e), _) => UpgradeError::Io(e),
+            (IoFailure::Io(e), _) => HandshakeFailure::Io(e).into(),
         }
     }
 }
@@ -256,7 +274,7 @@ impl InitiatorKey {
     pub fn generate(magic: Magic) -> Result<Self, UpgradeError> {
         let (mut known, secret) = fresh_secret();
         let handshake = Handshake::<Initialized>::new_with_rng(magic, Role::Initiator, &mut known, &*SECP)
-            .map_err(UpgradeError::Protocol)?;
+            .map_err(HandshakeFailure::Protocol)?;
         Ok(InitiatorKey { handshake, secret })
     }
 }
@@ -360,7 +378,7 @@ pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     let mut garbage = vec![0u8; shape.garbage_len.min(MAX_GARBAGE_LEN)];
     RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
     let mut first_flight = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
-    let handshake = handshake.send_key(Some(&garbage), &mut first_flight).map_err(UpgradeError::Protocol)?;
+    let handshake = handshake.send_key(Some(&garbage), &mut first_flight).map_err(HandshakeFailure::Protocol)?;
     let mut ours = [0u8; ELLSWIFT_LEN];
     ours.copy_from_slice(&first_flight[..ELLSWIFT_LEN]);
     io.write_all(&first_flight).await?;
@@ -371,7 +389,7 @@ pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     let mut theirs = [0u8; ELLSWIFT_LEN];
     theirs.copy_from_slice(&inbound[..ELLSWIFT_LEN]);
     inbound.advance(ELLSWIFT_LEN);
-    let handshake = handshake.receive_key(theirs).map_err(UpgradeError::Protocol)?;
+    let handshake = handshake.receive_key(theirs).map_err(HandshakeFailure::Protocol)?;
     let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Initiator, &magic);
 
     // Garbage terminator, decoys (if any; the first packet after the
@@ -382,9 +400,9 @@ pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     let decoy_refs: Vec<&[u8]> = decoys.iter().map(Vec::as_slice).collect();
     let decoy_refs = (!decoy_refs.is_empty()).then_some(&decoy_refs[..]);
     let mut second_flight = vec![0u8; Handshake::<ReceivedKey>::send_version_len(decoy_refs)];
-    let handshake = handshake.send_version(&mut second_flight, decoy_refs).map_err(UpgradeError::Protocol)?;
+    let handshake = handshake.send_version(&mut second_flight, decoy_refs).map_err(HandshakeFailure::Protocol)?;
     if second_flight[..GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator()[..] {
-        return Err(UpgradeError::KeyMismatch(DerivedValue::GarbageTerminator));
+        return Err(HandshakeFailure::KeyMismatch(DerivedValue::GarbageTerminator).into());
     }
     let mut encoder = keys.encoder(1 + decoys.len() as u64);
     let mut flight = BytesMut::from(&second_flight[..]);
@@ -409,32 +427,11 @@ pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     })
 }
 
-/// How the part of the handshake both roles share can fail: after the keys
-/// are known, the remote's garbage, decoys and version packet.
-#[derive(Debug)]
-pub(crate) enum TailError {
-    NoGarbageTerminator,
-    PacketTooLarge { len: usize, max: usize },
-    Protocol(bip324::Error),
-    KeyMismatch(DerivedValue),
-}
-
-impl From<TailError> for UpgradeError {
-    fn from(error: TailError) -> Self {
-        match error {
-            TailError::NoGarbageTerminator => UpgradeError::NoGarbageTerminator,
-            TailError::PacketTooLarge { len, max } => UpgradeError::PacketTooLarge { len, max },
-            TailError::Protocol(e) => UpgradeError::Protocol(e),
-            TailError::KeyMismatch(value) => UpgradeError::KeyMismatch(value),
-        }
-    }
-}
-
 /// The reads the shared part of the handshake needs; each role's reader
 /// classifies its own I/O failures (silence means something else to an
 /// initiator than to a responder).
 pub(crate) trait HandshakeRead {
-    type Error: From<TailError>;
+    type Error: From<HandshakeFailure>;
     /// Reads at least one more byte into `buf`, reserving room for `want`.
     async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), Self::Error>;
 
@@ -473,8 +470,8 @@ pub(crate) async fn receive_garbage_and_version<R: HandshakeRead>(
         match handshake.receive_garbage(&received) {
             Ok(GarbageResult::FoundGarbage { handshake, consumed_bytes }) => break (handshake, consumed_bytes),
             Ok(GarbageResult::NeedMoreData(waiting)) => handshake = waiting,
-            Err(bip324::Error::NoGarbageTerminator) => return Err(TailError::NoGarbageTerminator.into()),
-            Err(e) => return Err(TailError::Protocol(e).into()),
+            Err(bip324::Error::NoGarbageTerminator) => return Err(HandshakeFailure::NoGarbageTerminator.into()),
+            Err(e) => return Err(HandshakeFailure::Protocol(e).into()),
         }
         io.read_into(&mut received, 1).await?;
     };
@@ -487,18 +484,18 @@ pub(crate) async fn receive_garbage_and_version<R: HandshakeRead>(
         io.read_at_least(&mut inbound, LENGTH_LEN).await?;
         let mut length = [0u8; LENGTH_LEN];
         length.copy_from_slice(&inbound[..LENGTH_LEN]);
-        let rest = handshake.decrypt_packet_len(length).map_err(TailError::Protocol)?;
+        let rest = handshake.decrypt_packet_len(length).map_err(HandshakeFailure::Protocol)?;
         let contents_len = rest.saturating_sub(HEADER_LEN + TAG_LEN);
         if contents_len > MAX_CONTENTS_BYTES {
-            return Err(TailError::PacketTooLarge { len: contents_len, max: MAX_CONTENTS_BYTES }.into());
+            return Err(HandshakeFailure::PacketTooLarge { len: contents_len, max: MAX_CONTENTS_BYTES }.into());
         }
         io.read_at_least(&mut inbound, LENGTH_LEN + rest).await?;
         let mut packet = inbound.split_to(LENGTH_LEN + rest);
         packets_received += 1;
-        match handshake.receive_version(&mut packet[LENGTH_LEN..]).map_err(TailError::Protocol)? {
+        match handshake.receive_version(&mut packet[LENGTH_LEN..]).map_err(HandshakeFailure::Protocol)? {
             VersionResult::Complete { cipher } => {
                 if cipher.id() != keys.session_id() {
-                    return Err(TailError::KeyMismatch(DerivedValue::SessionId).into());
+                    return Err(HandshakeFailure::KeyMismatch(DerivedValue::SessionId).into());
                 }
                 return Ok((packets_received, inbound));
             }

@@ -343,7 +343,7 @@ async fn boolean_environment_variables_take_the_usual_spellings() {
     ] {
         for variable in ["BIP324_PROXY_PASSTHROUGH", "BIP324_PROXY_ALLOW_PRIVATE_TARGETS"] {
             let field = if variable.ends_with("PASSTHROUGH") { "passthrough" } else { "allow_private_targets" };
-            let mut proxy = spawn_binary_env(&[], &[(variable, value)]).await;
+            let mut proxy = start_binary(&[], "info", &[(variable, value)]);
             let line = proxy.wait_for(&["listening"]).await;
             assert!(line.contains(&format!("{field}={expected}")), "{variable}={value}: {line}");
         }
@@ -357,55 +357,12 @@ async fn boolean_environment_variables_take_the_usual_spellings() {
         }
     }
     // The flags take the same words.
-    let mut proxy = spawn_binary_env(&["--allow-private-targets=no", "--passthrough", "off"], &[]).await;
+    let mut proxy = start_binary(&["--allow-private-targets=no", "--passthrough", "off"], "info", &[]);
     let line = proxy.wait_for(&["listening"]).await;
     assert!(line.contains("allow_private_targets=false") && line.contains("passthrough=false"), "{line}");
-    let mut proxy = spawn_binary_env(&["--allow-private-targets"], &[]).await;
+    let mut proxy = start_binary(&["--allow-private-targets"], "info", &[]);
     let line = proxy.wait_for(&["listening"]).await;
     assert!(line.contains("allow_private_targets=true"), "{line}");
-}
-
-/// Process-wide environment is shared by the test threads, so variables go to
-/// the child only.
-async fn spawn_binary_env(args: &[&str], env: &[(&str, &str)]) -> BinaryProxy {
-    let mut all = vec!["--listen", "127.0.0.1:0"];
-    all.extend_from_slice(args);
-    let mut child = command(&all, env).stderr(std::process::Stdio::piped()).spawn().expect("binary starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        use tokio::io::AsyncBufReadExt;
-        let mut reader = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    BinaryProxy { child, addr: "127.0.0.1:0".parse().unwrap(), lines, seen: Vec::new() }
-}
-
-async fn run_binary_env(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
-    let output = tokio::time::timeout(WAIT, command(args, env).output()).await.expect("exits").unwrap();
-    (output.status, String::from_utf8_lossy(&output.stderr).into_owned())
-}
-
-fn command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bip324-proxy"));
-    command
-        .args(args)
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("BIP324_PROXY_") {
-            command.env_remove(key);
-        }
-    }
-    command.envs(env.iter().copied());
-    command
 }
 
 #[test]

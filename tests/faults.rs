@@ -193,9 +193,7 @@ async fn client_failures_at_every_stage_close_one_session_with_the_reason() {
 
     // Mid-request.
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    socks_greet(&mut s, &[0x05, 0x01, 0x00]).await;
     s.write_all(&[0x05, 0x01, 0x00, 0x01, 127]).await.unwrap();
     drop(s);
     let line = proxy.wait_for(&["session closed"]).await;

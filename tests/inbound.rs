@@ -268,6 +268,14 @@ async fn wait_until(mut check: impl FnMut() -> bool) {
     .expect("condition not reached");
 }
 
+/// Waits until every session has closed, then checks the metrics show `line`.
+async fn assert_closed_with(proxy: &InboundProxy, line: &str) {
+    let observer = proxy.observer.clone();
+    wait_until(|| observer.status().open_sessions == 0).await;
+    let metrics = proxy.observer.encode_metrics();
+    assert!(metrics.contains(line), "{metrics}");
+}
+
 // ---------------------------------------------------------------- tests
 
 #[tokio::test]
@@ -314,13 +322,8 @@ async fn bip324_initiator_reaches_a_v1_node_through_the_inbound_listener() {
     assert!(metrics.contains("bip324_proxy_inbound_handshake_duration_seconds_count 1"), "{metrics}");
 
     drop(peer);
-    let observer = proxy.observer.clone();
-    wait_until(|| observer.status().open_sessions == 0).await;
-    let metrics = proxy.observer.encode_metrics();
-    assert!(
-        metrics.contains("bip324_proxy_inbound_sessions_closed_total{transport=\"v2\",reason=\"closed\"} 1"),
-        "{metrics}"
-    );
+    assert_closed_with(&proxy, "bip324_proxy_inbound_sessions_closed_total{transport=\"v2\",reason=\"closed\"} 1")
+        .await;
 }
 
 #[tokio::test]
@@ -402,13 +405,11 @@ async fn a_v1_peer_is_relayed_framed_and_sees_the_bit() {
     expect_closed(&mut peer).await;
     let commands: Vec<String> = received.lock().unwrap()[0].iter().map(|f| f.command.clone()).collect();
     assert_eq!(commands, ["version", "ping"]);
-    let observer = proxy.observer.clone();
-    wait_until(|| observer.status().open_sessions == 0).await;
-    let metrics = proxy.observer.encode_metrics();
-    assert!(
-        metrics.contains("bip324_proxy_inbound_sessions_closed_total{transport=\"v1\",reason=\"bad_peer_message\"} 1"),
-        "{metrics}"
-    );
+    assert_closed_with(
+        &proxy,
+        "bip324_proxy_inbound_sessions_closed_total{transport=\"v1\",reason=\"bad_peer_message\"} 1",
+    )
+    .await;
 }
 
 #[tokio::test]

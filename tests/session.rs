@@ -274,9 +274,7 @@ async fn wrong_magic_after_version_closes() {
 
 async fn request_with_command(proxy: std::net::SocketAddr, command: u8, atyp: u8) -> u8 {
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    socks_greet(&mut s, &[0x05, 0x01, 0x00]).await;
     let mut request = vec![0x05, command, 0x00, atyp];
     request.extend_from_slice(&[127, 0, 0, 1, 0x20, 0x8d]);
     s.write_all(&request).await.unwrap();
@@ -316,9 +314,7 @@ async fn onion_without_upstream_gets_04() {
 async fn no_acceptable_method_gets_ff() {
     let proxy = spawn_proxy(&[]).await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(&[0x05, 0x01, 0x01]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    let choice = socks_greet(&mut s, &[0x05, 0x01, 0x01]).await;
     assert_eq!(choice, [0x05, 0xff]);
 }
 
@@ -328,9 +324,7 @@ async fn empty_password_is_accepted_jdk_style() {
     let proxy = spawn_proxy(&[]).await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     // Offer only username/password, as a JDK client with credentials does.
-    s.write_all(&[0x05, 0x01, 0x02]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    let choice = socks_greet(&mut s, &[0x05, 0x01, 0x02]).await;
     assert_eq!(choice, [0x05, 0x02]);
     s.write_all(&[0x01, 0x04, b'u', b's', b'e', b'r', 0x00]).await.unwrap();
     let mut status = [0u8; 2];
@@ -349,24 +343,14 @@ async fn configured_client_auth_rejects_wrong_credentials() {
     let proxy = spawn_proxy(&["--client-username", "wallet", "--client-password", "s3cret"]).await;
     for (user, pass, ok) in [("wallet", "s3cret", true), ("wallet", "wrong", false), ("", "", false)] {
         let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(&[0x05, 0x02, 0x00, 0x02]).await.unwrap();
-        let mut choice = [0u8; 2];
-        s.read_exact(&mut choice).await.unwrap();
+        let choice = socks_greet(&mut s, &[0x05, 0x02, 0x00, 0x02]).await;
         assert_eq!(choice, [0x05, 0x02], "credentials are required");
-        let mut auth = vec![0x01, user.len() as u8];
-        auth.extend_from_slice(user.as_bytes());
-        auth.push(pass.len() as u8);
-        auth.extend_from_slice(pass.as_bytes());
-        s.write_all(&auth).await.unwrap();
-        let mut status = [0u8; 2];
-        s.read_exact(&mut status).await.unwrap();
+        let status = socks_auth(&mut s, user, pass).await;
         assert_eq!(status, if ok { [0x01, 0x00] } else { [0x01, 0x01] }, "{user}:{pass}");
     }
     // A client offering only no-auth gets 0xFF.
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    let choice = socks_greet(&mut s, &[0x05, 0x01, 0x00]).await;
     assert_eq!(choice, [0x05, 0xff]);
 }
 

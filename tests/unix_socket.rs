@@ -60,9 +60,7 @@ async fn spawn_with_unix(path: &Path, args: &[&str]) -> BinaryProxy {
 async fn socks_connect_unix(path: &Path, target: SocketAddr) -> Result<UnixStream, u8> {
     let SocketAddr::V4(target) = target else { panic!("IPv4 target") };
     let mut s = UnixStream::connect(path).await.expect("connect to the socket");
-    s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    let choice = socks_greet(&mut s, &[0x05, 0x01, 0x00]).await;
     assert_eq!(choice, [0x05, 0x00]);
     let mut request = vec![0x05, 0x01, 0x00, 0x01];
     request.extend_from_slice(&target.ip().octets());
@@ -203,9 +201,7 @@ async fn a_stale_socket_file_is_removed_and_bound() {
     // Bound (and the stale file replaced) before any listening line.
     assert!(proxy.seen.iter().any(|l| l.contains("removed a stale socket file")), "{:?}", proxy.seen);
     let mut s = UnixStream::connect(&path).await.expect("the new listener answers");
-    s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    let choice = socks_greet(&mut s, &[0x05, 0x01, 0x00]).await;
     assert_eq!(choice, [0x05, 0x00]);
 }
 
@@ -370,9 +366,7 @@ async fn unix_clients_of_one_user_share_one_per_client_cap() {
     assert!(line.contains("client=unix:uid="), "{line}");
     // A TCP client is another client with its own slots.
     let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    tcp.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-    let mut choice = [0u8; 2];
-    tcp.read_exact(&mut choice).await.unwrap();
+    let choice = socks_greet(&mut tcp, &[0x05, 0x01, 0x00]).await;
     assert_eq!(choice, [0x05, 0x00]);
 }
 

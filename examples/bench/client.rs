@@ -71,10 +71,13 @@ async fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> anyhow::Result<
     Ok(stream)
 }
 
-/// Reads until `decode` finds a whole message at the front of `buf`, which it then consumes.
-async fn read_decoded<T, E>(
+/// Reads SOCKS5 bytes from `peer` (named in errors) until `decode` finds a
+/// whole message at the front of `buf`, which it then consumes. Used by both
+/// roles: this client and the plain SOCKS relay (`roles.rs`).
+pub async fn read_decoded<T, E>(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
+    peer: &str,
     decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, E>,
 ) -> anyhow::Result<T>
 where
@@ -85,9 +88,10 @@ where
             buf.advance(used);
             return Ok(value);
         }
+        ensure!(buf.len() < 1024, "SOCKS5 message from the {peer} too long");
         buf.reserve(64);
         if stream.read_buf(buf).await? == 0 {
-            bail!("proxy closed during SOCKS5");
+            bail!("{peer} closed during SOCKS5");
         }
     }
 }
@@ -100,12 +104,12 @@ async fn socks_connect(proxy: SocketAddr, source: Option<IpAddr>, target: Socket
     socks5::encode_greeting(&[socks5::METHOD_NO_AUTH], &mut out);
     stream.write_all(&out).await?;
     let mut buf = BytesMut::new();
-    let method = read_decoded(&mut stream, &mut buf, socks5::decode_method_choice).await?;
+    let method = read_decoded(&mut stream, &mut buf, "proxy", socks5::decode_method_choice).await?;
     ensure!(method == socks5::METHOD_NO_AUTH, "proxy chose SOCKS5 method {method:#04x}");
     out.clear();
     socks5::encode_request(socks5::Command::Connect, &Target::new(Host::Ip(target.ip()), target.port()), &mut out)?;
     stream.write_all(&out).await?;
-    let reply = read_decoded(&mut stream, &mut buf, socks5::decode_reply).await?;
+    let reply = read_decoded(&mut stream, &mut buf, "proxy", socks5::decode_reply).await?;
     ensure!(reply.code.is_success(), "SOCKS5 reply {:#04x}", reply.code.0);
     ensure!(buf.is_empty(), "bytes after the SOCKS5 reply");
     Ok(stream)
@@ -134,40 +138,24 @@ async fn exchange_version(stream: &mut TcpStream, version_frame: &[u8]) -> anyho
     }
 }
 
-/// A v1 session through the proxy: SOCKS5, VERSION out, VERSION echoed
-/// (which means the proxy's v2 handshake with the node is done).
-pub async fn open_proxy_session(
-    proxy: SocketAddr,
-    source: Option<IpAddr>,
-    node: SocketAddr,
-    version_frame: &[u8],
-) -> anyhow::Result<TcpStream> {
-    let mut stream = socks_connect(proxy, source, node).await?;
-    exchange_version(&mut stream, version_frame).await?;
-    Ok(stream)
+/// How a v1 session reaches the node.
+#[derive(Debug, Clone, Copy)]
+pub enum V1Route {
+    /// SOCKS5 CONNECT to `node` through `proxy` (the proxy, or the plain SOCKS
+    /// relay: SOCKS5, no crypto), from `source` when given.
+    Socks { proxy: SocketAddr, source: Option<IpAddr>, node: SocketAddr },
+    /// A plain TCP connection: to the plain relay, which always forwards to
+    /// the v1 node, or straight to the v1 node.
+    Direct(SocketAddr),
 }
 
-/// A v1 session through the plain relay, which always forwards to the v1 node.
-pub async fn open_relay_session(relay: SocketAddr, version_frame: &[u8]) -> anyhow::Result<TcpStream> {
-    let mut stream = connect_from(None, relay).await?;
-    exchange_version(&mut stream, version_frame).await?;
-    Ok(stream)
-}
-
-/// A v1 session through the plain SOCKS relay (SOCKS5, no crypto) to the v1 node.
-pub async fn open_socks_relay_session(
-    relay: SocketAddr,
-    node: SocketAddr,
-    version_frame: &[u8],
-) -> anyhow::Result<TcpStream> {
-    let mut stream = socks_connect(relay, None, node).await?;
-    exchange_version(&mut stream, version_frame).await?;
-    Ok(stream)
-}
-
-/// A v1 session straight to the v1 node, no proxy.
-pub async fn open_direct_v1_session(node: SocketAddr, version_frame: &[u8]) -> anyhow::Result<TcpStream> {
-    let mut stream = connect_from(None, node).await?;
+/// A v1 session: the route opened, VERSION out, VERSION echoed (through the
+/// proxy, that means its v2 handshake with the node is done).
+pub async fn open_v1_session(route: V1Route, version_frame: &[u8]) -> anyhow::Result<TcpStream> {
+    let mut stream = match route {
+        V1Route::Socks { proxy, source, node } => socks_connect(proxy, source, node).await?,
+        V1Route::Direct(addr) => connect_from(None, addr).await?,
+    };
     exchange_version(&mut stream, version_frame).await?;
     Ok(stream)
 }

@@ -13,13 +13,14 @@ use bip324_proxy::server::Bound;
 use bip324_proxy::session::FrontEnd;
 use bip324_proxy::socks5::{self, Host, ReplyCode, Target};
 use bip324_proxy::state::ProxyState;
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use clap::Parser;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::children::{self, Role};
+use crate::client::read_decoded;
 use crate::{MAGIC, nodes};
 
 /// Runs `role` until the process is ended from outside.
@@ -93,10 +94,10 @@ async fn run_relay(target: SocketAddr) -> anyhow::Result<()> {
 async fn socks_relay(mut client: TcpStream) -> anyhow::Result<()> {
     client.set_nodelay(true)?;
     let mut buf = BytesMut::with_capacity(64);
-    let greeting = read_decoded(&mut client, &mut buf, socks5::decode_greeting).await?;
+    let greeting = read_decoded(&mut client, &mut buf, "client", socks5::decode_greeting).await?;
     anyhow::ensure!(greeting.offers(socks5::METHOD_NO_AUTH), "no acceptable method");
     client.write_all(&socks5::encode_method_choice(socks5::METHOD_NO_AUTH)).await?;
-    let request = read_decoded(&mut client, &mut buf, socks5::decode_request).await?;
+    let request = read_decoded(&mut client, &mut buf, "client", socks5::decode_request).await?;
     let Host::Ip(ip) = request.target.host else { anyhow::bail!("a name target") };
     let mut remote = TcpStream::connect(SocketAddr::new(ip, request.target.port)).await?;
     remote.set_nodelay(true)?;
@@ -106,26 +107,6 @@ async fn socks_relay(mut client: TcpStream) -> anyhow::Result<()> {
     remote.write_all(&buf).await?;
     tokio::io::copy_bidirectional(&mut client, &mut remote).await?;
     Ok(())
-}
-
-/// Reads until `decode` finds a whole message at the front of `buf`, which it then consumes.
-async fn read_decoded<T, E>(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, E>,
-) -> anyhow::Result<T>
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    loop {
-        if let Some((value, used)) = decode(buf)? {
-            buf.advance(used);
-            return Ok(value);
-        }
-        anyhow::ensure!(buf.len() < 1024, "SOCKS5 message too long");
-        buf.reserve(64);
-        anyhow::ensure!(stream.read_buf(buf).await? > 0, "client closed during SOCKS5");
-    }
 }
 
 /// The v2 echo node, then the v1 echo node, in one process.

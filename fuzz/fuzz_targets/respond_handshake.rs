@@ -21,14 +21,15 @@
 //!   the limit must fail; anything else may fail but must not panic.
 #![no_main]
 
+mod handshake;
+
 use bip324_proxy::respond::{self, FirstBytes};
 use bip324_proxy::v2::{DecodedPacket, Role, SessionKeys};
 use bytes::BytesMut;
+use handshake::{MAGIC, Plan};
 use libfuzzer_sys::fuzz_target;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncReadExt, DuplexStream};
 use tokio::time::{Duration, Instant};
-
-const MAGIC: [u8; 4] = [0xfa, 0xbf, 0xb5, 0xda];
 
 /// What the peer's bytes entitle it to.
 enum Expect {
@@ -48,14 +49,8 @@ fuzz_target!(|input: &[u8]| {
     if mode & 1 == 0 {
         check_first_bytes(rest);
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
-    runtime.block_on(async {
-        let (mut ours, theirs) = tokio::io::duplex(1 << 16);
-        let peer = if mode & 1 == 0 {
-            tokio::spawn(raw_peer(theirs, rest.to_vec(), mode & 2 != 0))
-        } else {
-            tokio::spawn(structured_peer(theirs, rest.to_vec()))
-        };
+    handshake::run_paused(async {
+        let (mut ours, peer) = handshake::spawn_other_side(mode, rest, raw_peer, structured_peer);
         let deadline = Instant::now() + Duration::from_secs(10);
         let outcome = respond::respond(&mut ours, BytesMut::new(), MAGIC, deadline).await;
         // The peer has written everything by now (or gave up); its end stays
@@ -105,38 +100,12 @@ fn check_first_bytes(bytes: &[u8]) {
 
 /// Sends `bytes` in chunks of the size the first byte picks, then closes or stays silent.
 async fn raw_peer(mut stream: DuplexStream, bytes: Vec<u8>, stay: bool) -> (Expect, Option<DuplexStream>) {
-    let (chunk, bytes) = match bytes.split_first() {
-        Some((&c, rest)) => (usize::from(c).max(1), rest.to_vec()),
-        None => (1, Vec::new()),
-    };
-    for piece in bytes.chunks(chunk) {
-        if stream.write_all(piece).await.is_err() {
-            return (Expect::Failure, None);
-        }
+    let (chunk, bytes) = handshake::raw_chunks(&bytes);
+    if !handshake::write_in_chunks(&mut stream, bytes, chunk).await {
+        return (Expect::Failure, None);
     }
     // Silent (the deadline ends it) or closed.
     (Expect::Failure, stay.then_some(stream))
-}
-
-/// Reads input bytes one field at a time; missing bytes read as zero.
-struct Plan<'a>(&'a [u8]);
-
-impl Plan<'_> {
-    fn byte(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((&b, rest)) => {
-                self.0 = rest;
-                b
-            }
-            None => 0,
-        }
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.byte(), self.byte()])
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.byte()).collect()
-    }
 }
 
 /// An initiator following the input's plan.
@@ -148,9 +117,7 @@ async fn structured_peer(stream: DuplexStream, input: Vec<u8>) -> (Expect, Optio
 
 async fn structured_flight(stream: &mut DuplexStream, input: Vec<u8>) -> Expect {
     let mut plan = Plan(&input);
-    let secp = secp256k1::Secp256k1::new();
-    let secret = secp256k1::SecretKey::new(&mut rand::thread_rng());
-    let ours = secp256k1::ellswift::ElligatorSwift::from_seckey(&secp, secret, None).to_array();
+    let (secret, ours) = handshake::fresh_key();
     let garbage_len = usize::from(plan.u16()) % 5001;
     let garbage = plan.bytes(garbage_len);
     let chunk = usize::from(plan.byte()).max(1) * 16;
@@ -158,10 +125,8 @@ async fn structured_flight(stream: &mut DuplexStream, input: Vec<u8>) -> Expect 
     // The key and garbage go first; the terminator needs the responder's key.
     let mut first = ours.to_vec();
     first.extend_from_slice(&garbage);
-    for piece in first.chunks(chunk) {
-        if stream.write_all(piece).await.is_err() {
-            return Expect::Either;
-        }
+    if !handshake::write_in_chunks(stream, &first, chunk).await {
+        return Expect::Either;
     }
     let mut theirs = [0u8; 64];
     if stream.read_exact(&mut theirs).await.is_err() {
@@ -173,75 +138,26 @@ async fn structured_flight(stream: &mut DuplexStream, input: Vec<u8>) -> Expect 
     let mut encoder = keys.encoder(0);
     let mut wire = BytesMut::new();
     wire.extend_from_slice(&*keys.send_garbage_terminator());
-    let decoys = plan.byte() % 4;
-    let mut aad: &[u8] = &garbage;
-    for _ in 0..decoys {
-        let len = usize::from(plan.byte());
-        let contents = plan.bytes(len);
-        if encoder.encode_packet(&[], &contents, true, aad, &mut wire).is_err() {
-            return Expect::Either;
-        }
-        aad = &[];
-    }
-    let version_len = usize::from(plan.byte() % 64);
-    let version = plan.bytes(version_len);
-    if encoder.encode_packet(&[], &version, false, aad, &mut wire).is_err() {
+    let Some(after) = handshake::planned_packets(&mut plan, &mut encoder, &garbage, &mut wire) else {
         return Expect::Either;
-    }
-    let mut after = Vec::new();
-    for _ in 0..plan.byte() % 3 {
-        let len = usize::from(plan.byte());
-        let contents = plan.bytes(len);
-        let ignore = plan.byte() & 1 == 1;
-        if encoder.encode_packet(&[], &contents, ignore, &[], &mut wire).is_err() {
-            return Expect::Either;
-        }
-        after.push((contents, ignore));
-    }
-
-    // Well formed: the garbage fits the limit and the terminator's first
-    // occurrence is the real one (garbage that happens to contain it earlier
-    // may legitimately fail).
-    let mut sent = garbage.clone();
-    sent.extend_from_slice(&*keys.send_garbage_terminator());
-    let first_terminator = sent.windows(16).position(|w| w == *keys.send_garbage_terminator());
-    let mut expect = if garbage_len > 4095 && first_terminator == Some(garbage_len) {
-        Expect::Failure
-    } else if first_terminator == Some(garbage_len) {
-        Expect::Success { session_id: *keys.session_id(), after }
-    } else {
-        Expect::Either
     };
-    let corruption = plan.byte() % 4;
-    let position = usize::from(plan.u16());
-    match corruption {
-        1 if !wire.is_empty() => {
-            let at = position % wire.len();
-            wire[at] ^= 1 << (plan.byte() % 8);
-            if matches!(expect, Expect::Success { .. }) {
-                expect = Expect::Either;
-            }
-        }
-        2 => {
-            let at = position % (wire.len() + 1);
-            wire.truncate(at);
-            if matches!(expect, Expect::Success { .. }) {
-                expect = Expect::Either;
-            }
-        }
-        3 => {
-            // Extra bytes after the last packet are the next packet's start:
-            // the handshake and the packets before them are unaffected.
-            let extra_len = usize::from(plan.byte());
-            let extra = plan.bytes(extra_len);
-            wire.extend_from_slice(&extra);
-        }
-        _ => {}
+
+    // Well formed: the garbage fits the limit and the terminator is where it
+    // belongs; over-long garbage before a real terminator must fail.
+    let mut expect = if !handshake::terminator_is_first(&garbage, keys.send_garbage_terminator()) {
+        Expect::Either
+    } else if garbage_len > 4095 {
+        Expect::Failure
+    } else {
+        Expect::Success { session_id: *keys.session_id(), after }
+    };
+    // A damaged handshake may fail; extra bytes after the last packet leave
+    // the handshake and the packets before them intact.
+    if handshake::corrupt(&mut plan, &mut wire) && matches!(expect, Expect::Success { .. }) {
+        expect = Expect::Either;
     }
-    for piece in wire.chunks(chunk) {
-        if stream.write_all(piece).await.is_err() {
-            return if matches!(expect, Expect::Failure) { Expect::Failure } else { Expect::Either };
-        }
+    if !handshake::write_in_chunks(stream, &wire, chunk).await {
+        return if matches!(expect, Expect::Failure) { Expect::Failure } else { Expect::Either };
     }
     expect
 }

@@ -9,10 +9,11 @@
 //! both roles share one codec.
 #![no_main]
 
+mod socks5_contract;
+
 use bip324_proxy::socks5::{self, Credentials, ReplyCode, Socks5Error};
 use libfuzzer_sys::fuzz_target;
-
-type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, Socks5Error>;
+use socks5_contract::check;
 
 fuzz_target!(|input: &[u8]| {
     check(socks5::decode_method_choice, input);
@@ -66,20 +67,6 @@ fn reply(buf: &[u8]) {
     // Every code has a Display form, named or not.
     let text = ReplyCode(reply.code.0).to_string();
     assert!(text.ends_with(&format!("({:#04x})", reply.code.0)), "{text}");
-}
-
-/// Runs `decode` on `buf`, checks the shared decoder invariants, and returns the message and
-/// the bytes it used.
-fn check<T: std::fmt::Debug + PartialEq>(decode: Decoder<T>, buf: &[u8]) -> Option<(T, usize)> {
-    let (value, used) = decode(buf).ok()??;
-    assert!(used <= buf.len(), "used {used} of {} bytes", buf.len());
-    assert!(used > 0, "a whole message is never empty");
-    for len in [0, used / 2, used - 1] {
-        assert_eq!(decode(&buf[..len]), Ok(None), "prefix of {len} bytes of a {used}-byte message");
-    }
-    let alone = decode(&buf[..used]);
-    assert_eq!(alone, Ok(Some((value, used))));
-    alone.ok().flatten()
 }
 
 /// What we send upstream is what a server (ours included) reads back.

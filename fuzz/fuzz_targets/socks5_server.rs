@@ -8,10 +8,11 @@
 //! and decodes to the same request.
 #![no_main]
 
-use bip324_proxy::socks5::{self, Socks5Error};
-use libfuzzer_sys::fuzz_target;
+mod socks5_contract;
 
-type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, Socks5Error>;
+use bip324_proxy::socks5;
+use libfuzzer_sys::fuzz_target;
+use socks5_contract::check;
 
 fuzz_target!(|input: &[u8]| {
     check(socks5::decode_greeting, input);
@@ -36,22 +37,6 @@ fuzz_target!(|input: &[u8]| {
         round_trip(&request);
     }
 });
-
-/// Runs `decode` on `buf`, checks the shared decoder invariants, and returns the message and
-/// the bytes it used.
-fn check<T: std::fmt::Debug + PartialEq>(decode: Decoder<T>, buf: &[u8]) -> Option<(T, usize)> {
-    let (value, used) = decode(buf).ok()??;
-    assert!(used <= buf.len(), "used {used} of {} bytes", buf.len());
-    assert!(used > 0, "a whole message is never empty");
-    // Strict prefixes ask for more bytes: the empty one, the last one, and a middle one.
-    for len in [0, used / 2, used - 1] {
-        assert_eq!(decode(&buf[..len]), Ok(None), "prefix of {len} bytes of a {used}-byte message");
-    }
-    // The message alone decodes the same: bytes after it are never looked at.
-    let alone = decode(&buf[..used]);
-    assert_eq!(alone, Ok(Some((value, used))));
-    alone.ok().flatten()
-}
 
 /// A decoded request encodes again (the decoder only produces valid hosts) and decodes to the
 /// same command and target; one that came as a DOMAINNAME also re-encodes by that name (how an

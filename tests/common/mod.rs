@@ -33,7 +33,7 @@ use bip324_proxy::config::{Cli, Config};
 use bitcoin::hashes::{Hash, sha256d};
 use clap::Parser;
 use rand::{Rng, RngCore};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -132,22 +132,13 @@ pub async fn socks_named(
     require_auth: bool,
 ) -> Result<TcpStream, u8> {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[0x05, 0x02, 0x00, 0x02]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    let choice = socks_greet(&mut s, &[0x05, 0x02, 0x00, 0x02]).await;
     assert_eq!(choice[0], 0x05);
     if require_auth {
         assert_eq!(choice[1], 0x02, "the proxy must ask for credentials to forward them");
     }
     if choice[1] == 0x02 {
-        let mut auth = vec![0x01, credentials.len() as u8];
-        auth.extend_from_slice(credentials.as_bytes());
-        auth.push(credentials.len() as u8);
-        auth.extend_from_slice(credentials.as_bytes());
-        s.write_all(&auth).await.unwrap();
-        let mut status = [0u8; 2];
-        s.read_exact(&mut status).await.unwrap();
-        assert_eq!(status, [0x01, 0x00]);
+        assert_eq!(socks_auth(&mut s, credentials, credentials).await, [0x01, 0x00]);
     } else {
         assert_eq!(choice[1], 0x00);
     }
@@ -158,12 +149,30 @@ pub async fn socks_named(
     read_reply(s).await
 }
 
+/// Sends a SOCKS5 greeting (`05 NMETHODS METHODS`), returns the method choice.
+pub async fn socks_greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, greeting: &[u8]) -> [u8; 2] {
+    s.write_all(greeting).await.unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.unwrap();
+    choice
+}
+
+/// RFC 1929: sends `username` and `password`, returns the two-byte status.
+pub async fn socks_auth(s: &mut TcpStream, username: &str, password: &str) -> [u8; 2] {
+    let mut auth = vec![0x01, username.len() as u8];
+    auth.extend_from_slice(username.as_bytes());
+    auth.push(password.len() as u8);
+    auth.extend_from_slice(password.as_bytes());
+    s.write_all(&auth).await.unwrap();
+    let mut status = [0u8; 2];
+    s.read_exact(&mut status).await.unwrap();
+    status
+}
+
 /// SOCKS5 as btcd and lnd send it: no-auth only, ATYP 1 or 4.
 pub async fn socks_btcd(proxy: SocketAddr, target: SocketAddr) -> Result<TcpStream, u8> {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    let choice = socks_greet(&mut s, &[0x05, 0x01, 0x00]).await;
     assert_eq!(choice, [0x05, 0x00]);
     let mut request = vec![0x05, 0x01, 0x00];
     match target {
@@ -586,7 +595,7 @@ impl BinaryProxy {
     }
 }
 
-fn binary_command(args: &[&str], rust_log: &str) -> tokio::process::Command {
+fn binary_command(args: &[&str], rust_log: &str, env: &[(&str, &str)]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bip324-proxy"));
     command
         .args(args)
@@ -601,14 +610,26 @@ fn binary_command(args: &[&str], rust_log: &str) -> tokio::process::Command {
             command.env_remove(key);
         }
     }
+    command.envs(env.iter().copied());
     command
 }
 
 /// Starts the binary on 127.0.0.1:0 and waits for its `listening` line.
 pub async fn spawn_binary(args: &[&str], rust_log: &str) -> BinaryProxy {
+    let mut proxy = start_binary(args, rust_log, &[]);
+    let line = proxy.wait_for(&["listening"]).await;
+    let addr = line.split("listen=").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("listen field");
+    proxy.addr = addr.parse().expect("listen address");
+    proxy
+}
+
+/// Starts the binary on 127.0.0.1:0, with `env` set for the child only
+/// (process-wide environment is shared by the test threads); its log lines
+/// arrive in `lines` and `addr` is not known yet.
+pub fn start_binary(args: &[&str], rust_log: &str, env: &[(&str, &str)]) -> BinaryProxy {
     let mut all = vec!["--listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
-    let mut child = binary_command(&all, rust_log).spawn().expect("binary starts");
+    let mut child = binary_command(&all, rust_log, env).spawn().expect("binary starts");
     let stderr = child.stderr.take().unwrap();
     let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -620,16 +641,17 @@ pub async fn spawn_binary(args: &[&str], rust_log: &str) -> BinaryProxy {
             }
         }
     });
-    let mut proxy = BinaryProxy { child, addr: "127.0.0.1:0".parse().unwrap(), lines, seen: Vec::new() };
-    let line = proxy.wait_for(&["listening"]).await;
-    let addr = line.split("listen=").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("listen field");
-    proxy.addr = addr.parse().expect("listen address");
-    proxy
+    BinaryProxy { child, addr: "127.0.0.1:0".parse().unwrap(), lines, seen: Vec::new() }
 }
 
 /// Runs the binary to completion; returns its exit status and stderr.
 pub async fn run_binary(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let output = tokio::time::timeout(WAIT, binary_command(args, "info").output())
+    run_binary_env(args, &[]).await
+}
+
+/// [`run_binary`] with `env` set for the child only.
+pub async fn run_binary_env(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let output = tokio::time::timeout(WAIT, binary_command(args, "info", env).output())
         .await
         .expect("binary exits")
         .expect("binary runs");
@@ -847,9 +869,7 @@ pub async fn spawn_microsocks(user: &str, password: &str) -> Microsocks {
 /// Sends a Tor RESOLVE (0xF0) for `name`; Ok(address) or Err(reply code).
 pub async fn socks_resolve(proxy: SocketAddr, name: &str) -> Result<std::net::IpAddr, u8> {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
+    socks_greet(&mut s, &[0x05, 0x01, 0x00]).await;
     let mut request = vec![0x05, 0xF0, 0x00, 0x03, name.len() as u8];
     request.extend_from_slice(name.as_bytes());
     request.extend_from_slice(&[0, 0]);
@@ -903,9 +923,10 @@ pub async fn wait_for_metric(addr: SocketAddr, line: &str) -> String {
 
 /// Runs the binary to completion; returns its exit status and stdout.
 pub async fn run_binary_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let output = tokio::time::timeout(WAIT, binary_command(args, "warn").stdout(std::process::Stdio::piped()).output())
-        .await
-        .expect("binary exits")
-        .expect("binary runs");
+    let output =
+        tokio::time::timeout(WAIT, binary_command(args, "warn", &[]).stdout(std::process::Stdio::piped()).output())
+            .await
+            .expect("binary exits")
+            .expect("binary runs");
     (output.status, String::from_utf8_lossy(&output.stdout).into_owned())
 }

@@ -247,23 +247,12 @@ pub async fn socks_reply_code(socks: SocketAddr, credentials: Option<&str>, comm
     let mut s = TcpStream::connect(socks).await.unwrap();
     match credentials {
         Some(credentials) => {
-            s.write_all(&[0x05, 0x01, 0x02]).await.unwrap();
-            let mut choice = [0u8; 2];
-            s.read_exact(&mut choice).await.unwrap();
+            let choice = super::socks_greet(&mut s, &[0x05, 0x01, 0x02]).await;
             assert_eq!(choice, [0x05, 0x02]);
-            let mut auth = vec![0x01, credentials.len() as u8];
-            auth.extend_from_slice(credentials.as_bytes());
-            auth.push(credentials.len() as u8);
-            auth.extend_from_slice(credentials.as_bytes());
-            s.write_all(&auth).await.unwrap();
-            let mut status = [0u8; 2];
-            s.read_exact(&mut status).await.unwrap();
-            assert_eq!(status, [0x01, 0x00]);
+            assert_eq!(super::socks_auth(&mut s, credentials, credentials).await, [0x01, 0x00]);
         }
         None => {
-            s.write_all(&[0x05, 0x01, 0x00]).await.unwrap();
-            let mut choice = [0u8; 2];
-            s.read_exact(&mut choice).await.unwrap();
+            let choice = super::socks_greet(&mut s, &[0x05, 0x01, 0x00]).await;
             assert_eq!(choice, [0x05, 0x00]);
         }
     }
