@@ -19,7 +19,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -41,6 +41,10 @@ const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 /// How long an accept loop waits after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// At most one log line per refusal reason in this time; the refusals in
+/// between are counted in the next line (and each one is logged at debug).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A bound listener and what it serves.
 pub struct Bound {
@@ -268,6 +272,97 @@ struct Shared {
     sessions_cancel: CancellationToken,
     next_id: AtomicU64,
     per_client: Arc<PerClient>,
+    refusals: RefusalLog,
+}
+
+/// Why a connection was closed at accept, before a byte was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    AllowList,
+    SessionLimit,
+    ClientLimit,
+    InboundDeny,
+    InboundLimit,
+    InboundSourceLimit,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 6] = [
+        Refusal::AllowList,
+        Refusal::SessionLimit,
+        Refusal::ClientLimit,
+        Refusal::InboundDeny,
+        Refusal::InboundLimit,
+        Refusal::InboundSourceLimit,
+    ];
+
+    /// The `reason` label of `connections_refused_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::AllowList => "allow_list",
+            Refusal::SessionLimit => "session_limit",
+            Refusal::ClientLimit => "client_limit",
+            Refusal::InboundDeny => "inbound_deny",
+            Refusal::InboundLimit => "inbound_limit",
+            Refusal::InboundSourceLimit => "inbound_source_limit",
+        }
+    }
+
+    fn why(self) -> &'static str {
+        match self {
+            Refusal::AllowList => "client address not in the allow-list",
+            Refusal::SessionLimit => "session limit reached (max_sessions)",
+            Refusal::ClientLimit => "per-client session limit reached (max_sessions_per_client)",
+            Refusal::InboundDeny => "peer in the inbound deny list",
+            Refusal::InboundLimit => "inbound limit reached (max_inbound)",
+            Refusal::InboundSourceLimit => "per-source inbound limit reached (max_inbound_per_source)",
+        }
+    }
+}
+
+/// Refusals at accept, logged so that a flood of connections cannot flood
+/// the log: each one at debug, and per reason one line at warn for the first
+/// refusal and then at most one per [`REFUSAL_LOG_INTERVAL`], carrying how
+/// many were refused since the last. `connections_refused_total` counts
+/// every one.
+#[derive(Default)]
+struct RefusalLog {
+    /// Per reason (in [`Refusal::ALL`] order): when the last line was
+    /// written, and the refusals since.
+    reasons: Mutex<[(Option<Instant>, u64); Refusal::ALL.len()]>,
+}
+
+impl RefusalLog {
+    /// Counts a refusal at `now`; `Some(refusals since the last line)`
+    /// (this one included) when a line is due.
+    fn due(&self, reason: Refusal, now: Instant) -> Option<u64> {
+        let index = Refusal::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let mut reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, count) = &mut reasons[index];
+        *count = count.saturating_add(1);
+        if last.is_some_and(|at| now.saturating_duration_since(at) < REFUSAL_LOG_INTERVAL) {
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(count))
+    }
+
+    fn refuse(&self, observer: &Observer, reason: Refusal, session: u64, client: &dyn std::fmt::Display) {
+        observer.refused(reason.label());
+        tracing::debug!(session, %client, reason = reason.label(), "connection refused: {}", reason.why());
+        // Denied peers are the operator's own choice: nothing to warn of.
+        if reason != Refusal::InboundDeny
+            && let Some(refused) = self.due(reason, Instant::now())
+        {
+            warn!(
+                %client,
+                reason = reason.label(),
+                refused,
+                "connection refused: {} ({refused} since the last such line; at most one line a minute)",
+                reason.why()
+            );
+        }
+    }
 }
 
 /// Live sessions per client (address, or user of a Unix-socket client), for
@@ -360,6 +455,7 @@ pub async fn serve_with_inbound(
         sessions_cancel: CancellationToken::new(),
         next_id: AtomicU64::new(1),
         per_client: Arc::new(PerClient::default()),
+        refusals: RefusalLog::default(),
     });
     for b in &bound {
         if let Listener::Tcp(listener) = &b.listener
@@ -454,29 +550,21 @@ async fn accept_loop(listener: Listener, front: FrontEnd, shared: Arc<Shared>, s
     let failed = |e: &io::Error| warn!(error = %e, "accept failed");
     while let Some((stream, client)) = next_connection(|| listener.accept(), &shutdown, failed).await {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let observer = &shared.state.observer;
+        let refuse = |reason| shared.refusals.refuse(&shared.state.observer, reason, id, &client);
         // Unix-socket clients passed the socket file's permissions instead.
         if let Some(addr) = client.socket_addr()
             && !config.allows(&addr)
         {
-            info!(session = id, %client, "connection refused: client address not in the allow-list");
-            observer.refused("allow_list");
+            refuse(Refusal::AllowList);
             continue;
         }
         let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-            warn!(session = id, %client, max_sessions = config.max_sessions, "connection refused: session limit reached");
-            observer.refused("session_limit");
+            refuse(Refusal::SessionLimit);
             continue;
         };
         let client_key = client.key();
         if !shared.per_client.try_take(client_key, config.max_sessions_per_client) {
-            warn!(
-                session = id,
-                %client,
-                max_sessions_per_client = config.max_sessions_per_client,
-                "connection refused: per-client session limit reached"
-            );
-            observer.refused("client_limit");
+            refuse(Refusal::ClientLimit);
             continue;
         }
         let span = info_span!(
@@ -497,8 +585,8 @@ async fn accept_loop(listener: Listener, front: FrontEnd, shared: Arc<Shared>, s
 
 /// Accepts peers of a v1-only node. No allow-list (the listener is public by
 /// design); `max_inbound` and `max_inbound_per_source` instead, apart from
-/// the outbound limits. Refusals are counted and logged at debug level only:
-/// a flood from the internet must not flood the log.
+/// the outbound limits. Refusals are counted and logged like the main
+/// listener's ([`RefusalLog`]); a peer an operator denies only at debug.
 async fn inbound_accept_loop(
     bound: InboundBound,
     shared: Arc<Shared>,
@@ -510,27 +598,19 @@ async fn inbound_accept_loop(
     let failed = |e: &io::Error| warn!(error = %e, listen = %inbound.listen, "inbound accept failed");
     while let Some((stream, peer)) = next_connection(|| listener.accept(), &shutdown, failed).await {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let observer = &shared.state.observer;
+        let refuse = |reason| shared.refusals.refuse(&shared.state.observer, reason, id, &peer);
         // Dropped before a byte is read, before any limit is spent on it.
         if inbound.denies(&peer) {
-            tracing::debug!(session = id, %peer, "inbound connection refused: deny list");
-            observer.refused("inbound_deny");
+            refuse(Refusal::InboundDeny);
             continue;
         }
         let Ok(permit) = limits.permits.clone().try_acquire_owned() else {
-            tracing::debug!(session = id, %peer, max_inbound = config.max_inbound, "inbound connection refused: limit reached");
-            observer.refused("inbound_limit");
+            refuse(Refusal::InboundLimit);
             continue;
         };
-        let peer_key = ClientKey::Ip(peer.ip().to_canonical());
+        let peer_key = ClientKey::of_ip(peer.ip());
         if !limits.per_source.try_take(peer_key, config.max_inbound_per_source) {
-            tracing::debug!(
-                session = id,
-                %peer,
-                max_inbound_per_source = config.max_inbound_per_source,
-                "inbound connection refused: per-source limit reached"
-            );
-            observer.refused("inbound_source_limit");
+            refuse(Refusal::InboundSourceLimit);
             continue;
         }
         let span = info_span!(
@@ -553,6 +633,24 @@ async fn inbound_accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_logged_once_a_minute_per_reason_with_the_count_between() {
+        let log = RefusalLog::default();
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        assert_eq!(log.due(Refusal::SessionLimit, at(0)), Some(1), "the first refusal is logged at once");
+        for second in 1..=59 {
+            assert_eq!(log.due(Refusal::SessionLimit, at(second)), None, "second {second}");
+        }
+        assert_eq!(log.due(Refusal::AllowList, at(30)), Some(1), "each reason has its own minute");
+        assert_eq!(log.due(Refusal::SessionLimit, at(60)), Some(60), "59 held back, and this one");
+        assert_eq!(log.due(Refusal::SessionLimit, at(61)), None);
+        assert_eq!(log.due(Refusal::SessionLimit, at(500)), Some(2));
+        for reason in Refusal::ALL {
+            assert!(!reason.label().is_empty() && !reason.why().is_empty());
+        }
+    }
 
     /// A session accepted from 127.0.0.1:5000, holding its client's slot
     /// (of `max`), and its guard.

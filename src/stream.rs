@@ -29,13 +29,27 @@ pub enum Peer {
 /// The identity `max_sessions_per_client` counts by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClientKey {
-    /// A TCP client's address (IPv4-mapped IPv6 as IPv4).
+    /// A TCP client's address (IPv4-mapped IPv6 as IPv4); an IPv6 client
+    /// by its /64, see [`ClientKey::of_ip`].
     Ip(IpAddr),
     /// A Unix-socket client's user: all processes of one user are one client,
     /// as all processes behind one address are.
     Uid(u32),
     /// A Unix-socket client whose user the kernel did not report.
     Unix,
+}
+
+impl ClientKey {
+    /// The source an address counts as: an IPv4 address, or the /64 an
+    /// IPv6 address is in. One host is usually given a whole /64 (RFC 6177,
+    /// SLAAC), so counting single IPv6 addresses would let one host take as
+    /// many slots as it has addresses.
+    pub fn of_ip(ip: IpAddr) -> ClientKey {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => ClientKey::Ip(IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into())),
+            v4 => ClientKey::Ip(v4),
+        }
+    }
 }
 
 impl Peer {
@@ -67,7 +81,7 @@ impl Peer {
     /// The identity the per-client session cap counts.
     pub fn key(&self) -> ClientKey {
         match self {
-            Peer::Tcp(addr) => ClientKey::Ip(addr.ip().to_canonical()),
+            Peer::Tcp(addr) => ClientKey::of_ip(addr.ip()),
             Peer::Unix { uid: Some(uid), .. } => ClientKey::Uid(*uid),
             Peer::Unix { uid: None, .. } => ClientKey::Unix,
         }
@@ -242,6 +256,18 @@ mod tests {
         assert_eq!(unknown.to_string(), "unix");
         assert_eq!(unknown.key(), ClientKey::Unix);
         assert_eq!(Peer::Unix { uid: None, pid: Some(7) }.to_string(), "unix:pid=7");
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_64() {
+        let key = |text: &str| ClientKey::of_ip(text.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(key("2001:db8:1:2:abcd::7"), ClientKey::Ip("2001:db8:1:2::".parse().unwrap()));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_ne!(key("10.0.0.1"), key("10.0.0.2"), "IPv4 counts by address");
+        assert_eq!(key("::ffff:10.0.0.1"), key("10.0.0.1"));
+        let peer = Peer::from("[2001:db8::5]:8333".parse::<SocketAddr>().unwrap());
+        assert_eq!(peer.key(), key("2001:db8::9"));
     }
 
     #[tokio::test]
