@@ -524,7 +524,35 @@ pub(crate) async fn next_connection<T, F: Future<Output = io::Result<T>>>(
     }
 }
 
+/// A listener's session permits, its per-client (or per-source) counts and
+/// how many slots one key may hold.
+type Slots<'a> = (&'a Arc<Semaphore>, &'a PerClient, usize);
+
 impl Shared {
+    /// Admits connection `id` from `who`, or refuses it (counted and logged
+    /// by [`RefusalLog`]): with `denied` when that is set, before any slot is
+    /// spent; else with the first of `refusals` when every permit is taken,
+    /// the second when `key` holds all its slots. The permit and the key's
+    /// slot are the session's until it ends.
+    fn admit(
+        &self,
+        id: u64,
+        who: &dyn std::fmt::Display,
+        denied: Option<Refusal>,
+        (permits, per_key, max_per_key): Slots<'_>,
+        key: ClientKey,
+        [all_taken, key_full]: [Refusal; 2],
+    ) -> Option<OwnedSemaphorePermit> {
+        let refused = match (denied, permits.clone().try_acquire_owned()) {
+            (Some(reason), _) => reason,
+            (None, Err(_)) => all_taken,
+            (None, Ok(permit)) if per_key.try_take(key, max_per_key) => return Some(permit),
+            (None, Ok(_)) => key_full,
+        };
+        self.refusals.refuse(&self.state.observer, refused, id, who);
+        None
+    }
+
     /// Runs an accepted session on the tracker, in its `span`, holding its
     /// concurrency `permit` until it ends and its `guard` until its task is gone.
     fn spawn_session(
@@ -550,23 +578,14 @@ async fn accept_loop(listener: Listener, front: FrontEnd, shared: Arc<Shared>, s
     let failed = |e: &io::Error| warn!(error = %e, "accept failed");
     while let Some((stream, client)) = next_connection(|| listener.accept(), &shutdown, failed).await {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let refuse = |reason| shared.refusals.refuse(&shared.state.observer, reason, id, &client);
         // Unix-socket clients passed the socket file's permissions instead.
-        if let Some(addr) = client.socket_addr()
-            && !config.allows(&addr)
-        {
-            refuse(Refusal::AllowList);
-            continue;
-        }
-        let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-            refuse(Refusal::SessionLimit);
+        let denied = client.socket_addr().is_some_and(|addr| !config.allows(&addr)).then_some(Refusal::AllowList);
+        let client_key = client.key();
+        let slots = (&shared.permits, &*shared.per_client, config.max_sessions_per_client);
+        let refusals = [Refusal::SessionLimit, Refusal::ClientLimit];
+        let Some(permit) = shared.admit(id, &client, denied, slots, client_key, refusals) else {
             continue;
         };
-        let client_key = client.key();
-        if !shared.per_client.try_take(client_key, config.max_sessions_per_client) {
-            refuse(Refusal::ClientLimit);
-            continue;
-        }
         let span = info_span!(
             "session",
             id,
@@ -598,21 +617,14 @@ async fn inbound_accept_loop(
     let failed = |e: &io::Error| warn!(error = %e, listen = %inbound.listen, "inbound accept failed");
     while let Some((stream, peer)) = next_connection(|| listener.accept(), &shutdown, failed).await {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let refuse = |reason| shared.refusals.refuse(&shared.state.observer, reason, id, &peer);
         // Dropped before a byte is read, before any limit is spent on it.
-        if inbound.denies(&peer) {
-            refuse(Refusal::InboundDeny);
-            continue;
-        }
-        let Ok(permit) = limits.permits.clone().try_acquire_owned() else {
-            refuse(Refusal::InboundLimit);
+        let denied = inbound.denies(&peer).then_some(Refusal::InboundDeny);
+        let peer_key = ClientKey::of_ip(peer.ip());
+        let slots = (&limits.permits, &*limits.per_source, config.max_inbound_per_source);
+        let refusals = [Refusal::InboundLimit, Refusal::InboundSourceLimit];
+        let Some(permit) = shared.admit(id, &peer, denied, slots, peer_key, refusals) else {
             continue;
         };
-        let peer_key = ClientKey::of_ip(peer.ip());
-        if !limits.per_source.try_take(peer_key, config.max_inbound_per_source) {
-            refuse(Refusal::InboundSourceLimit);
-            continue;
-        }
         let span = info_span!(
             "inbound",
             id,
