@@ -2,7 +2,8 @@
 //! the `[shaping]` configuration section, and the schedules that decide how
 //! many decoy bytes go out and where. No I/O here: the relay's `V1ToV2`
 //! translator asks a [`Padder`] after each write it prepares, and the
-//! handshake asks a [`HandshakePolicy`] for its garbage length and decoys.
+//! handshake, in either role, asks a [`HandshakePolicy`] for its garbage
+//! length and decoys.
 //! While a direction is idle, a [`CoverPolicy`] schedules cover decoys and
 //! [`HourlyBudget`]s cap them per session and proxy-wide.
 //!
@@ -149,8 +150,9 @@ impl Default for HandshakePolicy {
     }
 }
 
-/// One handshake's draw from a [`HandshakePolicy`]: what the initiator (or,
-/// later, the responder) sends around its garbage terminator.
+/// One handshake's draw from a [`HandshakePolicy`]: what the initiator
+/// (`upgrade.rs`) or the responder (`respond.rs`) sends around its garbage
+/// terminator.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HandshakeShape {
     pub garbage_len: usize,
