@@ -945,3 +945,31 @@ async fn responder_handshake_decoys_and_garbage_follow_the_shaping_policy() {
         .and_then(|v| v.trim().parse::<u64>().ok());
     assert_eq!(counted, Some(total as u64), "{metrics}");
 }
+
+#[tokio::test]
+async fn inbound_sessions_send_cover_decoys_while_the_node_is_quiet() {
+    let (node, _received) = spawn_answering_node().await;
+    let proxy = spawn_inbound_proxy(
+        "[shaping]\ncover = \"constant\"\ncover_interval_ms = 10\ncover_size_max = 64\n",
+        &["--inbound", &format!("127.0.0.1:0={node}@regtest")],
+    )
+    .await;
+    let mut peer = V2Peer::connect(proxy.inbound[0], InitiatorShape::default()).await;
+    peer.send("version", &version_payload(proxy.inbound[0])).await;
+    assert_eq!(peer.recv().await.0, "version");
+    assert_eq!(peer.recv().await.0, "verack");
+    // The node says nothing more: the proxy fills the silence with decoys,
+    // which the peer skips.
+    let observer = proxy.observer.clone();
+    let cover = move || {
+        observer
+            .encode_metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("bip324_proxy_shaping_decoy_bytes_total{kind=\"cover\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    wait_until(|| cover() >= 3 * 20).await;
+    peer.send("ping", &5u64.to_le_bytes()).await;
+    assert_eq!(peer.recv().await, ("ping".to_owned(), 5u64.to_le_bytes().to_vec()));
+}
