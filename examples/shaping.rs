@@ -84,30 +84,42 @@ struct Args {
     /// Handshake-only sessions per policy for the first-flight sizes.
     #[arg(long, default_value_t = 10)]
     handshakes: usize,
+    /// Burst smoothing rates to replay, MB per second of replay time
+    /// (repeatable; none with an empty list).
+    #[arg(long, num_args = 0.., default_values_t = [16.0, 4.0])]
+    smoothing_mb_per_s: Vec<f64>,
+    /// The smoothing bucket, bytes.
+    #[arg(long, default_value_t = 16_384)]
+    smoothing_burst: u64,
 }
 
-/// A shaping policy: its `[shaping]` section, and whether it has cover
-/// traffic (whose interval is then scaled).
+/// A shaping policy: its name and its `[shaping]` section.
 struct Policy {
-    name: &'static str,
-    shaping: &'static str,
+    name: String,
+    shaping: String,
 }
 
 const COVER_BUDGETS: &str = "cover_budget_per_hour = 1099511627776\ncover_global_budget_per_hour = 1099511627776\n";
 
-fn policies() -> Vec<Policy> {
-    vec![
-        Policy { name: "off", shaping: "" },
-        Policy { name: "pow2", shaping: "padding = \"pow2\"\n" },
-        Policy { name: "padme", shaping: "padding = \"padme\"\n" },
-        Policy { name: "cover constant", shaping: "cover = \"constant\"\n" },
-        Policy { name: "cover poisson", shaping: "cover = \"poisson\"\n" },
-        Policy { name: "pow2 + cover", shaping: "padding = \"pow2\"\ncover = \"constant\"\n" },
-        Policy {
-            name: "handshake decoys",
-            shaping: "handshake_decoys = 2\nhandshake_decoy_min = 0\nhandshake_decoy_max = 1024\n",
-        },
-    ]
+fn policies(args: &Args) -> Vec<Policy> {
+    let policy = |name: &str, shaping: &str| Policy { name: name.to_owned(), shaping: shaping.to_owned() };
+    let mut all = vec![
+        policy("off", ""),
+        policy("pow2", "padding = \"pow2\"\n"),
+        policy("padme", "padding = \"padme\"\n"),
+        policy("cover constant", "cover = \"constant\"\n"),
+        policy("cover poisson", "cover = \"poisson\"\n"),
+        policy("pow2 + cover", "padding = \"pow2\"\ncover = \"constant\"\n"),
+        policy("handshake decoys", "handshake_decoys = 2\nhandshake_decoy_min = 0\nhandshake_decoy_max = 1024\n"),
+    ];
+    for &rate in &args.smoothing_mb_per_s {
+        let bytes = (rate * 1e6) as u64;
+        all.push(Policy {
+            name: format!("smoothing {rate} MB/s"),
+            shaping: format!("smoothing_rate = {bytes}\nsmoothing_burst = {}\n", args.smoothing_burst),
+        });
+    }
+    all
 }
 
 fn main() -> anyhow::Result<()> {
@@ -132,14 +144,14 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let mut flights_by_policy = Vec::new();
-    for policy in policies() {
-        let proxy = ProxyThread::start(policy.shaping, Duration::from_secs_f64(args.cover_interval_ms / 1000.0))?;
+    for policy in policies(&args) {
+        let proxy = ProxyThread::start(&policy.shaping, Duration::from_secs_f64(args.cover_interval_ms / 1000.0))?;
         let conn = recordings.lock().unwrap_or_else(|e| e.into_inner()).len();
-        let client = runtime.block_on(peers::replay(proxy.addr, observer, &chain)).context(policy.name)?;
+        let client = runtime.block_on(peers::replay(proxy.addr, observer, &chain)).context(policy.name.clone())?;
         std::thread::sleep(SETTLE);
         let reads = recordings.lock().unwrap_or_else(|e| e.into_inner())[conn].clone();
         let remote_log = remote_logs.lock().unwrap_or_else(|e| e.into_inner())[conn].lock().unwrap().clone();
-        let row = measure(policy.name, &args, &client, &reads, &remote_log)?;
+        let row = measure(policy.name.clone(), &args, &client, &reads, &remote_log)?;
         eprintln!("{:<18} done after {:.0?}", policy.name, started.elapsed());
         rows.push(row);
 
@@ -199,7 +211,7 @@ impl ProxyThread {
 
 /// One policy's numbers.
 struct Row {
-    name: &'static str,
+    name: String,
     flights: usize,
     flights_distinct: usize,
     flight_entropy: f64,
@@ -212,7 +224,12 @@ struct Row {
     decoy_bytes: u64,
     latency_p50: Duration,
     latency_p99: Duration,
+    /// Of `block` messages alone (a few hundred of tens of thousands).
+    block_latency_p50: Duration,
+    block_latency_max: Duration,
     messages: usize,
+    /// The replayed schedule's length.
+    seconds: f64,
 }
 
 /// Reads less than `gap` apart merged: the bursts an observer tells apart.
@@ -252,13 +269,7 @@ fn distinct_and_entropy(sizes: impl IntoIterator<Item = usize>) -> (usize, f64) 
     (counts.len(), entropy.max(0.0))
 }
 
-fn measure(
-    name: &'static str,
-    args: &Args,
-    client: &ClientLog,
-    reads: &Reads,
-    remote: &RemoteLog,
-) -> anyhow::Result<Row> {
+fn measure(name: String, args: &Args, client: &ClientLog, reads: &Reads, remote: &RemoteLog) -> anyhow::Result<Row> {
     let reads = reads.lock().unwrap_or_else(|e| e.into_inner()).clone();
     ensure!(remote.done, "{name}: the remote did not see the session end");
 
@@ -271,14 +282,20 @@ fn measure(
         client.sent.len()
     );
     let mut latencies = Vec::with_capacity(client.sent.len());
+    let mut block_latencies = Vec::new();
     for (k, ((sent_at, sent), (got_at, got))) in client.sent.iter().zip(&remote.received).enumerate() {
         ensure!(sent == got, "{name}: message {k} differs");
         // The VERSION went out in the handshake; the rest are relayed.
         if k > 0 {
-            latencies.push(got_at.saturating_duration_since(*sent_at));
+            let latency = got_at.saturating_duration_since(*sent_at);
+            latencies.push(latency);
+            if sent == b"block\0\0\0\0\0\0\0" {
+                block_latencies.push(latency);
+            }
         }
     }
     latencies.sort();
+    block_latencies.sort();
 
     // After the handshake's two flights (key and garbage; the encrypted one).
     let flights = flight_sizes(&reads, Duration::from_micros(args.flight_gap_us));
@@ -303,7 +320,13 @@ fn measure(
         decoy_bytes: remote.decoy_bytes + remote.handshake_decoys.iter().sum::<usize>() as u64,
         latency_p50: percentile(&latencies, 0.5),
         latency_p99: percentile(&latencies, 0.99),
+        block_latency_p50: percentile(&block_latencies, 0.5),
+        block_latency_max: block_latencies.last().copied().unwrap_or_default(),
         messages: client.sent.len(),
+        seconds: match (client.started, client.ended) {
+            (Some(start), Some(end)) => (end - start).as_secs_f64(),
+            _ => 0.0,
+        },
     })
 }
 
@@ -393,7 +416,7 @@ fn print_report(
     params: &chain::Params,
     chain: &chain::Chain,
     rows: &[Row],
-    first_flights: &[(&str, Vec<(usize, usize)>)],
+    first_flights: &[(String, Vec<(usize, usize)>)],
     built: Duration,
     elapsed: Duration,
 ) {
@@ -441,13 +464,20 @@ fn print_report(
         args.window_ms, args.window_ms
     );
     println!(
-        "  overhead: decoy bytes / genuine bytes on the wire; latency: client write to the remote's decryption, per message"
+        "  overhead: decoy bytes / genuine bytes on the wire; latency: client write to the remote's decryption, per message (block: of block messages alone), change against off in brackets"
     );
+    if let Some(off) = rows.first() {
+        println!(
+            "  smoothing: a token bucket of {} B refilled at the rate, on every v2 write; the off session's mean v2 rate was {:.1} MB/s",
+            args.smoothing_burst,
+            off.wire_bytes as f64 / off.seconds.max(1e-9) / 1e6
+        );
+    }
     println!();
     println!(
-        "| policy | flights | distinct | H (bits) | segment sizes | H (bits) | visibility | detected | overhead | latency p50 (ms) | p99 (ms) |"
+        "| policy | flights | distinct | H (bits) | segment sizes | H (bits) | visibility | detected | overhead | latency p50 (ms) | p99 (ms) | block p50 (ms) | block max (ms) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let off = rows.first();
     for row in rows {
         let delta = |value: Duration, base: Option<Duration>| match base {
@@ -457,7 +487,7 @@ fn print_report(
             _ => ms(value),
         };
         println!(
-            "| {} | {} | {} | {:.2} | {} | {:.2} | {:.1}x | {:.0}% | {} B ({:.1}%) | {} | {} |",
+            "| {} | {} | {} | {:.2} | {} | {:.2} | {:.1}x | {:.0}% | {} B ({:.1}%) | {} | {} | {} | {} |",
             row.name,
             row.flights,
             row.flights_distinct,
@@ -470,6 +500,8 @@ fn print_report(
             row.decoy_bytes as f64 * 100.0 / row.genuine_bytes.max(1) as f64,
             delta(row.latency_p50, off.map(|o| o.latency_p50)),
             delta(row.latency_p99, off.map(|o| o.latency_p99)),
+            delta(row.block_latency_p50, off.map(|o| o.block_latency_p50)),
+            delta(row.block_latency_max, off.map(|o| o.block_latency_max)),
         );
     }
     println!();

@@ -221,6 +221,10 @@ impl<T: Translator> Translator for NodeToPeer<T> {
     fn idle_write(&mut self, now: Instant, out: &mut BytesMut) -> Result<(), CloseReason> {
         self.inner.idle_write(now, out)
     }
+
+    fn pacing(&mut self) -> Option<&mut relay::Pacing> {
+        self.inner.pacing()
+    }
 }
 
 /// Connects to `node` from `source`, an address of another host (the
