@@ -20,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::metrics::{Direction, LiveCounters, ShapingMetrics};
-use crate::shaping::{CoverPolicy, HourlyBudget, MIN_DECOY_WIRE_BYTES, Pacer, Padder, Shaping, SmoothingPolicy};
+use crate::shaping::{
+    CoverPolicy, HourlyBudget, MIN_DECOY_WIRE_BYTES, Pacer, Padder, PaddingPolicy, Shaping, SmoothingPolicy,
+    padded_decoy_contents,
+};
 use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
@@ -266,11 +269,13 @@ impl Cover {
         self.next = now + self.policy.next_delay(&mut rand::thread_rng());
     }
 
-    /// The contents length of the decoy due at `now`, with both budgets
-    /// charged, or `None` when one of them has no room for it.
-    fn draw(&mut self, now: Instant, metrics: &ShapingMetrics) -> Option<usize> {
+    /// The contents length of the decoy due at `now` (on the padding grid
+    /// when `padding` is on), with both budgets charged, or `None` when one
+    /// of them has no room for it.
+    fn draw(&mut self, now: Instant, metrics: &ShapingMetrics, padding: Option<&PaddingPolicy>) -> Option<usize> {
         self.reschedule(now);
-        let contents = self.policy.decoy_len(&mut rand::thread_rng());
+        let drawn = self.policy.decoy_len(&mut rand::thread_rng());
+        let contents = padding.map_or(drawn, |padding| padded_decoy_contents(padding, drawn));
         let wire = (contents + MIN_DECOY_WIRE_BYTES) as u64;
         let elapsed = now.saturating_duration_since(self.origin);
         let stop = if !self.budget.fits(elapsed, wire) {
@@ -319,7 +324,8 @@ impl Shaper {
         out: &mut BytesMut,
     ) -> Result<(), CloseReason> {
         let Some(cover) = &mut self.cover else { return Ok(()) };
-        let Some(contents) = cover.draw(now, &self.metrics) else { return Ok(()) };
+        let padding = self.padder.as_ref().map(Padder::policy);
+        let Some(contents) = cover.draw(now, &self.metrics, padding) else { return Ok(()) };
         encoder.encode_decoy(contents, out).map_err(CloseReason::Encode)?;
         let wire = contents + MIN_DECOY_WIRE_BYTES;
         self.metrics.cover_decoy(wire);
@@ -962,6 +968,35 @@ mod tests {
         assert!((expected..expected + 0.01).contains(&waited), "{waited} s");
         drop(writer);
         assert_eq!(reading.await.unwrap(), pieces.concat());
+    }
+
+    #[test]
+    fn cover_decoys_land_on_the_padding_grid() {
+        use crate::shaping::{Buckets, CoverPolicy, CoverSchedule, PaddingPolicy};
+        let ours = SessionKeys::from_shared_secret(&[8; 32], Role::Initiator, &MAGIC);
+        let cover = CoverPolicy {
+            schedule: CoverSchedule::Constant,
+            interval: Duration::from_millis(10),
+            contents: 0..=300,
+            budget_per_hour: 1 << 30,
+            global_budget_per_hour: 1 << 30,
+        };
+        let padding = PaddingPolicy { buckets: Buckets::Pow2, cap: 65536, budget: 1 << 30 };
+        let shaping = Shaping { cover: Some(cover), padding: Some(padding), ..Shaping::default() };
+        let mut translator = V1ToV2 {
+            decoder: FrameDecoder::new(MAGIC, true),
+            encoder: ours.encoder(0),
+            shaper: Shaper::for_config(&shaping, &ShapingMetrics::default()),
+        };
+        let mut sizes = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let mut out = BytesMut::new();
+            let wake = translator.idle_wake().unwrap();
+            translator.idle_write(wake, &mut out).unwrap();
+            sizes.insert(out.len());
+        }
+        // 20..=320 bytes drawn: rounded to 32, 64, 128, 256 or 512.
+        assert!(sizes.iter().all(|&len| len.is_power_of_two() && (32..=512).contains(&len)), "{sizes:?}");
     }
 
     #[test]

@@ -468,6 +468,14 @@ pub fn decoy_wire_len(buckets: Buckets, cap: usize, len: usize) -> usize {
     boundary(buckets, cap, len + MIN_DECOY_WIRE_BYTES) - len
 }
 
+/// The contents length of a decoy that goes out as a write of its own (a
+/// cover decoy) when padding is on: `contents` rounded up so the whole
+/// packet lands on a bucket boundary, like every genuine write. A cover
+/// decoy off the grid would tell itself apart from genuine writes by its size.
+pub fn padded_decoy_contents(policy: &PaddingPolicy, contents: usize) -> usize {
+    boundary(policy.buckets, policy.cap, contents + MIN_DECOY_WIRE_BYTES) - MIN_DECOY_WIRE_BYTES
+}
+
 /// One session's padding state: the policy and what is left of its budget.
 #[derive(Debug, Clone)]
 pub struct Padder {
@@ -496,6 +504,10 @@ impl Padder {
         }
         self.spent += wire as u64;
         Some(wire - MIN_DECOY_WIRE_BYTES)
+    }
+
+    pub fn policy(&self) -> &PaddingPolicy {
+        &self.policy
     }
 
     /// Decoy bytes (on the wire) spent so far.
@@ -734,6 +746,19 @@ mod tests {
             prop_assert!(padded == first || first - len < MIN_DECOY_WIRE_BYTES);
             // Decoy contents fit any BIP324 receiver's packet limit.
             prop_assert!(wire <= cap + MIN_DECOY_WIRE_BYTES);
+        }
+
+        #[test]
+        fn padded_cover_decoys_land_on_boundaries(
+            buckets in any_buckets(),
+            cap in PADDING_CAP_BYTES,
+            contents in COVER_DECOY_BYTES,
+        ) {
+            let policy = PaddingPolicy { buckets, cap: cap as usize, budget: 1 << 30 };
+            let padded = padded_decoy_contents(&policy, contents as usize);
+            let wire = padded + MIN_DECOY_WIRE_BYTES;
+            prop_assert!(padded >= contents as usize);
+            prop_assert_eq!(boundary(buckets, cap as usize, wire), wire);
         }
 
         #[test]
