@@ -1,6 +1,6 @@
 //! What traffic shaping hides and what it costs, measured on a replayed
-//! session: `cargo run --release --example shaping` (about a minute and a
-//! half on 2 cores; `--help` for options).
+//! session: `cargo run --release --example shaping` (under two minutes on
+//! 2 cores; `--help` for options).
 //!
 //! The example makes a regtest chain of a few hundred blocks and the
 //! transactions between them with the `bitcoin` crate (`shaping/chain.rs`),
