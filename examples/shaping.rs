@@ -27,7 +27,7 @@ mod peers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -149,8 +149,15 @@ fn main() -> anyhow::Result<()> {
         let conn = recordings.lock().unwrap_or_else(|e| e.into_inner()).len();
         let client = runtime.block_on(peers::replay(proxy.addr, observer, &chain)).context(policy.name.clone())?;
         std::thread::sleep(SETTLE);
-        let reads = recordings.lock().unwrap_or_else(|e| e.into_inner())[conn].clone();
-        let remote_log = remote_logs.lock().unwrap_or_else(|e| e.into_inner())[conn].lock().unwrap().clone();
+        let reads = recording(&recordings, conn)?;
+        let remote_log = remote_logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(conn)
+            .context("the remote saw no session")?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let row = measure(policy.name.clone(), &args, &client, &reads, &remote_log)?;
         eprintln!("{:<18} done after {:.0?}", policy.name, started.elapsed());
         rows.push(row);
@@ -159,8 +166,11 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..args.handshakes {
             let conn = recordings.lock().unwrap_or_else(|e| e.into_inner()).len();
             runtime.block_on(peers::handshake_only(proxy.addr, observer))?;
-            let reads = recordings.lock().unwrap_or_else(|e| e.into_inner())[conn].clone();
-            let sizes = flight_sizes(&reads.lock().unwrap(), Duration::from_micros(args.flight_gap_us));
+            let reads = recording(&recordings, conn)?;
+            let sizes = flight_sizes(
+                &reads.lock().unwrap_or_else(|e| e.into_inner()),
+                Duration::from_micros(args.flight_gap_us),
+            );
             flights.push((sizes.first().copied().unwrap_or(0), sizes.get(1).copied().unwrap_or(0)));
         }
         flights_by_policy.push((policy.name, flights));
@@ -168,6 +178,11 @@ fn main() -> anyhow::Result<()> {
     }
     print_report(&args, &params, &chain, &rows, &flights_by_policy, built, started.elapsed());
     Ok(())
+}
+
+/// The observer's reads of connection `conn`.
+fn recording(recordings: &Mutex<Vec<Reads>>, conn: usize) -> anyhow::Result<Reads> {
+    recordings.lock().unwrap_or_else(|e| e.into_inner()).get(conn).cloned().context("the observer saw no session")
 }
 
 /// The proxy's library entry point on a runtime thread of its own.
@@ -265,8 +280,8 @@ fn distinct_and_entropy(sizes: impl IntoIterator<Item = usize>) -> (usize, f64) 
             -p * p.log2()
         })
         .sum::<f64>();
-    // One size only: -1 * log2(1) is -0.
-    (counts.len(), entropy.max(0.0))
+    // One size only: -1 * log2(1) is -0, printed as such.
+    (counts.len(), if entropy > 0.0 { entropy } else { 0.0 })
 }
 
 fn measure(name: String, args: &Args, client: &ClientLog, reads: &Reads, remote: &RemoteLog) -> anyhow::Result<Row> {
