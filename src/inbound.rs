@@ -5,8 +5,9 @@
 //!   listener's network is relayed (`v1 = "relay"`) or closed
 //!   (`v1 = "refuse"`); a VERSION of another network is closed, as Core does;
 //!   anything else is a BIP324 initiator;
-//! - upgrade: the responder handshake ([`respond::respond`]), under the
-//!   handshake timeout counted from accept;
+//! - upgrade: the responder handshake ([`respond::respond_shaped`]), under
+//!   the handshake timeout counted from accept, with the garbage length and
+//!   handshake decoys drawn from `[shaping]` as for outbound sessions;
 //! - dial: the node, directly (it is normally on loopback), only once the
 //!   peer has proved itself, so junk never reaches the node;
 //! - relay: [`relay::run`] with the peer as its client and the node as its
@@ -206,6 +207,20 @@ impl<T: Translator> Translator for NodeToPeer<T> {
             other => other,
         })
     }
+
+    // Cover decoys are `inner`'s (the v2 encoder's); they go to the peer
+    // between whole writes and never pass the frame scan above.
+    fn idle_wake(&self) -> Option<Instant> {
+        self.inner.idle_wake()
+    }
+
+    fn idle_write(&mut self, now: Instant, out: &mut BytesMut) -> Result<(), CloseReason> {
+        self.inner.idle_write(now, out)
+    }
+
+    fn pacing(&mut self) -> Option<&mut relay::Pacing> {
+        self.inner.pacing()
+    }
 }
 
 /// Connects to `node` from `source`, an address of another host (the
@@ -321,7 +336,9 @@ impl InboundSession<'_> {
                 Err(InboundError::OtherNetwork { found, network: self.listener.network.name.clone() })
             }
             FirstBytes::V2 | FirstBytes::NeedMore => {
-                let channel = match respond::respond(&mut peer, pending, magic, deadline).await {
+                // The same garbage and decoy policy as our initiator's.
+                let shape = config.shaping.handshake.draw(&mut rand::thread_rng());
+                let channel = match respond::respond_shaped(&mut peer, pending, magic, deadline, &shape).await {
                     Ok(channel) => channel,
                     Err(error) => {
                         self.state.observer.inbound_handshake_failed(error.label());
@@ -329,6 +346,7 @@ impl InboundSession<'_> {
                     }
                 };
                 self.state.observer.inbound_handshake_done(self.accepted.elapsed());
+                self.state.observer.shaping().handshake_decoys(shape.decoy_wire_bytes());
                 let node = self.dial_node(peer_ip).await?;
                 self.open_line(InboundTransport::V2, Some(&channel.session_id), &node);
                 let report = relay::run(

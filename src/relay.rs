@@ -20,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::metrics::{Direction, LiveCounters, ShapingMetrics};
-use crate::shaping::{CoverPolicy, HourlyBudget, MIN_DECOY_WIRE_BYTES, Padder, Shaping};
+use crate::shaping::{
+    CoverPolicy, HourlyBudget, MIN_DECOY_WIRE_BYTES, Pacer, Padder, PaddingPolicy, Shaping, SmoothingPolicy,
+    padded_decoy_contents,
+};
 use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
@@ -156,14 +159,67 @@ pub trait Translator: Send {
     fn idle_write(&mut self, _now: Instant, _out: &mut BytesMut) -> Result<(), CloseReason> {
         Ok(())
     }
+
+    /// Burst smoothing of this direction's writes; `None`, the default,
+    /// writes everything at once.
+    fn pacing(&mut self) -> Option<&mut Pacing> {
+        None
+    }
+}
+
+/// Burst smoothing of one v2 direction: every write, cover decoys included,
+/// goes out in chunks released by a [`Pacer`] (`shaping.rs`), so a block
+/// leaves at the configured rate once the bucket is drained. Only the v2
+/// leg is ever paced: a client waiting for its messages is not slowed.
+pub struct Pacing {
+    pacer: Pacer,
+    /// Where the pacer's clock starts.
+    origin: Instant,
+}
+
+impl Pacing {
+    pub fn new(policy: SmoothingPolicy, now: Instant) -> Self {
+        Pacing { pacer: Pacer::new(policy, Duration::ZERO), origin: now }
+    }
+
+    /// Writes `pieces`, in order, chunk by chunk as the pacer allows.
+    async fn write(&mut self, writer: &mut WriteHalf, pieces: &[&[u8]]) -> io::Result<()> {
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        let chunk_len = self.pacer.chunk().max(1);
+        let (mut piece, mut offset, mut sent) = (0, 0, 0);
+        while sent < total {
+            let len = (total - sent).min(chunk_len);
+            let delay = self.pacer.reserve(self.origin.elapsed(), len);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            // The pieces' bytes from `sent` to `sent + len`.
+            let mut chunk: Vec<&[u8]> = Vec::with_capacity(2);
+            let mut need = len;
+            while need > 0 && piece < pieces.len() {
+                let rest = &pieces[piece][offset..];
+                let take = rest.len().min(need);
+                chunk.push(&rest[..take]);
+                need -= take;
+                offset += take;
+                if offset == pieces[piece].len() {
+                    piece += 1;
+                    offset = 0;
+                }
+            }
+            write_all_vectored(writer, &chunk).await?;
+            sent += len;
+        }
+        Ok(())
+    }
 }
 
 /// Client v1 frames -> v2 packets.
 pub struct V1ToV2 {
     pub decoder: FrameDecoder,
     pub encoder: PacketEncoder,
-    /// Padding and write-size measurement; `None` (the default) costs one
-    /// check per write.
+    /// Padding, cover, smoothing and write-size measurement; `None` (the
+    /// default) costs one check per write.
     pub shaper: Option<Shaper>,
 }
 
@@ -183,6 +239,8 @@ pub struct Shaper {
     pub last_write: Option<Instant>,
     /// Decoys while idle; `None` when `shaping.cover` is off.
     pub cover: Option<Cover>,
+    /// Burst smoothing; `None` when `shaping.smoothing_rate` is 0.
+    pub pacing: Option<Pacing>,
 }
 
 /// One session's cover traffic: its schedule and its own hourly budget (the
@@ -209,11 +267,13 @@ impl Cover {
         self.next = now + self.policy.next_delay(&mut rand::thread_rng());
     }
 
-    /// The contents length of the decoy due at `now`, with both budgets
-    /// charged, or `None` when one of them has no room for it.
-    fn draw(&mut self, now: Instant, metrics: &ShapingMetrics) -> Option<usize> {
+    /// The contents length of the decoy due at `now` (on the padding grid
+    /// when `padding` is on), with both budgets charged, or `None` when one
+    /// of them has no room for it.
+    fn draw(&mut self, now: Instant, metrics: &ShapingMetrics, padding: Option<&PaddingPolicy>) -> Option<usize> {
         self.reschedule(now);
-        let contents = self.policy.decoy_len(&mut rand::thread_rng());
+        let drawn = self.policy.decoy_len(&mut rand::thread_rng());
+        let contents = padding.map_or(drawn, |padding| padded_decoy_contents(padding, drawn));
         let wire = (contents + MIN_DECOY_WIRE_BYTES) as u64;
         let elapsed = now.saturating_duration_since(self.origin);
         let stop = if !self.budget.fits(elapsed, wire) {
@@ -244,11 +304,13 @@ impl Shaper {
 
     /// The same, continuing a padder (and its budget) the handshake used.
     pub fn with_padder(padder: Option<Padder>, shaping: &Shaping, metrics: &ShapingMetrics) -> Option<Shaper> {
-        (padder.is_some() || shaping.measure || shaping.cover.is_some()).then(|| Shaper {
+        let any = padder.is_some() || shaping.measure || shaping.cover.is_some() || shaping.smoothing.is_some();
+        any.then(|| Shaper {
             padder,
             metrics: metrics.clone(),
             last_write: None,
             cover: shaping.cover.clone().map(|policy| Cover::new(policy, Instant::now())),
+            pacing: shaping.smoothing.map(|policy| Pacing::new(policy, Instant::now())),
         })
     }
 
@@ -260,7 +322,8 @@ impl Shaper {
         out: &mut BytesMut,
     ) -> Result<(), CloseReason> {
         let Some(cover) = &mut self.cover else { return Ok(()) };
-        let Some(contents) = cover.draw(now, &self.metrics) else { return Ok(()) };
+        let padding = self.padder.as_ref().map(Padder::policy);
+        let Some(contents) = cover.draw(now, &self.metrics, padding) else { return Ok(()) };
         encoder.encode_decoy(contents, out).map_err(CloseReason::Encode)?;
         let wire = contents + MIN_DECOY_WIRE_BYTES;
         self.metrics.cover_decoy(wire);
@@ -362,6 +425,10 @@ impl Translator for V1ToV2 {
             Some(shaper) => shaper.cover_decoy(now, &mut self.encoder, out),
             None => Ok(()),
         }
+    }
+
+    fn pacing(&mut self) -> Option<&mut Pacing> {
+        self.shaper.as_mut()?.pacing.as_mut()
     }
 }
 
@@ -586,7 +653,8 @@ async fn pump(
             Err(reason) => break Some(reason),
         };
         if !output.is_empty() {
-            let write = writer.write_all(&output);
+            let pieces = [&output[..]];
+            let write = write_shaped(&mut writer, &pieces, translator.pacing());
             let result = tokio::select! {
                 result = write => result,
                 _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
@@ -605,7 +673,7 @@ async fn pump(
             Step::Direct(direct) => {
                 let pieces = [&direct.head[..], &inbound.pending[direct.body.clone()], &direct.tail[..]];
                 let result = tokio::select! {
-                    result = write_all_vectored(&mut writer, &pieces) => result,
+                    result = write_shaped(&mut writer, &pieces, translator.pacing()) => result,
                     _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
                 };
                 if let Err(e) = result {
@@ -630,8 +698,9 @@ async fn pump(
                     break Some(reason);
                 }
                 if !output.is_empty() {
+                    let pieces = [&output[..]];
                     let result = tokio::select! {
-                        result = writer.write_all(&output) => result,
+                        result = write_shaped(&mut writer, &pieces, translator.pacing()) => result,
                         _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
                     };
                     output.clear();
@@ -679,6 +748,16 @@ async fn pump(
         shared.cancel.cancel();
     }
     (stats, end)
+}
+
+/// Writes every piece, in order: paced when the direction smooths bursts,
+/// else at once.
+async fn write_shaped(writer: &mut WriteHalf, pieces: &[&[u8]], pacing: Option<&mut Pacing>) -> io::Result<()> {
+    match (pacing, pieces) {
+        (Some(pacing), _) => pacing.write(writer, pieces).await,
+        (None, [only]) => writer.write_all(only).await,
+        (None, _) => write_all_vectored(writer, pieces).await,
+    }
 }
 
 /// Writes every piece, in order, with as few system calls as the socket allows.
@@ -836,6 +915,67 @@ mod tests {
         }
         let off = V1ToV2 { decoder: FrameDecoder::new(MAGIC, true), encoder: ours.encoder(0), shaper: None };
         assert_eq!(off.idle_wake(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacing_spreads_a_large_write_at_the_rate_and_keeps_every_byte() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (ours, theirs) =
+            tokio::join!(tokio::net::TcpStream::connect(listener.local_addr().unwrap()), listener.accept());
+        let (_read, mut writer) = Stream::from(ours.unwrap()).into_split();
+        let mut theirs = theirs.unwrap().0;
+        let reading = tokio::spawn(async move {
+            let mut all = Vec::new();
+            theirs.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        // Three pieces, as a batch, a message in place and its tag go out.
+        let pieces: Vec<Vec<u8>> = [1000usize, 50_000, 20]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| (0..len).map(|b| (b * 7 + i) as u8).collect())
+            .collect();
+        let slices: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+        let mut pacing = Pacing::new(SmoothingPolicy { rate: 10_000, burst: 4096 }, Instant::now());
+        let started = Instant::now();
+        pacing.write(&mut writer, &slices).await.unwrap();
+        // Paused clock: what the pacer waited, exactly. The bucket's 4096
+        // bytes go at once, the rest at 10,000 bytes a second.
+        let waited = started.elapsed().as_secs_f64();
+        let expected = (51_020.0 - 4096.0) / 10_000.0;
+        assert!((expected..expected + 0.01).contains(&waited), "{waited} s");
+        drop(writer);
+        assert_eq!(reading.await.unwrap(), pieces.concat());
+    }
+
+    #[test]
+    fn cover_decoys_land_on_the_padding_grid() {
+        use crate::shaping::{Buckets, CoverPolicy, CoverSchedule, PaddingPolicy};
+        let ours = SessionKeys::from_shared_secret(&[8; 32], Role::Initiator, &MAGIC);
+        let cover = CoverPolicy {
+            schedule: CoverSchedule::Constant,
+            interval: Duration::from_millis(10),
+            contents: 0..=300,
+            budget_per_hour: 1 << 30,
+            global_budget_per_hour: 1 << 30,
+        };
+        let padding = PaddingPolicy { buckets: Buckets::Pow2, cap: 65536, budget: 1 << 30 };
+        let shaping = Shaping { cover: Some(cover), padding: Some(padding), ..Shaping::default() };
+        let mut translator = V1ToV2 {
+            decoder: FrameDecoder::new(MAGIC, true),
+            encoder: ours.encoder(0),
+            shaper: Shaper::for_config(&shaping, &ShapingMetrics::default()),
+        };
+        let mut sizes = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let mut out = BytesMut::new();
+            let wake = translator.idle_wake().unwrap();
+            translator.idle_write(wake, &mut out).unwrap();
+            sizes.insert(out.len());
+        }
+        // 20..=320 bytes drawn: rounded to 32, 64, 128, 256 or 512.
+        assert!(sizes.iter().all(|&len| len.is_power_of_two() && (32..=512).contains(&len)), "{sizes:?}");
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //!    it); anything else is the initiator's ElligatorSwift key;
 //! 2. with the initiator's 64-byte key in, we send our key, 0..=4095 random
 //!    garbage bytes, our garbage terminator and our (empty) version packet in
-//!    one write;
+//!    one write; with `[shaping]` handshake decoys ([`respond_shaped`]), the
+//!    garbage length comes from the policy and decoy packets go between the
+//!    terminator and the version packet, in the same write;
 //! 3. the initiator's garbage (at most 4095 bytes before its terminator),
 //!    decoys and version packet (contents ignored), each packet's length
 //!    checked against [`MAX_CONTENTS_BYTES`] before anything is buffered for it.
@@ -19,10 +21,11 @@
 
 use bip324::{Handshake, Initialized, ReceivedKey, Role};
 use bytes::{Buf, BytesMut};
-use rand::{Rng, RngCore};
+use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
+use crate::shaping::{HandshakePolicy, HandshakeShape};
 use crate::upgrade::{
     DerivedValue, HandshakeErrors, HandshakeFailure, HandshakeIo, HandshakeRead, IoFailure, MAX_GARBAGE_LEN, SECP,
     V2Channel, fresh_secret, receive_garbage_and_version,
@@ -100,12 +103,27 @@ impl HandshakeErrors for RespondError {
 pub(crate) type PeerReader<'s, S> = HandshakeIo<'s, S, RespondError>;
 
 /// Runs the responder handshake for network `magic` on `peer`, whose first
-/// bytes (already classified as [`FirstBytes::V2`]) are in `received`.
+/// bytes (already classified as [`FirstBytes::V2`]) are in `received`, the
+/// way Core does: a random garbage length in 0..=4095, no decoys.
 pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+    peer: &mut S,
+    received: BytesMut,
+    magic: Magic,
+    deadline: Instant,
+) -> Result<V2Channel, RespondError> {
+    let shape = HandshakePolicy::default().draw(&mut rand::thread_rng());
+    respond_shaped(peer, received, magic, deadline, &shape).await
+}
+
+/// [`respond`] with this garbage length and these decoy packets between our
+/// garbage terminator and our version packet (`shaping.rs` draws them from
+/// the same `[shaping]` policy the initiator uses).
+pub async fn respond_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     peer: &mut S,
     mut received: BytesMut,
     magic: Magic,
     deadline: Instant,
+    shape: &HandshakeShape,
 ) -> Result<V2Channel, RespondError> {
     let mut io = PeerReader::new(peer, deadline, received.len());
 
@@ -115,13 +133,14 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     theirs.copy_from_slice(&received[..ELLSWIFT_LEN]);
     received.advance(ELLSWIFT_LEN);
 
-    // Our key and garbage (Core: a random length in 0..=MAX_GARBAGE_LEN),
-    // then our terminator and version packet, in one write.
+    // Our key and garbage, then our terminator, decoys (if any; the first
+    // packet after the terminator carries the garbage as AAD, decoy or not,
+    // which the crate does) and version packet, in one write.
     let (mut known, secret) = fresh_secret();
     let handshake = Handshake::<Initialized>::new_with_rng(magic, Role::Responder, &mut known, &*SECP)
         .map_err(HandshakeFailure::Protocol)?;
     drop(known);
-    let mut garbage = vec![0u8; rand::thread_rng().gen_range(0..=MAX_GARBAGE_LEN)];
+    let mut garbage = vec![0u8; shape.garbage_len.min(MAX_GARBAGE_LEN)];
     RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
     let mut flight = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
     let handshake = handshake.send_key(Some(&garbage), &mut flight).map_err(HandshakeFailure::Protocol)?;
@@ -129,9 +148,12 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     ours.copy_from_slice(&flight[..ELLSWIFT_LEN]);
     let handshake = handshake.receive_key(theirs).map_err(HandshakeFailure::Protocol)?;
     let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Responder, &magic);
+    let decoys: Vec<Vec<u8>> = shape.decoy_lens.iter().map(|&len| vec![0u8; len]).collect();
+    let decoy_refs: Vec<&[u8]> = decoys.iter().map(Vec::as_slice).collect();
+    let decoy_refs = (!decoy_refs.is_empty()).then_some(&decoy_refs[..]);
     let key_len = flight.len();
-    flight.resize(key_len + Handshake::<ReceivedKey>::send_version_len(None), 0);
-    let handshake = handshake.send_version(&mut flight[key_len..], None).map_err(HandshakeFailure::Protocol)?;
+    flight.resize(key_len + Handshake::<ReceivedKey>::send_version_len(decoy_refs), 0);
+    let handshake = handshake.send_version(&mut flight[key_len..], decoy_refs).map_err(HandshakeFailure::Protocol)?;
     if flight[key_len..key_len + GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator()[..] {
         return Err(HandshakeFailure::KeyMismatch(DerivedValue::GarbageTerminator).into());
     }
@@ -143,8 +165,8 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
 
     Ok(V2Channel {
         session_id: *keys.session_id(),
-        // Our version packet was packet 0.
-        encoder: keys.encoder(1),
+        // Our decoys, then our version packet, came first.
+        encoder: keys.encoder(1 + decoys.len() as u64),
         decoder: keys.decoder(packets_received),
         leftover: inbound,
     })

@@ -2,9 +2,11 @@
 //! the `[shaping]` configuration section, and the schedules that decide how
 //! many decoy bytes go out and where. No I/O here: the relay's `V1ToV2`
 //! translator asks a [`Padder`] after each write it prepares, and the
-//! handshake asks a [`HandshakePolicy`] for its garbage length and decoys.
+//! handshake, in either role, asks a [`HandshakePolicy`] for its garbage
+//! length and decoys.
 //! While a direction is idle, a [`CoverPolicy`] schedules cover decoys and
-//! [`HourlyBudget`]s cap them per session and proxy-wide.
+//! [`HourlyBudget`]s cap them per session and proxy-wide. A [`Pacer`] (burst
+//! smoothing) spreads large writes out in time at a configured rate.
 //!
 //! BIP324 hides every byte but not packet sizes or timing; its decoy packets
 //! (the ignore bit) and handshake garbage exist for shaping and the BIP
@@ -38,6 +40,12 @@ pub const HANDSHAKE_DECOY_BYTES: RangeInclusive<u64> = 0..=16 * 1024;
 pub const COVER_INTERVAL_MS: RangeInclusive<u64> = 10..=3_600_000;
 pub const COVER_DECOY_BYTES: RangeInclusive<u64> = 0..=16 * 1024;
 pub const COVER_BUDGET_BYTES: RangeInclusive<u64> = 0..=1 << 40;
+/// Bytes per second; 0 turns smoothing off.
+pub const SMOOTHING_RATE: RangeInclusive<u64> = 0..=1 << 30;
+pub const SMOOTHING_BURST_BYTES: RangeInclusive<u64> = 4096..=16 << 20;
+
+/// The most a paced write puts on the wire at once.
+pub const PACE_CHUNK_BYTES: usize = 16 * 1024;
 
 /// The window cover budgets are counted over.
 pub const BUDGET_WINDOW: Duration = Duration::from_secs(3600);
@@ -89,6 +97,8 @@ pub struct FileShaping {
     cover_size_max: u64,
     cover_budget_per_hour: u64,
     cover_global_budget_per_hour: u64,
+    smoothing_rate: u64,
+    smoothing_burst: u64,
 }
 
 impl Default for FileShaping {
@@ -109,6 +119,8 @@ impl Default for FileShaping {
             cover_size_max: 256,
             cover_budget_per_hour: 1 << 20,
             cover_global_budget_per_hour: 64 << 20,
+            smoothing_rate: 0,
+            smoothing_burst: 64 * 1024,
         }
     }
 }
@@ -149,8 +161,9 @@ impl Default for HandshakePolicy {
     }
 }
 
-/// One handshake's draw from a [`HandshakePolicy`]: what the initiator (or,
-/// later, the responder) sends around its garbage terminator.
+/// One handshake's draw from a [`HandshakePolicy`]: what the initiator
+/// (`upgrade.rs`) or the responder (`respond.rs`) sends around its garbage
+/// terminator.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HandshakeShape {
     pub garbage_len: usize,
@@ -220,6 +233,57 @@ impl CoverPolicy {
     /// Contents length of the next decoy.
     pub fn decoy_len(&self, rng: &mut impl Rng) -> usize {
         rng.gen_range(self.contents.clone())
+    }
+}
+
+/// Burst smoothing: what one session's v2 direction may write over time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SmoothingPolicy {
+    /// Bytes per second, sustained.
+    pub rate: u64,
+    /// Bytes that may go out at once after a quiet period (the bucket).
+    pub burst: u64,
+}
+
+/// A token bucket over the bytes of one direction: in any interval of
+/// length `t`, at most `burst + rate × t` bytes are released. A write asks
+/// for each chunk in turn ([`Pacer::reserve`]) and waits the delay it gets,
+/// so small writes after a quiet period go at once and a block-sized write
+/// drains the bucket, then flows at `rate`. Pure: the caller passes `now` as
+/// time since an origin of its choosing, never decreasing.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    policy: SmoothingPolicy,
+    /// Bytes that may go now; negative while reserved bytes wait their turn.
+    tokens: f64,
+    last: Duration,
+}
+
+impl Pacer {
+    /// A full bucket at `now`.
+    pub fn new(policy: SmoothingPolicy, now: Duration) -> Self {
+        Pacer { policy, tokens: policy.burst as f64, last: now }
+    }
+
+    /// The largest chunk a paced write should ask for at once: never more
+    /// than the bucket holds.
+    pub fn chunk(&self) -> usize {
+        PACE_CHUNK_BYTES.min(self.policy.burst as usize)
+    }
+
+    /// Reserves `len` bytes at `now`; returns how long to wait before they
+    /// may go (zero when the bucket holds them). Reservations queue: the
+    /// next one waits for this one too.
+    pub fn reserve(&mut self, now: Duration, len: usize) -> Duration {
+        let now = now.max(self.last);
+        let refill = (now - self.last).as_secs_f64() * self.policy.rate as f64;
+        self.tokens = (self.tokens + refill).min(self.policy.burst as f64);
+        self.last = now;
+        self.tokens -= len as f64;
+        if self.tokens >= 0.0 || self.policy.rate == 0 {
+            return Duration::ZERO;
+        }
+        Duration::try_from_secs_f64(-self.tokens / self.policy.rate as f64).unwrap_or(Duration::MAX)
     }
 }
 
@@ -293,6 +357,8 @@ pub struct Shaping {
     pub handshake: HandshakePolicy,
     /// `None`: no decoys while idle.
     pub cover: Option<CoverPolicy>,
+    /// `None`: writes go out as fast as the socket takes them.
+    pub smoothing: Option<SmoothingPolicy>,
     /// Record the sizes of v2 writes even with padding off.
     pub measure: bool,
 }
@@ -325,6 +391,9 @@ impl Shaping {
             budget_per_hour,
             global_budget_per_hour,
         });
+        let rate = in_range("smoothing_rate", file.smoothing_rate, SMOOTHING_RATE)?;
+        let burst = in_range("smoothing_burst", file.smoothing_burst, SMOOTHING_BURST_BYTES)?;
+        let smoothing = (rate > 0).then_some(SmoothingPolicy { rate, burst });
         let padding = match file.padding {
             Buckets::Off => None,
             buckets => Some(PaddingPolicy { buckets, cap: cap as usize, budget }),
@@ -333,6 +402,7 @@ impl Shaping {
             padding,
             handshake: HandshakePolicy { garbage, decoys: decoys as usize, decoy_contents },
             cover,
+            smoothing,
             measure: file.measure,
         })
     }
@@ -398,6 +468,14 @@ pub fn decoy_wire_len(buckets: Buckets, cap: usize, len: usize) -> usize {
     boundary(buckets, cap, len + MIN_DECOY_WIRE_BYTES) - len
 }
 
+/// The contents length of a decoy that goes out as a write of its own (a
+/// cover decoy) when padding is on: `contents` rounded up so the whole
+/// packet lands on a bucket boundary, like every genuine write. A cover
+/// decoy off the grid would tell itself apart from genuine writes by its size.
+pub fn padded_decoy_contents(policy: &PaddingPolicy, contents: usize) -> usize {
+    boundary(policy.buckets, policy.cap, contents + MIN_DECOY_WIRE_BYTES) - MIN_DECOY_WIRE_BYTES
+}
+
 /// One session's padding state: the policy and what is left of its budget.
 #[derive(Debug, Clone)]
 pub struct Padder {
@@ -426,6 +504,10 @@ impl Padder {
         }
         self.spent += wire as u64;
         Some(wire - MIN_DECOY_WIRE_BYTES)
+    }
+
+    pub fn policy(&self) -> &PaddingPolicy {
+        &self.policy
     }
 
     /// Decoy bytes (on the wire) spent so far.
@@ -605,6 +687,38 @@ mod tests {
         assert!(!HourlyBudget::new(0).try_spend(at(0), 1));
     }
 
+    #[test]
+    fn smoothing_keys_parse_and_are_range_checked() {
+        assert_eq!(parse("").unwrap().smoothing, None);
+        assert_eq!(parse("smoothing_burst = 8192").unwrap().smoothing, None, "a burst alone turns nothing on");
+        assert_eq!(
+            parse("smoothing_rate = 100000\nsmoothing_burst = 8192").unwrap().smoothing,
+            Some(SmoothingPolicy { rate: 100_000, burst: 8192 })
+        );
+        for (text, key) in [
+            ("smoothing_rate = 1073741825", "smoothing_rate"),
+            ("smoothing_burst = 4095", "smoothing_burst"),
+            ("smoothing_burst = 16777217", "smoothing_burst"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(matches!(e, ShapingError::OutOfRange { key: k, .. } if k == key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn pacer_lets_a_burst_through_then_holds_the_rate() {
+        let policy = SmoothingPolicy { rate: 1000, burst: 4096 };
+        let mut pacer = Pacer::new(policy, Duration::ZERO);
+        assert_eq!(pacer.chunk(), 4096);
+        assert_eq!(pacer.reserve(Duration::ZERO, 4096), Duration::ZERO, "a full bucket");
+        assert_eq!(pacer.reserve(Duration::ZERO, 1000), Duration::from_secs(1));
+        // Waited its turn: the next 500 bytes wait half a second more.
+        assert_eq!(pacer.reserve(Duration::from_secs(1), 500), Duration::from_millis(500));
+        // A long quiet period refills the bucket, never beyond it.
+        assert_eq!(pacer.reserve(Duration::from_secs(100), 4096), Duration::ZERO);
+        assert!(pacer.reserve(Duration::from_secs(100), 1) > Duration::ZERO);
+    }
+
     fn any_buckets() -> impl Strategy<Value = Buckets> {
         prop_oneof![Just(Buckets::Pow2), Just(Buckets::Padme)]
     }
@@ -632,6 +746,19 @@ mod tests {
             prop_assert!(padded == first || first - len < MIN_DECOY_WIRE_BYTES);
             // Decoy contents fit any BIP324 receiver's packet limit.
             prop_assert!(wire <= cap + MIN_DECOY_WIRE_BYTES);
+        }
+
+        #[test]
+        fn padded_cover_decoys_land_on_boundaries(
+            buckets in any_buckets(),
+            cap in PADDING_CAP_BYTES,
+            contents in COVER_DECOY_BYTES,
+        ) {
+            let policy = PaddingPolicy { buckets, cap: cap as usize, budget: 1 << 30 };
+            let padded = padded_decoy_contents(&policy, contents as usize);
+            let wire = padded + MIN_DECOY_WIRE_BYTES;
+            prop_assert!(padded >= contents as usize);
+            prop_assert_eq!(boundary(buckets, cap as usize, wire), wire);
         }
 
         #[test]
@@ -668,6 +795,38 @@ mod tests {
             for &(start, _) in &granted {
                 let spent: u64 = granted.iter().filter(|(t, _)| *t >= start && *t < start + 3600).map(|g| g.1).sum();
                 prop_assert!(spent <= per_hour, "{spent} > {per_hour} from {start}");
+            }
+        }
+
+        #[test]
+        fn paced_bytes_never_exceed_burst_plus_rate_in_any_interval(
+            rate in 1000u64..10_000_000,
+            burst in SMOOTHING_BURST_BYTES,
+            writes in proptest::collection::vec((0u64..50_000, 1usize..500_000), 1..60),
+        ) {
+            // Each write is cut into chunks and each chunk released when the
+            // pacer says, as the relay does.
+            let mut pacer = Pacer::new(SmoothingPolicy { rate, burst }, Duration::ZERO);
+            let mut now = Duration::ZERO;
+            let mut released = Vec::new();
+            for (gap_us, len) in writes {
+                now += Duration::from_micros(gap_us);
+                let mut left = len;
+                while left > 0 {
+                    let chunk = left.min(pacer.chunk());
+                    now += pacer.reserve(now, chunk);
+                    released.push((now, chunk));
+                    left -= chunk;
+                }
+            }
+            // Every interval that starts at a release (the worst case).
+            for (i, &(start, _)) in released.iter().enumerate() {
+                let mut sum = 0u64;
+                for &(at, len) in &released[i..] {
+                    sum += len as u64;
+                    let allowed = burst as f64 + rate as f64 * (at - start).as_secs_f64();
+                    prop_assert!(sum as f64 <= allowed + 1.0, "{sum} bytes in {:?}", at - start);
+                }
             }
         }
 

@@ -54,6 +54,8 @@ const NUMERIC_KEYS: &[(&str, &str, Option<&str>, u64, u64)] = &[
         0,
         1 << 40,
     ),
+    ("shaping.smoothing_rate", "[shaping]\nsmoothing_rate = {}", None, 0, 1 << 30),
+    ("shaping.smoothing_burst", "[shaping]\nsmoothing_rate = 1000000\nsmoothing_burst = {}", None, 4096, 16 << 20),
 ];
 
 /// The value a loaded config holds for `key`.
@@ -81,6 +83,8 @@ fn value_of(config: &Config, key: &str) -> u64 {
         "shaping.cover_size_max" => config.shaping.cover.as_ref().map_or(0, |c| *c.contents.end() as u64),
         "shaping.cover_budget_per_hour" => config.shaping.cover.as_ref().map_or(0, |c| c.budget_per_hour),
         "shaping.cover_global_budget_per_hour" => config.shaping.cover.as_ref().map_or(0, |c| c.global_budget_per_hour),
+        "shaping.smoothing_rate" => config.shaping.smoothing.map_or(0, |p| p.rate),
+        "shaping.smoothing_burst" => config.shaping.smoothing.map_or(0, |p| p.burst),
         other => panic!("unknown key {other}"),
     }
 }

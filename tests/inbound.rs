@@ -142,6 +142,10 @@ struct InitiatorShape {
 struct V2Peer {
     stream: TcpStream,
     session_id: [u8; 32],
+    /// The responder's garbage length, and the wire size of each decoy it
+    /// sent before its version packet.
+    responder_garbage: usize,
+    responder_decoys: Vec<usize>,
     decrypt: InboundCipher,
     encrypt: OutboundCipher,
     buf: Vec<u8>,
@@ -194,7 +198,9 @@ impl V2Peer {
                 }
             }
         };
+        let responder_garbage = consumed - 16;
         let mut rest = garbage_buf[consumed..].to_vec();
+        let mut responder_decoys = Vec::new();
         let cipher = loop {
             fill(&mut stream, &mut rest, 3).await;
             let len = handshake.decrypt_packet_len(rest[..3].try_into().unwrap()).unwrap();
@@ -202,12 +208,17 @@ impl V2Peer {
             let mut packet: Vec<u8> = rest.drain(..3 + len).collect();
             match handshake.receive_version(&mut packet[3..]).unwrap() {
                 VersionResult::Complete { cipher } => break cipher,
-                VersionResult::Decoy(next) => handshake = next,
+                VersionResult::Decoy(next) => {
+                    // Decrypted in place: header byte, contents, tag.
+                    assert!(packet[4..3 + len - 16].iter().all(|&b| b == 0), "a decoy carries data");
+                    responder_decoys.push(3 + len);
+                    handshake = next;
+                }
             }
         };
         let session_id = *cipher.id();
         let (decrypt, encrypt) = cipher.into_split();
-        V2Peer { stream, session_id, decrypt, encrypt, buf: rest }
+        V2Peer { stream, session_id, responder_garbage, responder_decoys, decrypt, encrypt, buf: rest }
     }
 
     /// Sends a message with its command in long form.
@@ -283,6 +294,8 @@ async fn bip324_initiator_reaches_a_v1_node_through_the_inbound_listener() {
     let (node, received) = spawn_answering_node().await;
     let proxy = inbound_to(node, &[]).await;
     let mut peer = V2Peer::connect(proxy.inbound[0], InitiatorShape { garbage_len: 300, ..Default::default() }).await;
+    // Shaping off: Core's handshake, no decoys.
+    assert!(peer.responder_decoys.is_empty());
 
     // VERSION round trip: ours reaches the node unchanged, the node's comes
     // back with NODE_P2P_V2 added.
@@ -885,4 +898,79 @@ async fn inbound_sessions_are_shaped_like_outbound_ones() {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
     assert!(padding > 0, "no padding decoys on the inbound leg:\n{metrics}");
+}
+
+#[tokio::test]
+async fn responder_handshake_decoys_and_garbage_follow_the_shaping_policy() {
+    let (node, received) = spawn_answering_node().await;
+    let proxy = spawn_inbound_proxy(
+        "[shaping]\nhandshake_decoys = 3\nhandshake_decoy_min = 10\nhandshake_decoy_max = 500\n\
+         garbage_min = 4000\ngarbage_max = 4095\n",
+        &["--inbound", &format!("127.0.0.1:0={node}@regtest")],
+    )
+    .await;
+    let sessions = 4;
+    let mut flights = std::collections::BTreeSet::new();
+    let mut total = 0;
+    for i in 0..sessions {
+        // Decoys of the initiator's own as well: both sides' are skipped.
+        let shape = InitiatorShape { garbage_len: 17, decoys: vec![vec![3u8; 40]], ..Default::default() };
+        let mut peer = V2Peer::connect(proxy.inbound[0], shape).await;
+        assert!((4000..=4095).contains(&peer.responder_garbage), "garbage of {} bytes", peer.responder_garbage);
+        assert_eq!(peer.responder_decoys.len(), 3, "{:?}", peer.responder_decoys);
+        assert!(peer.responder_decoys.iter().all(|&wire| (10 + 20..=500 + 20).contains(&wire)));
+        total += peer.responder_decoys.iter().sum::<usize>();
+        flights.insert(peer.responder_garbage + peer.responder_decoys.iter().sum::<usize>());
+
+        // The stream is accepted, and the first genuine packet is the node's
+        // VERSION: the decoys carried nothing the node sent.
+        let ours = version_payload(proxy.inbound[0]);
+        peer.send("version", &ours).await;
+        let (command, theirs) = peer.recv().await;
+        assert_eq!(command, "version");
+        assert_eq!(services(&theirs) & NODE_P2P_V2, NODE_P2P_V2);
+        assert_eq!(peer.recv().await.0, "verack");
+        peer.send("ping", &(i as u64).to_le_bytes()).await;
+        assert_eq!(peer.recv().await, ("ping".to_owned(), (i as u64).to_le_bytes().to_vec()));
+        let seen = received.lock().unwrap()[i].clone();
+        let commands: Vec<&str> = seen.iter().map(|f| f.command.as_str()).collect();
+        assert_eq!(commands, ["version", "ping"], "the node got exactly the peer's messages");
+        assert_eq!(seen[0].payload, ours);
+    }
+    // The first flights differ in size (4 draws of garbage and 3 decoys).
+    assert!(flights.len() > 1, "{flights:?}");
+    let metrics = proxy.observer.encode_metrics();
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bip324_proxy_shaping_decoy_bytes_total{kind=\"handshake\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(counted, Some(total as u64), "{metrics}");
+}
+
+#[tokio::test]
+async fn inbound_sessions_send_cover_decoys_while_the_node_is_quiet() {
+    let (node, _received) = spawn_answering_node().await;
+    let proxy = spawn_inbound_proxy(
+        "[shaping]\ncover = \"constant\"\ncover_interval_ms = 10\ncover_size_max = 64\n",
+        &["--inbound", &format!("127.0.0.1:0={node}@regtest")],
+    )
+    .await;
+    let mut peer = V2Peer::connect(proxy.inbound[0], InitiatorShape::default()).await;
+    peer.send("version", &version_payload(proxy.inbound[0])).await;
+    assert_eq!(peer.recv().await.0, "version");
+    assert_eq!(peer.recv().await.0, "verack");
+    // The node says nothing more: the proxy fills the silence with decoys,
+    // which the peer skips.
+    let observer = proxy.observer.clone();
+    let cover = move || {
+        observer
+            .encode_metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("bip324_proxy_shaping_decoy_bytes_total{kind=\"cover\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    wait_until(|| cover() >= 3 * 20).await;
+    peer.send("ping", &5u64.to_le_bytes()).await;
+    assert_eq!(peer.recv().await, ("ping".to_owned(), 5u64.to_le_bytes().to_vec()));
 }
