@@ -359,7 +359,14 @@ impl InboundSession<'_> {
                             encoder: channel.encoder,
                             // What the proxy writes to the peer is shaped
                             // like an outbound session's client_to_remote leg.
-                            shaper: Shaper::for_config(&config.shaping, self.state.observer.shaping()),
+                            shaper: Shaper::for_config(
+                                &config.shaping,
+                                &self
+                                    .state
+                                    .observer
+                                    .shaping()
+                                    .for_shaper(self.live.id, config.shaping.session_histograms),
+                            ),
                         },
                         magic,
                         self.listener.advertise,

@@ -35,6 +35,19 @@ use crate::stream::Peer;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
+/// `session="<id>"`, the id the session's log lines and `/status` row carry.
+type SessionLabel = [(&'static str, String); 1];
+
+/// Write sizes on a v2 leg: power-of-two buckets, 32 B .. 4 MiB (pow2
+/// padding lands on them exactly).
+fn write_bytes_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(32.0, 2.0, 18))
+}
+
+/// Gaps between one session's writes: 1 ms .. ~131 s.
+fn write_gap_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 18))
+}
 
 /// The Prometheus metrics of one proxy.
 pub struct Metrics {
@@ -69,6 +82,12 @@ pub struct ShapingMetrics {
     cover_global: Arc<Mutex<Option<(Instant, HourlyBudget)>>>,
     v2_write_bytes: Histogram,
     v2_write_gap_seconds: Histogram,
+    /// `shaping.session_histograms`: the same per live session, its series
+    /// removed when it closes.
+    session_write_bytes: Family<SessionLabel, Histogram>,
+    session_write_gap_seconds: Family<SessionLabel, Histogram>,
+    /// This session's own pair, in a copy made by [`ShapingMetrics::for_session`].
+    session: Option<(Histogram, Histogram)>,
 }
 
 impl Default for ShapingMetrics {
@@ -83,10 +102,11 @@ impl Default for ShapingMetrics {
             budget_exhausted: Counter::default(),
             cover_budget_exhausted: Family::default(),
             cover_global: Arc::default(),
-            // Power-of-two buckets, 32 B .. 4 MiB: pow2 padding lands on them exactly.
-            v2_write_bytes: Histogram::new(exponential_buckets(32.0, 2.0, 18)),
-            // 1 ms .. ~131 s
-            v2_write_gap_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            v2_write_bytes: write_bytes_histogram(),
+            v2_write_gap_seconds: write_gap_histogram(),
+            session_write_bytes: Family::new_with_constructor(write_bytes_histogram),
+            session_write_gap_seconds: Family::new_with_constructor(write_gap_histogram),
+            session: None,
         }
     }
 }
@@ -136,6 +156,35 @@ impl ShapingMetrics {
         if let Some(gap) = gap {
             self.v2_write_gap_seconds.observe(gap.as_secs_f64());
         }
+        if let Some((bytes, gaps)) = &self.session {
+            bytes.observe(len as f64);
+            if let Some(gap) = gap {
+                gaps.observe(gap.as_secs_f64());
+            }
+        }
+    }
+
+    /// A copy that also records into session `id`'s own histograms
+    /// (`v2_session_write_bytes{session="id"}` and its gaps), which
+    /// [`ShapingMetrics::forget_session`] removes.
+    pub fn for_session(&self, id: u64) -> ShapingMetrics {
+        let label = [("session", id.to_string())];
+        let bytes = self.session_write_bytes.get_or_create(&label).clone();
+        let gaps = self.session_write_gap_seconds.get_or_create(&label).clone();
+        ShapingMetrics { session: Some((bytes, gaps)), ..self.clone() }
+    }
+
+    /// The copy a session's shaper records into: with its own histograms
+    /// when `per_session`.
+    pub fn for_shaper(&self, id: u64, per_session: bool) -> ShapingMetrics {
+        if per_session { self.for_session(id) } else { self.clone() }
+    }
+
+    /// Removes session `id`'s series, if it had any.
+    fn forget_session(&self, id: u64) {
+        let label = [("session", id.to_string())];
+        self.session_write_bytes.remove(&label);
+        self.session_write_gap_seconds.remove(&label);
     }
 }
 
@@ -262,6 +311,16 @@ impl Default for Metrics {
                 "v2_write_gap_seconds",
                 "Time between one session's consecutive writes on a v2 leg (recorded like v2_write_bytes)",
                 &shaping.v2_write_gap_seconds,
+            ),
+            (
+                "v2_session_write_bytes",
+                "v2_write_bytes of each open session, by session id (with [shaping] session_histograms on)",
+                &shaping.session_write_bytes,
+            ),
+            (
+                "v2_session_write_gap_seconds",
+                "v2_write_gap_seconds of each open session, by session id (with [shaping] session_histograms on)",
+                &shaping.session_write_gap_seconds,
             ),
         ];
         for (name, help, metric) in registrations {
@@ -567,6 +626,7 @@ impl Observer {
             return;
         }
         self.metrics.sessions_active.dec();
+        self.metrics.shaping.forget_session(session.id);
         let transport = session.transport().unwrap_or("none");
         let family = if session.is_inbound() { &self.metrics.inbound.closed } else { &self.metrics.sessions_closed };
         family.get_or_create(&[("transport", transport), ("reason", reason)]).inc();

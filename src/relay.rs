@@ -304,7 +304,11 @@ impl Shaper {
 
     /// The same, continuing a padder (and its budget) the handshake used.
     pub fn with_padder(padder: Option<Padder>, shaping: &Shaping, metrics: &ShapingMetrics) -> Option<Shaper> {
-        let any = padder.is_some() || shaping.measure || shaping.cover.is_some() || shaping.smoothing.is_some();
+        let any = padder.is_some()
+            || shaping.measure
+            || shaping.session_histograms
+            || shaping.cover.is_some()
+            || shaping.smoothing.is_some();
         any.then(|| Shaper {
             padder,
             metrics: metrics.clone(),

@@ -91,6 +91,7 @@ pub struct FileShaping {
     handshake_decoy_min: u64,
     handshake_decoy_max: u64,
     measure: bool,
+    session_histograms: bool,
     cover: CoverSchedule,
     cover_interval_ms: u64,
     cover_size_min: u64,
@@ -113,6 +114,7 @@ impl Default for FileShaping {
             handshake_decoy_min: 0,
             handshake_decoy_max: 1024,
             measure: false,
+            session_histograms: false,
             cover: CoverSchedule::Off,
             cover_interval_ms: 1000,
             cover_size_min: 0,
@@ -361,6 +363,8 @@ pub struct Shaping {
     pub smoothing: Option<SmoothingPolicy>,
     /// Record the sizes of v2 writes even with padding off.
     pub measure: bool,
+    /// Also record them per session, in series labelled with the session id.
+    pub session_histograms: bool,
 }
 
 impl Shaping {
@@ -404,6 +408,7 @@ impl Shaping {
             cover,
             smoothing,
             measure: file.measure,
+            session_histograms: file.session_histograms,
         })
     }
 }

@@ -512,3 +512,47 @@ async fn smoothed_writes_arrive_whole_and_in_order() {
         proxy.shutdown.cancel();
     }
 }
+
+#[tokio::test]
+async fn session_histograms_follow_each_open_session_and_go_when_it_closes() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, observer) = shaped_proxy("[shaping]\npadding = \"pow2\"\nsession_histograms = true\n").await;
+    let messages = messages();
+    let (first, _) = exchange(&proxy, &node, &messages).await;
+    let (second, _) = exchange(&proxy, &node, &messages[..3]).await;
+    let text = observer.encode_metrics();
+    let count = |session: &str| {
+        metric(&observer, &format!("bip324_proxy_v2_session_write_bytes_count{{session=\"{session}\"}}"))
+    };
+    let ids: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("bip324_proxy_v2_session_write_bytes_count{session=\""))
+        .filter_map(|rest| rest.split('"').next().map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 2, "one series per open session:\n{text}");
+    let (a, b) = (count(&ids[0]), count(&ids[1]));
+    // Each session's writes are its own; together they are the proxy-wide count.
+    assert_eq!(a.max(b), messages.len() as u64, "{text}");
+    assert_eq!(a.min(b), 3, "{text}");
+    assert_eq!(a + b, metric(&observer, "bip324_proxy_v2_write_bytes_count"));
+    // pow2 padding: every write of each session lands in a power-of-two bucket.
+    let sum = metric(&observer, &format!("bip324_proxy_v2_session_write_bytes_sum{{session=\"{}\"}}", ids[0]));
+    assert!(sum > 0);
+    drop(first);
+    drop(second);
+    let gone = eventually(|| !observer.encode_metrics().contains("v2_session_write_bytes_count{")).await;
+    assert!(gone, "closed sessions' series are removed");
+    assert!(metric(&observer, "bip324_proxy_v2_write_bytes_count") >= messages.len() as u64 + 3);
+    proxy.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn session_histograms_are_off_by_default() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let (proxy, observer) = shaped_proxy("[shaping]\npadding = \"pow2\"\n").await;
+    let (_client, _) = exchange(&proxy, &node, &messages()[..2]).await;
+    let text = observer.encode_metrics();
+    assert!(!text.contains("v2_session_write_bytes_count{"), "{text}");
+    assert!(metric(&observer, "bip324_proxy_v2_write_bytes_count") > 0);
+    proxy.shutdown.cancel();
+}

@@ -139,7 +139,11 @@ impl Session<'_> {
             V1ToV2 {
                 decoder: FrameDecoder::new(network.magic, true),
                 encoder: channel.encoder,
-                shaper: Shaper::with_padder(padder, &config.shaping, shaping),
+                shaper: Shaper::with_padder(
+                    padder,
+                    &config.shaping,
+                    &shaping.for_shaper(self.live.id, config.shaping.session_histograms),
+                ),
             },
             V2ToV1 { decoder: channel.decoder, magic: network.magic },
             config.timeouts.idle,
