@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::network::{self, Network, NetworkSet};
+use crate::policy::{self, ClientRestrictions, Front};
 use crate::shaping::{FileShaping, Shaping};
 use crate::socks5::{Host, Target, TargetError};
 
@@ -399,9 +400,35 @@ impl Config {
         self.inbound.iter().enumerate().map(|(i, inbound)| (format!("inbound[{i}].listen"), inbound.listen)).collect()
     }
 
-    /// True when a client must prove who it is or where it comes from.
-    pub fn restricts_clients(&self) -> bool {
-        self.client_auth.is_some() || !self.allow.is_empty()
+    /// What restricts clients: a real allow-list (one that does not admit
+    /// every address) and `[client_auth]`. [`policy::admits`] decides with it.
+    pub fn client_restrictions(&self) -> ClientRestrictions {
+        ClientRestrictions {
+            allow_list: !self.allow.is_empty() && admits_every_address(&self.allow).is_none(),
+            client_auth: self.client_auth.is_some(),
+        }
+    }
+
+    /// Every front end each proxy listener serves, with the key that set it:
+    /// the main TCP listeners serve SOCKS5 and transparent mode as switched
+    /// on, `transparent_listen` transparent mode, a route's listener its route.
+    pub fn listener_fronts(&self) -> Vec<(String, SocketAddr, Front)> {
+        let mut all = Vec::new();
+        for addr in self.tcp_listen() {
+            if self.transparent {
+                all.push(("listen".to_owned(), addr, Front::Transparent));
+            }
+            if self.socks5 {
+                all.push(("listen".to_owned(), addr, Front::Socks5));
+            }
+        }
+        if let Some(addr) = self.transparent_listen {
+            all.push(("transparent_listen".to_owned(), addr, Front::Transparent));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            all.push((format!("route[{i}].listen"), route.listen, Front::Route));
+        }
+        all
     }
 
     /// Whether a client address passes the allow-list.
@@ -513,45 +540,55 @@ impl Config {
         Ok(config)
     }
 
-    /// A listener off loopback needs a real restriction on who may use it.
+    /// A listener off loopback needs a real restriction on who may use it,
+    /// one its front ends can enforce ([`policy::admits`] for a client that
+    /// is not on this host): credentials protect SOCKS5 only.
     fn check_exposure(&self) -> Result<(), ConfigError> {
-        if let Some(family) = admits_every_address(&self.allow) {
-            let exposed: Vec<String> = self
-                .listen_addresses()
-                .into_iter()
-                .filter(|(key, addr)| {
-                    // Inbound listeners are public by design (they serve
-                    // peers, never SOCKS5 or transparent clients).
-                    !key.starts_with("inbound[")
-                        && !addr.ip().is_loopback()
-                        && (key == "metrics.listen" || self.client_auth.is_none())
-                })
-                .map(|(key, _)| key)
-                .collect();
-            if let Some(key) = exposed.first() {
-                return Err(ConfigError(format!(
-                    "allow: the list admits every {family} address, so it restricts nothing; {key} is not a loopback \
-                     address and needs a narrower allow-list{}",
-                    if key == "metrics.listen" { "" } else { " or client authentication ([client_auth])" }
-                )));
-            }
-        }
+        let every = admits_every_address(&self.allow);
         if let Some(addr) = self.metrics_listen
             && !addr.ip().is_loopback()
-            && self.allow.is_empty()
         {
-            return Err(ConfigError(format!(
-                "metrics.listen: {addr} is not a loopback address; the status page shows clients and targets, \
-                 so serving it there needs a client allow-list (allow = [...])"
-            )));
-        }
-        for (key, addr) in self.proxy_listen_addresses() {
-            if !addr.ip().is_loopback() && !self.restricts_clients() {
+            if let Some(family) = every {
                 return Err(ConfigError(format!(
-                    "{key}: {addr} is not a loopback address; refusing to serve it without client \
-                     authentication ([client_auth]) or a client allow-list (allow = [...])"
+                    "allow: the list admits every {family} address, so it restricts nothing; metrics.listen is not \
+                     a loopback address and needs a narrower allow-list"
                 )));
             }
+            if self.allow.is_empty() {
+                return Err(ConfigError(format!(
+                    "metrics.listen: {addr} is not a loopback address; the status page shows clients and targets, \
+                     so serving it there needs a client allow-list (allow = [...])"
+                )));
+            }
+        }
+        let restrictions = self.client_restrictions();
+        for (key, addr, front) in self.listener_fronts() {
+            if addr.ip().is_loopback() || policy::admits(front, false, restrictions) {
+                continue;
+            }
+            let why = match (front, key.as_str()) {
+                (Front::Socks5, _) => "refusing to serve it without client authentication ([client_auth]) or a \
+                                       client allow-list (allow = [...])"
+                    .to_owned(),
+                (Front::Transparent, "listen") => "refusing to serve it without a client allow-list (allow = [...]): \
+                     transparent mode (transparent = true, the default) cannot ask for credentials, so \
+                     [client_auth] does not protect it; set transparent = false to serve only SOCKS5 with \
+                     [client_auth]"
+                    .to_owned(),
+                (Front::Transparent, _) => "transparent mode cannot ask for credentials, so serving it there needs \
+                                            a client allow-list (allow = [...]); [client_auth] does not protect it"
+                    .to_owned(),
+                (Front::Route, _) => "a static route cannot ask for credentials, so serving it there needs a client \
+                                      allow-list (allow = [...]); [client_auth] does not protect it"
+                    .to_owned(),
+            };
+            return Err(ConfigError(match every {
+                Some(family) => format!(
+                    "allow: the list admits every {family} address, so it restricts nothing; {key}: {addr} is not a \
+                     loopback address; {why}"
+                ),
+                None => format!("{key}: {addr} is not a loopback address; {why}"),
+            }));
         }
         Ok(())
     }
@@ -1568,7 +1605,38 @@ mod tests {
         let err = load_text("", &["--listen", "0.0.0.0:1324"]).unwrap_err();
         assert!(err.0.contains("refusing"), "{err}");
         assert!(load_text("allow = [\"172.16.0.0/12\"]\n", &["--listen", "0.0.0.0:1324"]).is_ok());
-        assert!(load_text("[client_auth]\nusername = \"u\"\npassword = \"p\"\n", &["--listen", "[::]:1324"]).is_ok());
+        let auth = "[client_auth]\nusername = \"u\"\npassword = \"p\"\n";
+        assert!(load_text(&format!("transparent = false\n{auth}"), &["--listen", "[::]:1324"]).is_ok());
+    }
+
+    /// `[client_auth]` protects SOCKS5 only: transparent mode and static
+    /// routes cannot ask for credentials, so off loopback they need a real
+    /// allow-list, and the main port with transparent mode on does too.
+    #[test]
+    fn credentials_protect_only_the_socks5_front_end() {
+        let auth = "[client_auth]\nusername = \"u\"\npassword = \"p\"\n";
+        let public = ["--listen", "0.0.0.0:1324"];
+        let err = load_text(auth, &public).unwrap_err().0;
+        assert!(err.starts_with("listen: 0.0.0.0:1324 is not a loopback address"), "{err}");
+        assert!(err.contains("transparent = false") && err.contains("allow = [...]"), "{err}");
+        let socks_only = format!("transparent = false\n{auth}");
+        assert!(load_text(&socks_only, &public).is_ok());
+
+        let route = "[[route]]\nlisten = \"0.0.0.0:38400\"\ntarget = \"127.0.0.1:38333\"\n";
+        let err = load_text(&format!("transparent = false\n{route}{auth}"), &[]).unwrap_err().0;
+        assert!(err.starts_with("route[0].listen: 0.0.0.0:38400") && err.contains("static route"), "{err}");
+        let err = load_text(&format!("transparent_listen = \"0.0.0.0:1325\"\n{auth}"), &[]).unwrap_err().0;
+        assert!(err.starts_with("transparent_listen: 0.0.0.0:1325"), "{err}");
+        // On loopback nothing is required; a real allow-list covers every front end.
+        let loopback_route = "[[route]]\nlisten = \"127.0.0.1:38400\"\ntarget = \"127.0.0.1:38333\"\n";
+        assert!(load_text(&format!("{loopback_route}{auth}"), &[]).is_ok());
+        let allow = "allow = [\"192.168.0.0/16\"]\ntransparent_listen = \"0.0.0.0:1325\"\n";
+        assert!(load_text(&format!("{allow}{route}"), &public).is_ok());
+        // An allow-list that admits everyone is no allow-list.
+        let every = "allow = [\"0.0.0.0/0\"]\ntransparent = false\n";
+        assert!(load_text(&format!("{every}{auth}"), &public).is_ok());
+        let err = load_text(&format!("{every}{route}{auth}"), &public).unwrap_err().0;
+        assert!(err.contains("restricts nothing") && err.contains("route[0].listen"), "{err}");
     }
 
     #[test]

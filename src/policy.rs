@@ -13,6 +13,11 @@
 //!   socket after: never this proxy's own listeners (any spelling: a name, the
 //!   unspecified address, another local address), never loopback, private or
 //!   other unroutable addresses for a client that is not itself on this host.
+//! - [`admits`]: may a front end serve a client? SOCKS5 can ask for
+//!   credentials; transparent mode and static routes cannot, so they serve
+//!   only clients on this host or clients a real allow-list admitted. The
+//!   configuration asks it for every listener off loopback (and refuses to
+//!   start), each session asks it again for its own client.
 //! - [`is_routable`]: Bitcoin Core's `CNetAddr::IsRoutable`, extended to IPv6
 //!   forms that embed an IPv4 address.
 //!
@@ -79,6 +84,45 @@ pub fn plan(fallback: Fallback, evidence: Evidence) -> Plan {
             Plan::Refuse(Refusal::NotV2)
         }
     }
+}
+
+/// A front end, by what it can ask of a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// SOCKS5: can ask for RFC 1929 credentials (`[client_auth]`).
+    Socks5,
+    /// Transparent mode: the client's first bytes are its VERSION; nothing
+    /// to authenticate with.
+    Transparent,
+    /// A static route: the client's first bytes go to the operator's target;
+    /// nothing to authenticate with.
+    Route,
+}
+
+impl Front {
+    /// Whether this front end can make a client prove who it is.
+    pub fn authenticates(self) -> bool {
+        matches!(self, Front::Socks5)
+    }
+}
+
+/// What restricts who may use the proxy's front ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientRestrictions {
+    /// `allow` is set and does not admit every address: whoever got past
+    /// accept comes from an address the operator named.
+    pub allow_list: bool,
+    /// `[client_auth]` is set: SOCKS5 clients must send these credentials.
+    pub client_auth: bool,
+}
+
+/// Whether `front` may serve a client. A client on this host (loopback, a
+/// Unix socket) may use every front end; a client elsewhere only one that a
+/// real allow-list admitted, or SOCKS5 when it must authenticate.
+/// Credentials protect only a front end that asks for them: transparent
+/// mode and static routes never do, so `[client_auth]` alone leaves them open.
+pub fn admits(front: Front, client_is_local: bool, restrictions: ClientRestrictions) -> bool {
+    client_is_local || restrictions.allow_list || (front.authenticates() && restrictions.client_auth)
 }
 
 /// Which addresses a session may connect to.
@@ -279,6 +323,22 @@ mod tests {
             plan(Fallback::None, Evidence::Untried { remembered_v1_only: true }),
             Plan::Refuse(Refusal::RememberedV1Only)
         ));
+    }
+
+    #[test]
+    fn only_socks5_is_protected_by_credentials() {
+        let auth_only = ClientRestrictions { allow_list: false, client_auth: true };
+        let allow_only = ClientRestrictions { allow_list: true, client_auth: false };
+        let none = ClientRestrictions { allow_list: false, client_auth: false };
+        for front in [Front::Socks5, Front::Transparent, Front::Route] {
+            // Local clients and allow-listed ones: every front end.
+            assert!(admits(front, true, none), "{front:?}");
+            assert!(admits(front, false, allow_only), "{front:?}");
+            assert!(!admits(front, false, none), "{front:?}");
+        }
+        assert!(admits(Front::Socks5, false, auth_only));
+        assert!(!admits(Front::Transparent, false, auth_only));
+        assert!(!admits(Front::Route, false, auth_only));
     }
 
     fn rules(listening: &[&str], allow_private: bool) -> DialRules {

@@ -206,8 +206,12 @@ fn allow_list_admitting_every_address_is_no_restriction() {
     ] {
         let err = load(allow, &public).unwrap_err();
         assert!(err.0.contains("allow"), "{allow}: {err}");
-        // Client authentication is a real restriction.
+        // Client authentication is a real restriction, for SOCKS5 only:
+        // transparent mode (on by default) cannot ask for credentials.
         let with_auth = format!("{allow}\n[client_auth]\nusername = \"u\"\npassword = \"p\"\n");
+        let err = load(&with_auth, &public).unwrap_err();
+        assert!(err.0.contains("transparent = false"), "{allow}: {err}");
+        let with_auth = format!("transparent = false\n{with_auth}");
         assert!(load(&with_auth, &public).is_ok(), "{allow} with client_auth");
         // The metrics listener has no authentication: refused either way.
         let err = load(&with_auth, &["--metrics-listen", "0.0.0.0:9324"]).unwrap_err();

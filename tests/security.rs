@@ -228,6 +228,40 @@ impl Namespace {
     }
 }
 
+impl Namespace {
+    /// From inside the namespace: connects to `addr`, sends `bytes`, and
+    /// reads until the proxy closes. Returns how many bytes came back, or
+    /// `timeout` after them when the connection stayed open for 20 s.
+    fn send_and_read(&self, addr: SocketAddr, bytes: &[u8]) -> String {
+        let script = format!(
+            "import socket\n\
+             s = socket.create_connection(('{}', {}), timeout=20)\n\
+             s.sendall(bytes.fromhex('{}'))\n\
+             n = 0\n\
+             try:\n\
+             \x20   while True:\n\
+             \x20       d = s.recv(65536)\n\
+             \x20       if not d: break\n\
+             \x20       n += len(d)\n\
+             except socket.timeout:\n\
+             \x20   print('timeout', end=' ')\n\
+             except ConnectionResetError:\n\
+             \x20   pass\n\
+             print(n)\n",
+            addr.ip(),
+            addr.port(),
+            hex::encode(bytes)
+        );
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "python3", "-c", &script])
+            .output()
+            .expect("python3 runs in the namespace");
+        let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        assert!(!text.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+        text
+    }
+}
+
 impl Drop for Namespace {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
@@ -318,4 +352,70 @@ async fn client_first_binary_protocols_are_not_tunnelled() {
         expect_closed(&mut client).await;
     }
     assert!(received.lock().unwrap().is_empty(), "bytes were tunnelled");
+}
+
+/// `[client_auth]` protects SOCKS5 only: transparent mode and static routes
+/// cannot ask for credentials. Off loopback with credentials alone the binary
+/// refuses to start; and a listener bound off loopback behind the
+/// configuration's back still serves a client elsewhere nothing at all (each
+/// session asks `policy::admits` again), while a client on this host is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_do_not_stand_for_an_allow_list_where_no_front_end_asks_for_them() {
+    let auth = ["--client-username", "alice", "--client-password", "secret"];
+    for (toml, key) in [
+        ("listen = \"0.0.0.0:0\"\n", "listen: 0.0.0.0:0"),
+        (
+            "transparent = false\n[[route]]\nlisten = \"0.0.0.0:0\"\ntarget = \"127.0.0.1:18444\"\n",
+            "route[0].listen: 0.0.0.0:0",
+        ),
+        ("transparent_listen = \"0.0.0.0:0\"\n", "transparent_listen: 0.0.0.0:0"),
+    ] {
+        let path = std::env::temp_dir().join(format!("bip324-proxy-auth-{}-{}.toml", std::process::id(), key.len()));
+        std::fs::write(&path, toml).unwrap();
+        let mut args = vec!["--config", path.to_str().unwrap()];
+        args.extend_from_slice(&auth);
+        let (status, log) = run_binary(&args).await;
+        let _ = std::fs::remove_file(&path);
+        assert!(!status.success(), "{toml}: started with credentials as its only restriction");
+        assert!(log.contains(key) && log.contains("allow = [...]"), "{toml}: {log}");
+    }
+
+    let ns = Namespace::create();
+    let loopback_node = spawn_v2_node(V2NodeOptions::default()).await;
+    let host_node = spawn_v2_node_on(&format!("{}:0", ns.host_ip), V2NodeOptions::default()).await;
+    let mut args = vec!["bip324-proxy", "--listen", "127.0.0.1:0", "--network", "regtest", "--allow-private-targets"];
+    args.extend_from_slice(&auth);
+    let config = Arc::new(Config::load(&Cli::try_parse_from(args).unwrap()).unwrap());
+    let route = bip324_proxy::socks5::Target::from(loopback_node.addr);
+    let mut bound = Vec::new();
+    let mut addrs = Vec::new();
+    for (ip, front) in [
+        (ns.host_ip.as_str(), FrontEnd::Main),
+        (ns.host_ip.as_str(), FrontEnd::Transparent),
+        (ns.host_ip.as_str(), FrontEnd::Route(route.clone())),
+        ("127.0.0.1", FrontEnd::Route(route)),
+    ] {
+        let listener = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        bound.push(Bound { listener: listener.into(), front });
+    }
+    let shutdown = CancellationToken::new();
+    let state = Arc::new(ProxyState::new(config, Default::default()));
+    tokio::spawn(bip324_proxy::server::serve(bound, state, shutdown.clone()));
+
+    let ns = Arc::new(ns);
+    let to_host_node = version_message(REGTEST, host_node.addr);
+    for (addr, what) in [(addrs[0], "main port, transparent"), (addrs[1], "transparent_listen"), (addrs[2], "route")] {
+        let (ns, bytes) = (ns.clone(), to_host_node.clone());
+        let answer = tokio::task::spawn_blocking(move || ns.send_and_read(addr, &bytes)).await.unwrap();
+        assert_eq!(answer, "0", "{what}: a client elsewhere without credentials was served");
+    }
+    assert_eq!(host_node.log.accepts.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(loopback_node.log.accepts.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // A client on this host uses the same route.
+    let mut local = TcpStream::connect(addrs[3]).await.unwrap();
+    local.write_all(&version_message(REGTEST, loopback_node.addr)).await.unwrap();
+    assert_eq!(expect_frame(&mut local).await.command, "version");
+    shutdown.cancel();
 }
