@@ -2,7 +2,8 @@
 //! front of a v1-only node. In stage order:
 //!
 //! - first bytes ([`respond::classify_first_bytes`]): a v1 VERSION of the
-//!   listener's network is relayed (`v1 = "relay"`) or closed
+//!   listener's network is relayed (`v1 = "relay"`) once the whole message
+//!   is in and checks out, under the same deadline as a handshake, or closed
 //!   (`v1 = "refuse"`); a VERSION of another network is closed, as Core does;
 //!   anything else is a BIP324 initiator;
 //! - upgrade: the responder handshake ([`respond::respond`]), under the
@@ -42,7 +43,34 @@ use crate::relay::{
 use crate::respond::{self, FirstBytes, PeerReader, RespondError};
 use crate::socks5::Host;
 use crate::state::ProxyState;
-use crate::v1::{self, Decoded, FrameDecoder, Magic};
+use crate::v1::{self, Decoded, FrameDecoder, Magic, V1Error};
+
+/// Reads until `pending` starts with the v1 peer's whole VERSION, checked as
+/// a v1 message of the listener's network, before `deadline` (the handshake
+/// deadline counted from accept). The node is dialed only once it is in: a
+/// peer that sends the 16-byte v1 prefix and stops is closed at the deadline
+/// like a silent v2 initiator, and never reaches the node.
+async fn read_peer_version(
+    peer: &mut TcpStream,
+    pending: &mut BytesMut,
+    magic: Magic,
+    deadline: Instant,
+) -> Result<(), InboundError> {
+    let decoder = FrameDecoder::new(magic, true);
+    loop {
+        match decoder.decode(pending) {
+            Ok(Decoded::Frame { .. }) => return Ok(()),
+            Ok(Decoded::NeedMore { total }) => {
+                let already = pending.len();
+                PeerReader::new(peer, deadline, already)
+                    .read_into(pending, total.saturating_sub(already))
+                    .await
+                    .map_err(InboundError::Handshake)?;
+            }
+            Err(error) => return Err(InboundError::BadVersion(error)),
+        }
+    }
+}
 
 /// How an inbound session carries traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +103,8 @@ pub enum InboundError {
     V1Refused,
     #[error("peer sent a v1 VERSION for network magic {}, not {network}", hex::encode(.found))]
     OtherNetwork { found: Magic, network: String },
+    #[error("peer's v1 VERSION: {0}")]
+    BadVersion(V1Error),
     #[error("node {node} unreachable: {error}")]
     Dial { node: String, error: DialError },
     #[error("node {node} unreachable from the peer's address {source_ip} (node_source = \"peer\"): {error}")]
@@ -90,6 +120,7 @@ impl InboundError {
             InboundError::Handshake(_) => "handshake_failed",
             InboundError::V1Refused => "v1_refused",
             InboundError::OtherNetwork { .. } => "wrong_network",
+            InboundError::BadVersion(_) => "bad_peer_message",
             InboundError::Dial { .. } | InboundError::DialFromPeer { .. } => "node_unreachable",
         }
     }
@@ -318,6 +349,7 @@ impl InboundSession<'_> {
                 if self.listener.v1 == V1Peers::Refuse {
                     return Err(InboundError::V1Refused);
                 }
+                read_peer_version(&mut peer, &mut pending, magic, deadline).await?;
                 let node = self.dial_node(peer_ip).await?;
                 Ok((InboundTransport::V1, self.relay_v1(peer, pending, node).await))
             }
