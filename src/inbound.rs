@@ -43,10 +43,12 @@ use crate::relay::{
 use crate::respond::{self, FirstBytes, PeerReader, RespondError};
 use crate::socks5::Host;
 use crate::state::ProxyState;
+use crate::v2::MAX_VERSION_CONTENTS_BYTES;
 use crate::v1::{self, Decoded, FrameDecoder, Magic, V1Error};
 
 /// Reads until `pending` starts with the v1 peer's whole VERSION, checked as
-/// a v1 message of the listener's network, before `deadline` (the handshake
+/// a v1 message of the listener's network, its payload at most
+/// [`v1::MAX_VERSION_PAYLOAD_BYTES`], before `deadline` (the handshake
 /// deadline counted from accept). The node is dialed only once it is in: a
 /// peer that sends the 16-byte v1 prefix and stops is closed at the deadline
 /// like a silent v2 initiator, and never reaches the node.
@@ -56,7 +58,7 @@ async fn read_peer_version(
     magic: Magic,
     deadline: Instant,
 ) -> Result<(), InboundError> {
-    let decoder = FrameDecoder::new(magic, true);
+    let decoder = FrameDecoder::for_version(magic);
     loop {
         match decoder.decode(pending) {
             Ok(Decoded::Frame { .. }) => return Ok(()),
@@ -370,7 +372,8 @@ impl InboundSession<'_> {
                 let report = relay::run(
                     Leg { stream: peer.into(), pending: channel.leftover },
                     Leg { stream: node.into(), pending: BytesMut::new() },
-                    V2ToV1 { decoder: channel.decoder, magic },
+                    // The peer's first message is its VERSION.
+                    V2ToV1 { decoder: channel.decoder, magic, first_message_max: Some(MAX_VERSION_CONTENTS_BYTES) },
                     NodeToPeer::new(
                         V1ToV2 {
                             decoder: FrameDecoder::new(magic, true),

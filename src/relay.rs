@@ -24,7 +24,7 @@ use crate::shaping::{CoverPolicy, HourlyBudget, MIN_DECOY_WIRE_BYTES, Padder, Sh
 use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
-use crate::v2::{DecodedPacket, PACKET_PREFIX, PacketDecoder, PacketEncoder, TAG_LEN, V2Error};
+use crate::v2::{DecodedPacket, PACKET_OVERHEAD, PACKET_PREFIX, PacketDecoder, PacketEncoder, TAG_LEN, V2Error};
 
 /// Read size when no larger message is known to be pending.
 const READ_CHUNK: usize = 16 * 1024;
@@ -71,6 +71,10 @@ pub enum CloseReason {
     /// `MAX_PROTOCOL_MESSAGE_LENGTH`): v2 allows a few bytes more.
     #[error("remote sent a `{command}` message of {len} payload bytes, more than the {max} a v1 client accepts")]
     TooLargeForV1 { command: String, len: usize, max: usize },
+    /// A packet before the first genuine message (which must be a VERSION)
+    /// announced more than a VERSION may take.
+    #[error("packet of {len} contents bytes before the first message exceeds the {max}-byte limit for a VERSION")]
+    FirstMessageTooLarge { len: usize, max: usize },
     #[error("{side} closed in the middle of a message ({pending} bytes pending)")]
     Truncated { side: Side, pending: usize },
     #[error("{0} connection error: {1}")]
@@ -95,6 +99,7 @@ impl CloseReason {
             CloseReason::BadV2(_) => "bad_remote_packet",
             CloseReason::Encode(_) => "internal",
             CloseReason::TooLargeForV1 { .. } => "remote_message_too_large",
+            CloseReason::FirstMessageTooLarge { .. } => "version_too_large",
             CloseReason::Truncated { .. } => "truncated",
             CloseReason::Io(Side::Client, _) => "client_io_error",
             CloseReason::Io(Side::Remote, _) => "remote_io_error",
@@ -371,6 +376,21 @@ impl Translator for V1ToV2 {
 pub struct V2ToV1 {
     pub decoder: PacketDecoder,
     pub magic: Magic,
+    /// Until the first genuine message arrives, every packet (decoys too:
+    /// a packet's kind is known only once it is whole) may carry at most this
+    /// many contents bytes, checked from its length before it is buffered:
+    /// the first message is a VERSION. `None`: the general limit only.
+    pub first_message_max: Option<usize>,
+}
+
+impl V2ToV1 {
+    /// Refuses a packet of `contents` bytes while the first message is awaited.
+    fn check_first(&self, contents: usize) -> Result<(), CloseReason> {
+        match self.first_message_max {
+            Some(max) if contents > max => Err(CloseReason::FirstMessageTooLarge { len: contents, max }),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Translator for V2ToV1 {
@@ -382,12 +402,18 @@ impl Translator for V2ToV1 {
     ) -> Result<Step, CloseReason> {
         loop {
             match self.decoder.decode(input).map_err(CloseReason::BadV2)? {
-                DecodedPacket::NeedMore { total } => return Ok(Step::NeedMore(total)),
+                DecodedPacket::NeedMore { total } => {
+                    self.check_first(total.saturating_sub(PACKET_OVERHEAD))?;
+                    return Ok(Step::NeedMore(total));
+                }
                 DecodedPacket::Packet { ignore: true, contents, len } => {
+                    self.check_first(contents.len())?;
                     debug!(len = contents.len(), "remote_to_client decoy skipped");
                     input.advance(len);
                 }
                 DecodedPacket::Packet { ignore: false, contents, len } => {
+                    self.check_first(contents.len())?;
+                    self.first_message_max = None;
                     match translate::decode_contents(&input[contents.clone()]) {
                         Ok((command, offset)) => {
                             let payload = contents.start + offset..contents.end;
@@ -857,6 +883,49 @@ mod tests {
         }
         let off = V1ToV2 { decoder: FrameDecoder::new(MAGIC, true), encoder: ours.encoder(0), shaper: None };
         assert_eq!(off.idle_wake(), None);
+    }
+
+    #[test]
+    fn packets_before_the_first_message_are_held_to_the_version_limit() {
+        use crate::v2::MAX_VERSION_CONTENTS_BYTES;
+        let theirs = SessionKeys::from_shared_secret(&[8; 32], Role::Initiator, &MAGIC);
+        let ours = SessionKeys::from_shared_secret(&[8; 32], Role::Responder, &MAGIC);
+        let translator = |first_message_max| V2ToV1 { decoder: ours.decoder(0), magic: MAGIC, first_message_max };
+        let mut stats = DirectionStats::default();
+        // Refused from the 3-byte length alone, decoy or not.
+        for decoy in [false, true] {
+            let mut packet = BytesMut::new();
+            let contents = vec![0u8; MAX_VERSION_CONTENTS_BYTES + 1];
+            theirs.encoder(0).encode_packet(&[], &contents, decoy, &[], &mut packet).unwrap();
+            let mut input = BytesMut::from(&packet[..3]);
+            let refused = translator(Some(MAX_VERSION_CONTENTS_BYTES)).translate(
+                &mut input,
+                &mut BytesMut::new(),
+                &mut stats,
+            );
+            assert!(
+                matches!(refused, Err(CloseReason::FirstMessageTooLarge { len, max: MAX_VERSION_CONTENTS_BYTES }) if len == contents.len()),
+                "{refused:?}"
+            );
+            // Without the limit the same length only asks for more bytes.
+            let mut input = BytesMut::from(&packet[..3]);
+            let step = translator(None).translate(&mut input, &mut BytesMut::new(), &mut stats).unwrap();
+            assert_eq!(step, Step::NeedMore(packet.len()));
+        }
+        // A VERSION at the limit passes; after it, large messages do too.
+        let mut encoder = theirs.encoder(0);
+        let mut wire = BytesMut::new();
+        let mut version = vec![0u8; 13];
+        version[1..8].copy_from_slice(b"version");
+        version.resize(MAX_VERSION_CONTENTS_BYTES, 0);
+        encoder.encode_packet(&[], &version, false, &[], &mut wire).unwrap();
+        encoder.encode(&[2], &vec![0u8; 100_000], &mut wire).unwrap();
+        let mut limited = translator(Some(MAX_VERSION_CONTENTS_BYTES));
+        let (mut output, mut input) = (BytesMut::new(), wire);
+        let step = limited.translate(&mut input, &mut output, &mut stats).unwrap();
+        assert!(matches!(step, Step::Direct(_)), "{step:?}");
+        assert_eq!(output.len(), HEADER_LEN + v1::MAX_VERSION_PAYLOAD_BYTES);
+        assert_eq!(limited.first_message_max, None);
     }
 
     #[test]

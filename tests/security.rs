@@ -190,8 +190,11 @@ fn run(args: &[&str]) {
 
 impl Namespace {
     fn create() -> Namespace {
-        let id = std::process::id() % 200 + 20;
-        let name = format!("b324sec{}", std::process::id());
+        // Several tests of this binary create one at once: each its own.
+        static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CREATED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = (std::process::id() + n) % 200 + 20;
+        let name = format!("b324sec{}-{n}", std::process::id());
         let (host_if, peer_if) = (format!("b324h{id}"), format!("b324p{id}"));
         let (host_ip, peer_ip) = (format!("10.253.{id}.1"), format!("10.253.{id}.2"));
         run(&["ip", "netns", "add", &name]);
@@ -418,4 +421,76 @@ async fn credentials_do_not_stand_for_an_allow_list_where_no_front_end_asks_for_
     local.write_all(&version_message(REGTEST, loopback_node.addr)).await.unwrap();
     assert_eq!(expect_frame(&mut local).await.command, "version");
     shutdown.cancel();
+}
+
+/// Resident set size of a process, in bytes.
+fn rss_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() * 1024
+}
+
+/// A v1 header for `command` announcing `len` payload bytes.
+fn header_announcing(command: &str, len: u32) -> Vec<u8> {
+    let mut header = REGTEST.to_vec();
+    let mut name = [0u8; 12];
+    name[..command.len()].copy_from_slice(command.as_bytes());
+    header.extend_from_slice(&name);
+    header.extend_from_slice(&len.to_le_bytes());
+    header.extend_from_slice(&[0; 4]);
+    header
+}
+
+/// A first message is a VERSION, and a VERSION is small: every place that
+/// awaits one (after a SOCKS5 reply, transparent mode, an inbound v1 peer)
+/// refuses a header announcing more than 4,096 payload bytes at once,
+/// before buffering any of it. Forty sessions that each announce 4,000,000
+/// bytes and send one megabyte of them are closed with that reason, and the
+/// proxy's memory does not grow with them.
+#[tokio::test]
+async fn first_messages_are_held_to_the_version_limit_before_anything_is_buffered() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let inbound_spec = format!("127.0.0.1:0={}@regtest", node.addr);
+    let mut proxy = spawn_binary(&["--network", "regtest", "--inbound", &inbound_spec], "info").await;
+    let line = proxy.wait_for(&["listening (inbound)"]).await;
+    let inbound: SocketAddr =
+        line.split("listen=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().parse().unwrap();
+    let pid = proxy.child.id().unwrap();
+    let before = rss_of(pid);
+
+    let mut first = header_announcing("version", 4_000_000);
+    first.extend_from_slice(&vec![0x01; 1_000_000]);
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let mut client = match i % 3 {
+            0 => socks_btcd(proxy.addr, node.addr).await.expect("CONNECT"),
+            1 => TcpStream::connect(proxy.addr).await.unwrap(),
+            _ => TcpStream::connect(inbound).await.unwrap(),
+        };
+        // The proxy may close before all of it is written.
+        let _ = client.write_all(&first).await;
+        held.push(client);
+    }
+    for client in &mut held {
+        expect_closed(client).await;
+    }
+    let refusals = [
+        ("session closed", "client's first message: payload of 4000000 bytes exceeds the 4096 byte limit"),
+        ("inbound session closed", "peer's v1 VERSION: payload of 4000000 bytes exceeds the 4096 byte limit"),
+    ];
+    let mut counts = [0usize; 2];
+    while counts[0] + counts[1] < 40 {
+        let line = proxy.wait_for(&["closed"]).await;
+        let kind = refusals.iter().position(|(what, why)| line.contains(what) && line.contains(why));
+        let kind = kind.unwrap_or_else(|| panic!("closed for another reason: {line}"));
+        counts[kind] += 1;
+    }
+    assert_eq!(counts, [27, 13], "SOCKS5 and transparent sessions, inbound peers");
+    let grown = rss_of(pid).saturating_sub(before);
+    assert!(grown < 16 * 1024 * 1024, "proxy RSS grew by {} KiB", grown / 1024);
+    assert_eq!(node.log.accepts.load(std::sync::atomic::Ordering::SeqCst), 14, "one dial per SOCKS5 CONNECT only");
+
+    // The limit leaves a real VERSION alone.
+    let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    assert_eq!(expect_frame(&mut client).await.command, "version");
 }

@@ -141,7 +141,7 @@ impl Session<'_> {
                 encoder: channel.encoder,
                 shaper: Shaper::with_padder(padder, &config.shaping, shaping),
             },
-            V2ToV1 { decoder: channel.decoder, magic: network.magic },
+            V2ToV1 { decoder: channel.decoder, magic: network.magic, first_message_max: None },
             config.timeouts.idle,
             self.live.counters.clone(),
             self.shutdown.clone(),

@@ -256,7 +256,9 @@ impl Session<'_> {
         }
     }
 
-    /// Reads until `pending` starts with a whole, valid VERSION message.
+    /// Reads until `pending` starts with a whole, valid VERSION message, its
+    /// payload at most [`crate::v1::MAX_VERSION_PAYLOAD_BYTES`] (checked from the
+    /// header, before more is read).
     async fn read_version(
         &self,
         client: &mut Stream,
@@ -265,7 +267,7 @@ impl Session<'_> {
     ) -> Result<Client, SessionError> {
         let wait = self.config.timeouts.first_message;
         let deadline = Instant::now() + wait;
-        let decoder = FrameDecoder::new(network.magic, true);
+        let decoder = FrameDecoder::for_version(network.magic);
         let version_len = read_decoded(client, pending, deadline, Stage::Sniff, |buf| {
             match decoder.decode(buf).map_err(SessionError::BadFirstMessage)? {
                 Decoded::Frame { len, .. } => Ok(Some((len, 0))),
