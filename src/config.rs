@@ -71,6 +71,9 @@ pub struct Timeouts {
     pub handshake: Duration,
     /// No byte in either direction for this long closes the session.
     pub idle: Option<Duration>,
+    /// A relay write that makes no progress for this long closes the session
+    /// (the side it writes to stopped reading).
+    pub write_stall: Duration,
     /// Graceful shutdown: how long open sessions may drain.
     pub shutdown: Duration,
 }
@@ -640,8 +643,12 @@ impl Config {
 
 /// Documented ranges of the numeric settings (README, configuration reference).
 pub const MAX_SESSIONS: RangeInclusive<u64> = 1..=100_000;
-/// Every stage timeout and the shutdown drain, in seconds.
+/// Every stage timeout, the write stall and the shutdown drain, in seconds.
 pub const STAGE_TIMEOUT_SECS: RangeInclusive<u64> = 1..=3600;
+/// `timeouts.write_stall` when not set: Bitcoin Core's own scale for a peer
+/// that stops answering (`-peertimeout`, 60 s); a peer that reads slowly
+/// keeps its session, one that reads nothing for a minute does not.
+pub const DEFAULT_WRITE_STALL_SECS: u64 = 60;
 /// The idle timeout when on: Core's own inactivity timeout up to a week.
 pub const IDLE_TIMEOUT_SECS: RangeInclusive<u64> = MIN_IDLE_TIMEOUT_SECS..=7 * 24 * 3600;
 /// Entries of the v1-only memory (0 = off); the LRU allocates its table up front.
@@ -931,6 +938,7 @@ fn timeouts_section(t: &FileTimeouts, cli: &Cli) -> Result<Timeouts, ConfigError
         first_message: stage("first_message", t.first_message)?,
         handshake: stage("handshake", cli.handshake_timeout.unwrap_or(t.handshake))?,
         idle,
+        write_stall: stage("write_stall", t.write_stall)?,
         shutdown: stage("shutdown", t.shutdown)?,
     })
 }
@@ -1277,12 +1285,21 @@ struct FileTimeouts {
     first_message: u64,
     handshake: u64,
     idle: u64,
+    write_stall: u64,
     shutdown: u64,
 }
 
 impl Default for FileTimeouts {
     fn default() -> Self {
-        FileTimeouts { socks: 10, connect: 10, first_message: 10, handshake: 10, idle: 0, shutdown: 10 }
+        FileTimeouts {
+            socks: 10,
+            connect: 10,
+            first_message: 10,
+            handshake: 10,
+            idle: 0,
+            write_stall: DEFAULT_WRITE_STALL_SECS,
+            shutdown: 10,
+        }
     }
 }
 

@@ -135,6 +135,10 @@ pub fn describe_close(reason: &CloseReason) -> (&'static str, String) {
         Side::Client => "peer",
         Side::Remote => "node",
     };
+    let other = |side: Side| match side {
+        Side::Client => Side::Remote,
+        Side::Remote => Side::Client,
+    };
     match reason {
         CloseReason::BothClosed => ("closed", "peer and node closed".to_owned()),
         CloseReason::BadV1(Side::Client, e) => ("bad_peer_message", format!("peer sent a bad v1 message: {e}")),
@@ -147,6 +151,13 @@ pub fn describe_close(reason: &CloseReason) -> (&'static str, String) {
         ),
         CloseReason::Truncated { side: s, pending } => {
             ("truncated", format!("{} closed in the middle of a message ({pending} bytes pending)", side(*s)))
+        }
+        CloseReason::HalfOpen { closed, drain } => (
+            "half_open",
+            format!("{} closed and the {} did not close within {drain:?}", side(*closed), side(other(*closed))),
+        ),
+        CloseReason::WriteStalled(s, stall) => {
+            ("write_stalled", format!("{} read nothing for {stall:?} (write stalled)", side(*s)))
         }
         CloseReason::Io(Side::Client, e) => ("peer_io_error", format!("peer connection error: {e}")),
         CloseReason::Io(Side::Remote, e) => ("node_io_error", format!("node connection error: {e}")),
@@ -386,7 +397,7 @@ impl InboundSession<'_> {
                         self.listener.advertise,
                         self.state.observer.clone(),
                     ),
-                    config.timeouts.idle,
+                    self.state.relay_limits(),
                     self.live.counters.clone(),
                     self.shutdown.clone(),
                 )
@@ -435,7 +446,7 @@ impl InboundSession<'_> {
                 self.listener.advertise,
                 self.state.observer.clone(),
             ),
-            self.state.config.timeouts.idle,
+            self.state.relay_limits(),
             self.live.counters.clone(),
             self.shutdown.clone(),
         )
@@ -487,6 +498,10 @@ mod tests {
         );
         let (_, text) = describe_close(&CloseReason::Truncated { side: Side::Remote, pending: 3 });
         assert!(text.starts_with("node closed"), "{text}");
+        let half_open = CloseReason::HalfOpen { closed: Side::Remote, drain: Duration::from_secs(5) };
+        assert_eq!(describe_close(&half_open), ("half_open", "node closed and the peer did not close within 5s".into()));
+        let stalled = CloseReason::WriteStalled(Side::Client, Duration::from_secs(60));
+        assert_eq!(describe_close(&stalled), ("write_stalled", "peer read nothing for 60s (write stalled)".into()));
     }
 
     /// A translator that hands whole frames on, as the real ones consume

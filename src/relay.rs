@@ -3,12 +3,16 @@
 //! its write before it reads again (that await is the backpressure).
 //!
 //! On end of stream a direction shuts down the opposite write half and lets
-//! the other direction finish; on an error it cancels the session so both
-//! stop. Receive buffers are released while a socket is idle, so an idle
-//! session holds no buffer memory.
+//! the other direction finish for at most [`END_DRAIN`] (Bitcoin P2P has no
+//! half-close); on an error it cancels the session so both stop. A write
+//! that makes no progress for `write_stall` ends the session too. Receive
+//! buffers are released while a socket is idle, so an idle session holds no
+//! buffer memory.
 
 use std::io::{self, IoSlice};
+use std::future::Future;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -25,6 +29,15 @@ use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
 use crate::v2::{DecodedPacket, PACKET_OVERHEAD, PACKET_PREFIX, PacketDecoder, PacketEncoder, TAG_LEN, V2Error};
+
+/// Once one side has closed, how long the other direction may still carry
+/// what it has before the session ends. Bitcoin P2P has no half-close: a
+/// node that is done with a peer closes the connection, and the peer closes
+/// its own end as soon as it reads the end of stream (Core within one turn of
+/// its socket loop). Five seconds delivers what was in flight; a side that
+/// keeps its end open past it (a silent peer holding an inbound slot) no
+/// longer holds the session.
+pub const END_DRAIN: Duration = Duration::from_secs(5);
 
 /// Read size when no larger message is known to be pending.
 const READ_CHUNK: usize = 16 * 1024;
@@ -81,6 +94,13 @@ pub enum CloseReason {
     Io(Side, io::Error),
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// One side closed and the other kept its end open past [`END_DRAIN`].
+    #[error("{closed} closed and the other side did not close within {drain:?}")]
+    HalfOpen { closed: Side, drain: Duration },
+    /// A write to this side made no progress for this long: it stopped
+    /// reading.
+    #[error("{0} read nothing for {1:?} (write stalled)")]
+    WriteStalled(Side, Duration),
     #[error("proxy shutting down")]
     Shutdown,
     /// This direction stopped because the other one failed; the other's
@@ -104,6 +124,8 @@ impl CloseReason {
             CloseReason::Io(Side::Client, _) => "client_io_error",
             CloseReason::Io(Side::Remote, _) => "remote_io_error",
             CloseReason::Idle(_) => "idle",
+            CloseReason::HalfOpen { .. } => "half_open",
+            CloseReason::WriteStalled(..) => "write_stalled",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Aborted => "aborted",
         }
@@ -514,6 +536,7 @@ struct Shared {
     /// Milliseconds since `started` of the last byte read either way.
     last_activity_ms: AtomicU64,
     idle: Option<Duration>,
+    write_stall: Duration,
     /// What `/status` shows while the session runs.
     live: Arc<LiveCounters>,
 }
@@ -544,13 +567,23 @@ pub struct Leg {
     pub pending: BytesMut,
 }
 
-/// Runs both directions to the end.
+/// What bounds a relay besides its translators' size checks.
+#[derive(Debug, Clone)]
+pub struct RelayLimits {
+    /// No byte read either way for this long closes the session; `None`: never.
+    pub idle: Option<Duration>,
+    /// A write that makes no progress for this long closes the session.
+    pub write_stall: Duration,
+}
+
+/// Runs both directions to the end: once one has ended cleanly the other
+/// gets [`END_DRAIN`] to finish, then the session closes.
 pub async fn run(
     client: Leg,
     remote: Leg,
     client_to_remote: impl Translator + 'static,
     remote_to_client: impl Translator + 'static,
-    idle: Option<Duration>,
+    limits: RelayLimits,
     live: Arc<LiveCounters>,
     shutdown: CancellationToken,
 ) -> RelayReport {
@@ -562,7 +595,8 @@ pub async fn run(
         cancel: shutdown.child_token(),
         started: Instant::now(),
         last_activity_ms: AtomicU64::new(0),
-        idle,
+        idle: limits.idle,
+        write_stall: limits.write_stall,
         live,
     });
     let up = pump(
@@ -581,13 +615,27 @@ pub async fn run(
         shared.clone(),
         shutdown.clone(),
     );
-    let ((up_stats, up_end), (down_stats, down_end)) = tokio::join!(up, down);
+    tokio::pin!(up, down);
+    let (((up_stats, up_end), (down_stats, down_end)), kept_open) = tokio::select! {
+        first = &mut up => {
+            let (second, drained) = finish_after(first.1.is_none(), down, &shared).await;
+            ((first, second), drained.then_some(Side::Client))
+        }
+        first = &mut down => {
+            let (second, drained) = finish_after(first.1.is_none(), up, &shared).await;
+            ((second, first), drained.then_some(Side::Remote))
+        }
+    };
     // The first real failure explains the close; plain ends of stream only
     // when nothing else happened.
-    let reason = match (up_end, down_end) {
-        (None, None) => CloseReason::BothClosed,
-        (Some(reason), None) | (None, Some(reason)) => reason,
-        (Some(first), Some(second)) => {
+    let reason = match (up_end, down_end, kept_open) {
+        // The drain ran out: the direction cut short reports `Aborted`.
+        (None, Some(CloseReason::Aborted), Some(closed)) | (Some(CloseReason::Aborted), None, Some(closed)) => {
+            CloseReason::HalfOpen { closed, drain: END_DRAIN }
+        }
+        (None, None, _) => CloseReason::BothClosed,
+        (Some(reason), None, _) | (None, Some(reason), _) => reason,
+        (Some(first), Some(second), _) => {
             if matches!(first, CloseReason::Aborted) {
                 second
             } else {
@@ -596,6 +644,27 @@ pub async fn run(
         }
     };
     RelayReport { client_to_remote: up_stats, remote_to_client: down_stats, reason }
+}
+
+/// Runs the direction still going after the other ended: to its end when the
+/// other failed (the session is cancelled already), or for at most
+/// [`END_DRAIN`] after a clean end of stream, then cancelled. Returns its
+/// result and whether the drain ran out.
+async fn finish_after(
+    other_ended_cleanly: bool,
+    mut direction: Pin<&mut impl Future<Output = (DirectionStats, Option<CloseReason>)>>,
+    shared: &Shared,
+) -> ((DirectionStats, Option<CloseReason>), bool) {
+    if !other_ended_cleanly {
+        return (direction.await, false);
+    }
+    match tokio::time::timeout(END_DRAIN, direction.as_mut()).await {
+        Ok(result) => (result, false),
+        Err(_) => {
+            shared.cancel.cancel();
+            (direction.await, true)
+        }
+    }
 }
 
 /// One direction. Returns its counters and, unless it ended by a clean end of
@@ -629,13 +698,14 @@ async fn pump(
             Err(reason) => break Some(reason),
         };
         if !output.is_empty() {
-            let write = writer.write_all(&output);
+            let pieces = [&output[..]];
+            let write = write_all_vectored(&mut writer, &pieces, shared.write_stall, to);
             let result = tokio::select! {
                 result = write => result,
                 _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
             };
-            if let Err(e) = result {
-                break Some(CloseReason::Io(to, e));
+            if let Err(reason) = result {
+                break Some(reason);
             }
             if output.capacity() > KEEP_OUTPUT_CAPACITY {
                 output = BytesMut::new();
@@ -648,11 +718,11 @@ async fn pump(
             Step::Direct(direct) => {
                 let pieces = [&direct.head[..], &inbound.pending[direct.body.clone()], &direct.tail[..]];
                 let result = tokio::select! {
-                    result = write_all_vectored(&mut writer, &pieces) => result,
+                    result = write_all_vectored(&mut writer, &pieces, shared.write_stall, to) => result,
                     _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
                 };
-                if let Err(e) = result {
-                    break Some(CloseReason::Io(to, e));
+                if let Err(reason) = result {
+                    break Some(reason);
                 }
                 inbound.pending.advance(direct.consumed);
                 continue;
@@ -673,13 +743,14 @@ async fn pump(
                     break Some(reason);
                 }
                 if !output.is_empty() {
+                    let pieces = [&output[..]];
                     let result = tokio::select! {
-                        result = writer.write_all(&output) => result,
+                        result = write_all_vectored(&mut writer, &pieces, shared.write_stall, to) => result,
                         _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
                     };
                     output.clear();
-                    if let Err(e) = result {
-                        break Some(CloseReason::Io(to, e));
+                    if let Err(reason) = result {
+                        break Some(reason);
                     }
                 }
                 continue;
@@ -704,7 +775,8 @@ async fn pump(
                     break Some(CloseReason::Truncated { side: from, pending: inbound.pending.len() });
                 }
                 // Half-close: the other side sees our end of stream; the
-                // opposite direction keeps running until it ends too.
+                // opposite direction keeps running until it ends too, for
+                // at most END_DRAIN (`run`).
                 let _ = writer.shutdown().await;
                 break None;
             }
@@ -724,15 +796,25 @@ async fn pump(
     (stats, end)
 }
 
-/// Writes every piece, in order, with as few system calls as the socket allows.
-async fn write_all_vectored(writer: &mut WriteHalf, pieces: &[&[u8]]) -> io::Result<()> {
+/// Writes every piece, in order, with as few system calls as the socket
+/// allows, to side `to`. Each call must move some bytes within `stall`: a
+/// side that stops reading cannot hold the session (and its buffers) forever,
+/// while one that reads slowly keeps it.
+async fn write_all_vectored(
+    writer: &mut WriteHalf,
+    pieces: &[&[u8]],
+    stall: Duration,
+    to: Side,
+) -> Result<(), CloseReason> {
     let mut slices: Vec<IoSlice<'_>> = pieces.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)).collect();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
-        let n = writer.write_vectored(slices).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
+        let n = match tokio::time::timeout(stall, writer.write_vectored(slices)).await {
+            Err(_) => return Err(CloseReason::WriteStalled(to, stall)),
+            Ok(Err(e)) => return Err(CloseReason::Io(to, e)),
+            Ok(Ok(0)) => return Err(CloseReason::Io(to, io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => n,
+        };
         IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::Config;
 use crate::memory::V1OnlyMemory;
 use crate::metrics::Observer;
+use crate::relay::RelayLimits;
 use crate::upgrade::KeyPool;
 
 /// What every session of one proxy shares.
@@ -41,6 +42,11 @@ impl ProxyState {
         if !listening.contains(&addr) {
             listening.push(addr);
         }
+    }
+
+    /// What bounds every relay of this proxy.
+    pub fn relay_limits(&self) -> RelayLimits {
+        RelayLimits { idle: self.config.timeouts.idle, write_stall: self.config.timeouts.write_stall }
     }
 
     /// Every address this proxy listens on: configured and bound.

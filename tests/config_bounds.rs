@@ -34,6 +34,7 @@ const NUMERIC_KEYS: &[(&str, &str, Option<&str>, u64, u64)] = &[
     ("timeouts.first_message", "[timeouts]\nfirst_message = {}", None, 1, 3600),
     ("timeouts.handshake", "[timeouts]\nhandshake = {}", Some("--handshake-timeout"), 1, 3600),
     ("timeouts.idle", "[timeouts]\nidle = {}", Some("--idle-timeout"), 0, 604_800),
+    ("timeouts.write_stall", "[timeouts]\nwrite_stall = {}", None, 1, 3600),
     ("timeouts.shutdown", "[timeouts]\nshutdown = {}", None, 1, 3600),
     ("v1_only_memory.capacity", "[v1_only_memory]\ncapacity = {}", None, 0, 100_000),
     ("v1_only_memory.ttl", "[v1_only_memory]\nttl = {}", None, 1, 2_592_000),
@@ -67,6 +68,7 @@ fn value_of(config: &Config, key: &str) -> u64 {
         "timeouts.first_message" => t.first_message.as_secs(),
         "timeouts.handshake" => t.handshake.as_secs(),
         "timeouts.idle" => t.idle.map_or(0, |d| d.as_secs()),
+        "timeouts.write_stall" => t.write_stall.as_secs(),
         "timeouts.shutdown" => t.shutdown.as_secs(),
         "v1_only_memory.capacity" => config.v1_only_memory.0 as u64,
         "v1_only_memory.ttl" => config.v1_only_memory.1.as_secs(),
@@ -95,7 +97,7 @@ fn check(key: &str, value: u64, result: Result<Config, ConfigError>) {
             assert_eq!(held, value, "{key}");
             assert!((*min..=*max).contains(&held), "{key} = {value} accepted outside {min}..={max}");
             let t = &config.timeouts;
-            for d in [t.socks, t.connect, t.first_message, t.handshake, t.shutdown, t.idle.unwrap_or_default()] {
+            for d in [t.socks, t.connect, t.first_message, t.handshake, t.write_stall, t.shutdown, t.idle.unwrap_or_default()] {
                 assert!(Instant::now().checked_add(d * 4).is_some(), "{key} = {value}: {d:?} overflows a deadline");
             }
             assert!(config.max_sessions <= tokio::sync::Semaphore::MAX_PERMITS);
@@ -416,10 +418,12 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
 fn durations_in_range_never_overflow_a_deadline() {
     // The largest of every range, added to now, as the session and listener code do.
     let config = load(
-        "[timeouts]\nsocks = 3600\nconnect = 3600\nfirst_message = 3600\nhandshake = 3600\nidle = 604800\nshutdown = 3600\n",
+        "[timeouts]\nsocks = 3600\nconnect = 3600\nfirst_message = 3600\nhandshake = 3600\nidle = 604800\nwrite_stall = 3600\n\
+         shutdown = 3600\n",
         &[],
     )
     .unwrap();
     let t = &config.timeouts;
     assert!(Instant::now().checked_add(t.idle.unwrap() + Duration::from_secs(3600 * 5)).is_some());
+    assert!(Instant::now().checked_add(t.write_stall * 4).is_some());
 }

@@ -47,7 +47,7 @@ impl Session<'_> {
             Leg { stream: remote.into(), pending: BytesMut::new() },
             Passthrough,
             Passthrough,
-            self.config.timeouts.idle,
+            self.state.relay_limits(),
             self.live.counters.clone(),
             self.shutdown.clone(),
         )
@@ -142,7 +142,7 @@ impl Session<'_> {
                 shaper: Shaper::with_padder(padder, &config.shaping, shaping),
             },
             V2ToV1 { decoder: channel.decoder, magic: network.magic, first_message_max: None },
-            config.timeouts.idle,
+            self.state.relay_limits(),
             self.live.counters.clone(),
             self.shutdown.clone(),
         )
@@ -169,7 +169,7 @@ impl Session<'_> {
             Leg { stream: remote.into(), pending: BytesMut::new() },
             V1ToV1 { decoder: FrameDecoder::new(network.magic, true), side: Side::Client },
             V1ToV1 { decoder: FrameDecoder::new(network.magic, false), side: Side::Remote },
-            self.config.timeouts.idle,
+            self.state.relay_limits(),
             self.live.counters.clone(),
             self.shutdown.clone(),
         )
