@@ -186,6 +186,9 @@ pub struct Config {
     pub max_inbound: usize,
     /// Most inbound sessions one peer address may hold at once.
     pub max_inbound_per_source: usize,
+    /// Bytes all sessions together may hold of large messages being received
+    /// (`relay::MessageBudget`).
+    pub large_message_budget: u64,
     /// Decoys and padding on the v2 legs we write (`[shaping]`, off by default).
     pub shaping: Shaping,
 }
@@ -498,6 +501,12 @@ impl Config {
             None => default_inbound_per_source(max_inbound),
         };
 
+        let large_message_budget = in_range(
+            "large_message_budget",
+            cli.large_message_budget.unwrap_or(file.large_message_budget),
+            LARGE_MESSAGE_BUDGET,
+        )?;
+
         let shaping = Shaping::from_file(&file.shaping).map_err(|e| ConfigError(e.to_string()))?;
 
         let config = Config {
@@ -526,6 +535,7 @@ impl Config {
             inbound,
             max_inbound: to_usize(max_inbound),
             max_inbound_per_source: to_usize(max_inbound_per_source),
+            large_message_budget,
             shaping,
         };
         config.check_exposure()?;
@@ -658,6 +668,15 @@ pub const METRICS_MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1024;
 pub const METRICS_REQUEST_TIMEOUT_SECS: RangeInclusive<u64> = 1..=600;
 /// Inbound sessions open at once, counted apart from `max_sessions`.
 pub const MAX_INBOUND: RangeInclusive<u64> = 1..=100_000;
+/// `large_message_budget`, in bytes: at least two of the largest messages
+/// (a v2 packet of 4,000,013 contents bytes, 4,000,033 on the wire, rounded
+/// up to 8 MiB), at most 256 GiB (the budget counts KiB in a semaphore, which
+/// holds fewer than 2^29 permits on 32-bit targets).
+pub const LARGE_MESSAGE_BUDGET: RangeInclusive<u64> = 8 << 20..=256 << 30;
+/// `large_message_budget` when not set: 1 GiB, room for 268 maximum-size
+/// messages at once (a node in initial block download behind the proxy
+/// receives blocks from about ten peers).
+pub const DEFAULT_LARGE_MESSAGE_BUDGET: u64 = 1 << 30;
 
 /// Whether `max_sessions` was set (file, flag or environment) or is left to
 /// [`Config::resolve_limits`].
@@ -1136,6 +1155,7 @@ pub struct FileConfig {
     inbound: Vec<FileInbound>,
     max_inbound: u64,
     max_inbound_per_source: Option<u64>,
+    large_message_budget: u64,
     shaping: FileShaping,
 }
 
@@ -1272,6 +1292,7 @@ impl Default for FileConfig {
             inbound: Vec::new(),
             max_inbound: 256,
             max_inbound_per_source: None,
+            large_message_budget: DEFAULT_LARGE_MESSAGE_BUDGET,
             shaping: FileShaping::default(),
         }
     }
@@ -1439,6 +1460,10 @@ pub struct Cli {
     /// Most inbound sessions one peer address may hold, 1..=max-inbound [default: 8].
     #[arg(long, env = "BIP324_PROXY_MAX_INBOUND_PER_SOURCE", value_name = "N")]
     pub max_inbound_per_source: Option<u64>,
+    /// Bytes all sessions together may hold of messages of 64 KiB or more while
+    /// they arrive, 8388608..=274877906944 [default: 1073741824 (1 GiB)].
+    #[arg(long, env = "BIP324_PROXY_LARGE_MESSAGE_BUDGET", value_name = "BYTES")]
+    pub large_message_budget: Option<u64>,
 }
 
 #[cfg(test)]

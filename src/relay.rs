@@ -7,7 +7,8 @@
 //! half-close); on an error it cancels the session so both stop. A write
 //! that makes no progress for `write_stall` ends the session too. Receive
 //! buffers are released while a socket is idle, so an idle session holds no
-//! buffer memory.
+//! buffer memory; a message of [`LARGE_MESSAGE_BYTES`] or more reserves its
+//! size from the proxy-wide [`MessageBudget`] before it is buffered.
 
 use std::io::{self, IoSlice};
 use std::future::Future;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -97,6 +99,10 @@ pub enum CloseReason {
     /// One side closed and the other kept its end open past [`END_DRAIN`].
     #[error("{closed} closed and the other side did not close within {drain:?}")]
     HalfOpen { closed: Side, drain: Duration },
+    /// The proxy-wide budget for large messages had no room for this one
+    /// within the write-stall timeout.
+    #[error("no room for a {len}-byte message in the {budget}-byte large-message budget within {waited:?}")]
+    BudgetExhausted { len: usize, budget: u64, waited: Duration },
     /// A write to this side made no progress for this long: it stopped
     /// reading.
     #[error("{0} read nothing for {1:?} (write stalled)")]
@@ -125,6 +131,7 @@ impl CloseReason {
             CloseReason::Io(Side::Remote, _) => "remote_io_error",
             CloseReason::Idle(_) => "idle",
             CloseReason::HalfOpen { .. } => "half_open",
+            CloseReason::BudgetExhausted { .. } => "memory_budget",
             CloseReason::WriteStalled(..) => "write_stalled",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Aborted => "aborted",
@@ -144,6 +151,61 @@ pub struct RelayReport {
 /// (translated in place, with a vectored write) instead of being copied into
 /// the output batch.
 pub const DIRECT_THRESHOLD: usize = 64 * 1024;
+
+/// Messages at least this large reserve their whole size from the proxy's
+/// [`MessageBudget`] before the relay buffers them. Smaller ones are read in
+/// [`READ_CHUNK`]s and batched; what one session holds of them is bounded by
+/// the read chunk and [`KEEP_OUTPUT_CAPACITY`].
+pub const LARGE_MESSAGE_BYTES: usize = DIRECT_THRESHOLD;
+
+/// The proxy-wide budget for large messages being received: every message
+/// of at least [`LARGE_MESSAGE_BYTES`] reserves its announced size here
+/// before a byte of its body is buffered, and gives it back once it has
+/// been written on (or its session ends). When the budget is spent, a
+/// direction waits (reading nothing, so backpressure reaches its sender) for
+/// at most `timeouts.write_stall`, then its session closes. Counted in KiB
+/// so that any configured budget fits a semaphore on 32-bit targets too.
+#[derive(Debug)]
+pub struct MessageBudget {
+    kib: Arc<Semaphore>,
+    bytes: u64,
+}
+
+/// A message's share of the [`MessageBudget`], given back on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    len: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl MessageBudget {
+    pub fn new(bytes: u64) -> Self {
+        let kib = usize::try_from(bytes / 1024).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        MessageBudget { kib: Arc::new(Semaphore::new(kib)), bytes }
+    }
+
+    /// The configured budget, in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Bytes not reserved right now.
+    pub fn available(&self) -> u64 {
+        self.kib.available_permits() as u64 * 1024
+    }
+
+    /// Waits until `len` bytes (rounded up to whole KiB) are free and takes
+    /// them, first come first served. `None` if `len` is larger than the
+    /// whole budget (the configured minimum keeps every message below it).
+    pub async fn reserve(&self, len: usize) -> Option<Reservation> {
+        let kib = u32::try_from(len.div_ceil(1024)).ok()?;
+        if kib as u64 * 1024 > self.bytes {
+            return None;
+        }
+        let permit = self.kib.clone().acquire_many_owned(kib).await.ok()?;
+        Some(Reservation { len, _permit: permit })
+    }
+}
 
 /// What a translator asks the direction loop to do next.
 #[derive(Debug, PartialEq, Eq)]
@@ -537,6 +599,7 @@ struct Shared {
     last_activity_ms: AtomicU64,
     idle: Option<Duration>,
     write_stall: Duration,
+    large_messages: Arc<MessageBudget>,
     /// What `/status` shows while the session runs.
     live: Arc<LiveCounters>,
 }
@@ -572,8 +635,11 @@ pub struct Leg {
 pub struct RelayLimits {
     /// No byte read either way for this long closes the session; `None`: never.
     pub idle: Option<Duration>,
-    /// A write that makes no progress for this long closes the session.
+    /// A write that makes no progress for this long closes the session, and
+    /// so does a wait this long for room in `large_messages`.
     pub write_stall: Duration,
+    /// The proxy-wide budget for large messages being received.
+    pub large_messages: Arc<MessageBudget>,
 }
 
 /// Runs both directions to the end: once one has ended cleanly the other
@@ -597,6 +663,7 @@ pub async fn run(
         last_activity_ms: AtomicU64::new(0),
         idle: limits.idle,
         write_stall: limits.write_stall,
+        large_messages: limits.large_messages,
         live,
     });
     let up = pump(
@@ -689,6 +756,8 @@ async fn pump(
     let mut stats = DirectionStats { bytes_in: inbound.pending.len() as u64, ..Default::default() };
     live.add(direction, stats.bytes_in, 0);
     let mut output = BytesMut::new();
+    // The large message being received, if any, and its share of the budget.
+    let mut reserved: Option<Reservation> = None;
     let end = loop {
         let messages_before = stats.messages;
         let translated = translator.translate(&mut inbound.pending, &mut output, &mut stats);
@@ -732,6 +801,28 @@ async fn pump(
         // Hold no buffer while waiting for an idle socket.
         if inbound.pending.is_empty() && inbound.pending.capacity() > 0 {
             inbound.pending = BytesMut::new();
+        }
+        // A large message reserves its size before its body is buffered; the
+        // previous one's share goes back first (it has been written on).
+        if need < LARGE_MESSAGE_BYTES {
+            drop(reserved.take());
+        } else if reserved.as_ref().is_none_or(|r| r.len != need) {
+            drop(reserved.take());
+            let budget = &shared.large_messages;
+            let exhausted =
+                || CloseReason::BudgetExhausted { len: need, budget: budget.bytes(), waited: shared.write_stall };
+            let wait = budget.reserve(need);
+            tokio::pin!(wait);
+            let taken = tokio::select! {
+                biased;
+                taken = &mut wait => taken,
+                _ = shared.cancel.cancelled() => break Some(cancel_reason(&shutdown)),
+                _ = tokio::time::sleep(shared.write_stall) => break Some(exhausted()),
+            };
+            match taken {
+                Some(reservation) => reserved = Some(reservation),
+                None => break Some(exhausted()),
+            }
         }
         let idle_wake = translator.idle_wake();
         let ready = tokio::select! {
@@ -1008,6 +1099,28 @@ mod tests {
         assert!(matches!(step, Step::Direct(_)), "{step:?}");
         assert_eq!(output.len(), HEADER_LEN + v1::MAX_VERSION_PAYLOAD_BYTES);
         assert_eq!(limited.first_message_max, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_message_budget_is_shared_first_come_first_served_and_given_back() {
+        let budget = MessageBudget::new(8 << 20);
+        assert_eq!((budget.bytes(), budget.available()), (8 << 20, 8 << 20));
+        let block = 24 + v1::MAX_PAYLOAD_BYTES;
+        let a = budget.reserve(block).await.unwrap();
+        let b = budget.reserve(block).await.unwrap();
+        // Whole KiB: 3,907 each.
+        assert_eq!(budget.available(), (8192 - 2 * 3907) * 1024);
+        // A third waits (the clock is paused: an hour passes at once)...
+        let waiting = tokio::time::timeout(Duration::from_secs(3600), budget.reserve(block)).await;
+        assert!(waiting.is_err(), "a third maximum-size message fits an 8 MiB budget");
+        // ...until one is given back.
+        drop(a);
+        let c = tokio::time::timeout(Duration::from_secs(1), budget.reserve(block)).await.unwrap().unwrap();
+        assert_eq!(c.len, block);
+        drop((b, c));
+        assert_eq!(budget.available(), 8 << 20);
+        // A message larger than the whole budget can never fit.
+        assert!(budget.reserve((8 << 20) + 1).await.is_none());
     }
 
     #[test]

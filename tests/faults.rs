@@ -367,3 +367,70 @@ async fn client_that_never_reads_holds_memory_bounded() {
     assert!(grown < 16 * 1024 * 1024, "proxy RSS grew by {} KiB", grown / 1024);
     drop(client);
 }
+
+/// Messages of 64 KiB or more reserve their announced size from one
+/// proxy-wide budget before they are buffered (`large_message_budget`, here
+/// its minimum, 8 MiB: two 4 MB blocks). A third session with a large message
+/// in flight waits, and is closed after `timeouts.write_stall`; the two that
+/// fit are carried whole, and the budget they give back carries the echoes.
+#[tokio::test]
+async fn large_messages_share_one_proxy_wide_budget() {
+    use bip324_proxy::config::{Cli, Config};
+    use bip324_proxy::metrics::Observer;
+    use bip324_proxy::server::Bound;
+    use bip324_proxy::session::FrontEnd;
+    use bip324_proxy::state::ProxyState;
+    use clap::Parser;
+
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let path = std::env::temp_dir().join(format!("bip324-proxy-budget-{}.toml", std::process::id()));
+    std::fs::write(&path, "large_message_budget = 8388608\n[timeouts]\nwrite_stall = 1\n").unwrap();
+    let cli = Cli::try_parse_from(["bip324-proxy", "--config", path.to_str().unwrap()]).unwrap();
+    let config = Config::load(&cli).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let observer = Arc::new(Observer::default());
+    let state = Arc::new(ProxyState::new(Arc::new(config), observer.clone()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(bip324_proxy::server::serve(
+        vec![Bound { listener: listener.into(), front: FrontEnd::Main }],
+        state,
+        shutdown.clone(),
+    ));
+
+    let block = frame(REGTEST, "block", &random_payload(4_000_000));
+    let (head, rest) = block.split_at(200_000);
+    // Sessions whose block the proxy is reading (past the first read chunk,
+    // so past their reservation).
+    let reading = |observer: &Observer| {
+        observer.status().sessions.iter().filter(|row| row.bytes_client_to_remote > 200_000 - 24).count()
+    };
+    let mut holders = Vec::new();
+    for expected in 1..=2 {
+        let mut client = open_v1_session(addr, node.addr, REGTEST).await;
+        expect_frame(&mut client).await;
+        client.write_all(head).await.unwrap();
+        for _ in 0..1000 {
+            if reading(&observer) == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(reading(&observer), expected);
+        holders.push(client);
+    }
+    let mut third = open_v1_session(addr, node.addr, REGTEST).await;
+    expect_frame(&mut third).await;
+    third.write_all(head).await.unwrap();
+    expect_closed(&mut third).await;
+    let metrics = observer.encode_metrics();
+    assert!(metrics.contains("reason=\"memory_budget\"} 1"), "{metrics}");
+
+    for client in &mut holders {
+        client.write_all(rest).await.unwrap();
+        let echo = expect_frame(client).await;
+        assert_eq!((echo.command.as_str(), echo.payload.len()), ("block", 4_000_000));
+    }
+    shutdown.cancel();
+}
