@@ -494,3 +494,57 @@ async fn first_messages_are_held_to_the_version_limit_before_anything_is_buffere
     let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
     assert_eq!(expect_frame(&mut client).await.command, "version");
 }
+
+/// Names that go to an upstream unresolved are checked as far as they can be
+/// without DNS: numeric IPv4 spellings as `inet_aton` reads them and loopback
+/// names (`localhost`, `*.localhost`) as loopback. So the proxy never reaches
+/// itself through the upstream (each such session would come back from the
+/// upstream's address as a new client, a chain that escapes the per-client
+/// cap), and a client elsewhere reaches no loopback service through it; a
+/// name only the upstream can resolve still goes there.
+#[tokio::test(flavor = "multi_thread")]
+async fn names_for_the_upstream_are_checked_as_the_addresses_they_spell() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let mut names = std::collections::HashMap::new();
+    names.insert("node.example".to_owned(), node.addr);
+    let upstream = spawn_recording_upstream(UpstreamBehaviour { names, ..Default::default() }).await;
+    let proxy = spawn_binary(&["--upstream", &upstream.addr.to_string()], "info").await;
+    let own = proxy.addr.port();
+    for host in
+        ["localhost", "LOCALHOST.", "proxy.localhost", "127.1", "0x7f000001", "2130706433", "017700000001", "0x7f.1"]
+    {
+        assert_eq!(connect_by_name(proxy.addr, host, own).await, 0x02, "{host}:{own}");
+    }
+    // Pipelined CONNECTs to itself by name build no chain either.
+    let mut pipelined = Vec::new();
+    for _ in 0..5 {
+        pipelined.extend_from_slice(&[0x05, 0x01, 0x00, 0x05, 0x01, 0x00, 0x03, 5]);
+        pipelined.extend_from_slice(b"127.1");
+        pipelined.extend_from_slice(&own.to_be_bytes());
+    }
+    assert_eq!(exchange(proxy.addr, &pipelined).await, [0x05, 0x00, 0x05, 0x02, 0x00, 0x01, 0, 0, 0, 0, 0, 0]);
+    assert!(upstream.requests.lock().unwrap().is_empty(), "a name for the proxy itself went upstream");
+    // A local client may still reach loopback services through the upstream.
+    let mut client = socks_named(proxy.addr, "x", "node.example", node.addr.port(), false).await.expect("CONNECT");
+    client.write_all(&version_message(REGTEST, node.addr)).await.unwrap();
+    assert_eq!(expect_frame(&mut client).await.command, "version");
+
+    // A client elsewhere: loopback by any spelling is refused before the upstream.
+    let ns = Arc::new(Namespace::create());
+    let allow = format!("{}/32", ns.peer_ip);
+    let upstream_arg = upstream.addr.to_string();
+    let (remote_proxy, _stop) =
+        proxy_on(&format!("{}:0", ns.host_ip), &["--allow", &allow, "--upstream", &upstream_arg]).await;
+    let before = upstream.requests.lock().unwrap().len();
+    for host in ["localhost", "127.1", "0x7f000001", "2130706433", "a.localhost", "10.1"] {
+        let (ns, host_owned) = (ns.clone(), host.to_owned());
+        let port = node.addr.port();
+        let code = tokio::task::spawn_blocking(move || ns.socks_connect(remote_proxy, &host_owned, port)).await.unwrap();
+        assert_eq!(code, 0x02, "{host} from a client elsewhere");
+    }
+    assert_eq!(upstream.requests.lock().unwrap().len(), before, "a loopback name went upstream for a client elsewhere");
+    let (ns2, port) = (ns.clone(), node.addr.port());
+    let code = tokio::task::spawn_blocking(move || ns2.socks_connect(remote_proxy, "node.example", port)).await.unwrap();
+    assert_eq!(code, 0x00, "a name only the upstream can resolve");
+    assert_eq!(upstream.requests.lock().unwrap().len(), before + 1);
+}
