@@ -43,8 +43,8 @@ use crate::relay::{
 use crate::respond::{self, FirstBytes, PeerReader, RespondError};
 use crate::socks5::Host;
 use crate::state::ProxyState;
-use crate::v2::MAX_VERSION_CONTENTS_BYTES;
 use crate::v1::{self, Decoded, FrameDecoder, Magic, V1Error};
+use crate::v2::MAX_VERSION_CONTENTS_BYTES;
 
 /// Reads until `pending` starts with the v1 peer's whole VERSION, checked as
 /// a v1 message of the listener's network, its payload at most
@@ -499,7 +499,10 @@ mod tests {
         let (_, text) = describe_close(&CloseReason::Truncated { side: Side::Remote, pending: 3 });
         assert!(text.starts_with("node closed"), "{text}");
         let half_open = CloseReason::HalfOpen { closed: Side::Remote, drain: Duration::from_secs(5) };
-        assert_eq!(describe_close(&half_open), ("half_open", "node closed and the peer did not close within 5s".into()));
+        assert_eq!(
+            describe_close(&half_open),
+            ("half_open", "node closed and the peer did not close within 5s".into())
+        );
         let stalled = CloseReason::WriteStalled(Side::Client, Duration::from_secs(60));
         assert_eq!(describe_close(&stalled), ("write_stalled", "peer read nothing for 60s (write stalled)".into()));
     }

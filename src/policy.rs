@@ -504,7 +504,8 @@ mod tests {
         ] {
             assert_eq!(classify_name(name), NameClass::Loopback, "{name}");
         }
-        for name in ["example.com", "notlocalhost", "localhost.example.com", "seed.bitcoin.sipa.be", "x.onion", "1.2.3.4.5"]
+        for name in
+            ["example.com", "notlocalhost", "localhost.example.com", "seed.bitcoin.sipa.be", "x.onion", "1.2.3.4.5"]
         {
             assert_eq!(classify_name(name), NameClass::Other, "{name}");
         }

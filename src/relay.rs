@@ -10,8 +10,8 @@
 //! buffer memory; a message of [`LARGE_MESSAGE_BYTES`] or more reserves its
 //! size from the proxy-wide [`MessageBudget`] before it is buffered.
 
-use std::io::{self, IoSlice};
 use std::future::Future;
+use std::io::{self, IoSlice};
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -1071,11 +1071,8 @@ mod tests {
             let contents = vec![0u8; MAX_VERSION_CONTENTS_BYTES + 1];
             theirs.encoder(0).encode_packet(&[], &contents, decoy, &[], &mut packet).unwrap();
             let mut input = BytesMut::from(&packet[..3]);
-            let refused = translator(Some(MAX_VERSION_CONTENTS_BYTES)).translate(
-                &mut input,
-                &mut BytesMut::new(),
-                &mut stats,
-            );
+            let refused =
+                translator(Some(MAX_VERSION_CONTENTS_BYTES)).translate(&mut input, &mut BytesMut::new(), &mut stats);
             assert!(
                 matches!(refused, Err(CloseReason::FirstMessageTooLarge { len, max: MAX_VERSION_CONTENTS_BYTES }) if len == contents.len()),
                 "{refused:?}"

@@ -99,7 +99,15 @@ fn check(key: &str, value: u64, result: Result<Config, ConfigError>) {
             assert_eq!(held, value, "{key}");
             assert!((*min..=*max).contains(&held), "{key} = {value} accepted outside {min}..={max}");
             let t = &config.timeouts;
-            for d in [t.socks, t.connect, t.first_message, t.handshake, t.write_stall, t.shutdown, t.idle.unwrap_or_default()] {
+            for d in [
+                t.socks,
+                t.connect,
+                t.first_message,
+                t.handshake,
+                t.write_stall,
+                t.shutdown,
+                t.idle.unwrap_or_default(),
+            ] {
                 assert!(Instant::now().checked_add(d * 4).is_some(), "{key} = {value}: {d:?} overflows a deadline");
             }
             assert!(config.max_sessions <= tokio::sync::Semaphore::MAX_PERMITS);

@@ -459,7 +459,10 @@ async fn a_v2_peers_first_message_is_held_to_the_version_limit() {
     large.stream.write_all(&packet[..3]).await.unwrap();
     expect_closed(&mut large.stream).await;
     let line = proxy.wait_for(&["inbound session closed"]).await;
-    assert!(line.contains("packet of 4110 contents bytes before the first message exceeds the 4109-byte limit"), "{line}");
+    assert!(
+        line.contains("packet of 4110 contents bytes before the first message exceeds the 4109-byte limit"),
+        "{line}"
+    );
 
     let mut decoy_first = V2Peer::connect(inbound, InitiatorShape::default()).await;
     let decoy = decoy_first.encrypt.encrypt_to_vec(&vec![0u8; 100_000], PacketType::Decoy, None);

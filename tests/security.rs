@@ -539,12 +539,14 @@ async fn names_for_the_upstream_are_checked_as_the_addresses_they_spell() {
     for host in ["localhost", "127.1", "0x7f000001", "2130706433", "a.localhost", "10.1"] {
         let (ns, host_owned) = (ns.clone(), host.to_owned());
         let port = node.addr.port();
-        let code = tokio::task::spawn_blocking(move || ns.socks_connect(remote_proxy, &host_owned, port)).await.unwrap();
+        let code =
+            tokio::task::spawn_blocking(move || ns.socks_connect(remote_proxy, &host_owned, port)).await.unwrap();
         assert_eq!(code, 0x02, "{host} from a client elsewhere");
     }
     assert_eq!(upstream.requests.lock().unwrap().len(), before, "a loopback name went upstream for a client elsewhere");
     let (ns2, port) = (ns.clone(), node.addr.port());
-    let code = tokio::task::spawn_blocking(move || ns2.socks_connect(remote_proxy, "node.example", port)).await.unwrap();
+    let code =
+        tokio::task::spawn_blocking(move || ns2.socks_connect(remote_proxy, "node.example", port)).await.unwrap();
     assert_eq!(code, 0x00, "a name only the upstream can resolve");
     assert_eq!(upstream.requests.lock().unwrap().len(), before + 1);
 }
