@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::network::{self, Network, NetworkSet};
+use crate::policy::{self, ClientRestrictions, Front};
 use crate::shaping::{FileShaping, Shaping};
 use crate::socks5::{Host, Target, TargetError};
 
@@ -70,6 +71,9 @@ pub struct Timeouts {
     pub handshake: Duration,
     /// No byte in either direction for this long closes the session.
     pub idle: Option<Duration>,
+    /// A relay write that makes no progress for this long closes the session
+    /// (the side it writes to stopped reading).
+    pub write_stall: Duration,
     /// Graceful shutdown: how long open sessions may drain.
     pub shutdown: Duration,
 }
@@ -182,6 +186,9 @@ pub struct Config {
     pub max_inbound: usize,
     /// Most inbound sessions one peer address may hold at once.
     pub max_inbound_per_source: usize,
+    /// Bytes all sessions together may hold of large messages being received
+    /// (`relay::MessageBudget`).
+    pub large_message_budget: u64,
     /// Decoys and padding on the v2 legs we write (`[shaping]`, off by default).
     pub shaping: Shaping,
 }
@@ -399,9 +406,35 @@ impl Config {
         self.inbound.iter().enumerate().map(|(i, inbound)| (format!("inbound[{i}].listen"), inbound.listen)).collect()
     }
 
-    /// True when a client must prove who it is or where it comes from.
-    pub fn restricts_clients(&self) -> bool {
-        self.client_auth.is_some() || !self.allow.is_empty()
+    /// What restricts clients: a real allow-list (one that does not admit
+    /// every address) and `[client_auth]`. [`policy::admits`] decides with it.
+    pub fn client_restrictions(&self) -> ClientRestrictions {
+        ClientRestrictions {
+            allow_list: !self.allow.is_empty() && admits_every_address(&self.allow).is_none(),
+            client_auth: self.client_auth.is_some(),
+        }
+    }
+
+    /// Every front end each proxy listener serves, with the key that set it:
+    /// the main TCP listeners serve SOCKS5 and transparent mode as switched
+    /// on, `transparent_listen` transparent mode, a route's listener its route.
+    pub fn listener_fronts(&self) -> Vec<(String, SocketAddr, Front)> {
+        let mut all = Vec::new();
+        for addr in self.tcp_listen() {
+            if self.transparent {
+                all.push(("listen".to_owned(), addr, Front::Transparent));
+            }
+            if self.socks5 {
+                all.push(("listen".to_owned(), addr, Front::Socks5));
+            }
+        }
+        if let Some(addr) = self.transparent_listen {
+            all.push(("transparent_listen".to_owned(), addr, Front::Transparent));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            all.push((format!("route[{i}].listen"), route.listen, Front::Route));
+        }
+        all
     }
 
     /// Whether a client address passes the allow-list.
@@ -468,6 +501,12 @@ impl Config {
             None => default_inbound_per_source(max_inbound),
         };
 
+        let large_message_budget = in_range(
+            "large_message_budget",
+            cli.large_message_budget.unwrap_or(file.large_message_budget),
+            LARGE_MESSAGE_BUDGET,
+        )?;
+
         let shaping = Shaping::from_file(&file.shaping).map_err(|e| ConfigError(e.to_string()))?;
 
         let config = Config {
@@ -496,6 +535,7 @@ impl Config {
             inbound,
             max_inbound: to_usize(max_inbound),
             max_inbound_per_source: to_usize(max_inbound_per_source),
+            large_message_budget,
             shaping,
         };
         config.check_exposure()?;
@@ -513,45 +553,55 @@ impl Config {
         Ok(config)
     }
 
-    /// A listener off loopback needs a real restriction on who may use it.
+    /// A listener off loopback needs a real restriction on who may use it,
+    /// one its front ends can enforce ([`policy::admits`] for a client that
+    /// is not on this host): credentials protect SOCKS5 only.
     fn check_exposure(&self) -> Result<(), ConfigError> {
-        if let Some(family) = admits_every_address(&self.allow) {
-            let exposed: Vec<String> = self
-                .listen_addresses()
-                .into_iter()
-                .filter(|(key, addr)| {
-                    // Inbound listeners are public by design (they serve
-                    // peers, never SOCKS5 or transparent clients).
-                    !key.starts_with("inbound[")
-                        && !addr.ip().is_loopback()
-                        && (key == "metrics.listen" || self.client_auth.is_none())
-                })
-                .map(|(key, _)| key)
-                .collect();
-            if let Some(key) = exposed.first() {
-                return Err(ConfigError(format!(
-                    "allow: the list admits every {family} address, so it restricts nothing; {key} is not a loopback \
-                     address and needs a narrower allow-list{}",
-                    if key == "metrics.listen" { "" } else { " or client authentication ([client_auth])" }
-                )));
-            }
-        }
+        let every = admits_every_address(&self.allow);
         if let Some(addr) = self.metrics_listen
             && !addr.ip().is_loopback()
-            && self.allow.is_empty()
         {
-            return Err(ConfigError(format!(
-                "metrics.listen: {addr} is not a loopback address; the status page shows clients and targets, \
-                 so serving it there needs a client allow-list (allow = [...])"
-            )));
-        }
-        for (key, addr) in self.proxy_listen_addresses() {
-            if !addr.ip().is_loopback() && !self.restricts_clients() {
+            if let Some(family) = every {
                 return Err(ConfigError(format!(
-                    "{key}: {addr} is not a loopback address; refusing to serve it without client \
-                     authentication ([client_auth]) or a client allow-list (allow = [...])"
+                    "allow: the list admits every {family} address, so it restricts nothing; metrics.listen is not \
+                     a loopback address and needs a narrower allow-list"
                 )));
             }
+            if self.allow.is_empty() {
+                return Err(ConfigError(format!(
+                    "metrics.listen: {addr} is not a loopback address; the status page shows clients and targets, \
+                     so serving it there needs a client allow-list (allow = [...])"
+                )));
+            }
+        }
+        let restrictions = self.client_restrictions();
+        for (key, addr, front) in self.listener_fronts() {
+            if addr.ip().is_loopback() || policy::admits(front, false, restrictions) {
+                continue;
+            }
+            let why = match (front, key.as_str()) {
+                (Front::Socks5, _) => "refusing to serve it without client authentication ([client_auth]) or a \
+                                       client allow-list (allow = [...])"
+                    .to_owned(),
+                (Front::Transparent, "listen") => "refusing to serve it without a client allow-list (allow = [...]): \
+                     transparent mode (transparent = true, the default) cannot ask for credentials, so \
+                     [client_auth] does not protect it; set transparent = false to serve only SOCKS5 with \
+                     [client_auth]"
+                    .to_owned(),
+                (Front::Transparent, _) => "transparent mode cannot ask for credentials, so serving it there needs \
+                                            a client allow-list (allow = [...]); [client_auth] does not protect it"
+                    .to_owned(),
+                (Front::Route, _) => "a static route cannot ask for credentials, so serving it there needs a client \
+                                      allow-list (allow = [...]); [client_auth] does not protect it"
+                    .to_owned(),
+            };
+            return Err(ConfigError(match every {
+                Some(family) => format!(
+                    "allow: the list admits every {family} address, so it restricts nothing; {key}: {addr} is not a \
+                     loopback address; {why}"
+                ),
+                None => format!("{key}: {addr} is not a loopback address; {why}"),
+            }));
         }
         Ok(())
     }
@@ -603,8 +653,12 @@ impl Config {
 
 /// Documented ranges of the numeric settings (README, configuration reference).
 pub const MAX_SESSIONS: RangeInclusive<u64> = 1..=100_000;
-/// Every stage timeout and the shutdown drain, in seconds.
+/// Every stage timeout, the write stall and the shutdown drain, in seconds.
 pub const STAGE_TIMEOUT_SECS: RangeInclusive<u64> = 1..=3600;
+/// `timeouts.write_stall` when not set: Bitcoin Core's own scale for a peer
+/// that stops answering (`-peertimeout`, 60 s); a peer that reads slowly
+/// keeps its session, one that reads nothing for a minute does not.
+pub const DEFAULT_WRITE_STALL_SECS: u64 = 60;
 /// The idle timeout when on: Core's own inactivity timeout up to a week.
 pub const IDLE_TIMEOUT_SECS: RangeInclusive<u64> = MIN_IDLE_TIMEOUT_SECS..=7 * 24 * 3600;
 /// Entries of the v1-only memory (0 = off); the LRU allocates its table up front.
@@ -614,6 +668,15 @@ pub const METRICS_MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1024;
 pub const METRICS_REQUEST_TIMEOUT_SECS: RangeInclusive<u64> = 1..=600;
 /// Inbound sessions open at once, counted apart from `max_sessions`.
 pub const MAX_INBOUND: RangeInclusive<u64> = 1..=100_000;
+/// `large_message_budget`, in bytes: at least two of the largest messages
+/// (a v2 packet of 4,000,013 contents bytes, 4,000,033 on the wire, rounded
+/// up to 8 MiB), at most 256 GiB (the budget counts KiB in a semaphore, which
+/// holds fewer than 2^29 permits on 32-bit targets).
+pub const LARGE_MESSAGE_BUDGET: RangeInclusive<u64> = 8 << 20..=256 << 30;
+/// `large_message_budget` when not set: 1 GiB, room for 268 maximum-size
+/// messages at once (a node in initial block download behind the proxy
+/// receives blocks from about ten peers).
+pub const DEFAULT_LARGE_MESSAGE_BUDGET: u64 = 1 << 30;
 
 /// Whether `max_sessions` was set (file, flag or environment) or is left to
 /// [`Config::resolve_limits`].
@@ -895,6 +958,7 @@ fn timeouts_section(t: &FileTimeouts, cli: &Cli) -> Result<Timeouts, ConfigError
         first_message: stage("first_message", t.first_message)?,
         handshake: stage("handshake", cli.handshake_timeout.unwrap_or(t.handshake))?,
         idle,
+        write_stall: stage("write_stall", t.write_stall)?,
         shutdown: stage("shutdown", t.shutdown)?,
     })
 }
@@ -1092,6 +1156,7 @@ pub struct FileConfig {
     inbound: Vec<FileInbound>,
     max_inbound: u64,
     max_inbound_per_source: Option<u64>,
+    large_message_budget: u64,
     shaping: FileShaping,
 }
 
@@ -1228,6 +1293,7 @@ impl Default for FileConfig {
             inbound: Vec::new(),
             max_inbound: 256,
             max_inbound_per_source: None,
+            large_message_budget: DEFAULT_LARGE_MESSAGE_BUDGET,
             shaping: FileShaping::default(),
         }
     }
@@ -1241,12 +1307,21 @@ struct FileTimeouts {
     first_message: u64,
     handshake: u64,
     idle: u64,
+    write_stall: u64,
     shutdown: u64,
 }
 
 impl Default for FileTimeouts {
     fn default() -> Self {
-        FileTimeouts { socks: 10, connect: 10, first_message: 10, handshake: 10, idle: 0, shutdown: 10 }
+        FileTimeouts {
+            socks: 10,
+            connect: 10,
+            first_message: 10,
+            handshake: 10,
+            idle: 0,
+            write_stall: DEFAULT_WRITE_STALL_SECS,
+            shutdown: 10,
+        }
     }
 }
 
@@ -1386,6 +1461,10 @@ pub struct Cli {
     /// Most inbound sessions one peer address may hold, 1..=max-inbound [default: 8].
     #[arg(long, env = "BIP324_PROXY_MAX_INBOUND_PER_SOURCE", value_name = "N")]
     pub max_inbound_per_source: Option<u64>,
+    /// Bytes all sessions together may hold of messages of 64 KiB or more while
+    /// they arrive, 8388608..=274877906944 [default: 1073741824 (1 GiB)].
+    #[arg(long, env = "BIP324_PROXY_LARGE_MESSAGE_BUDGET", value_name = "BYTES")]
+    pub large_message_budget: Option<u64>,
 }
 
 #[cfg(test)]
@@ -1569,7 +1648,38 @@ mod tests {
         let err = load_text("", &["--listen", "0.0.0.0:1324"]).unwrap_err();
         assert!(err.0.contains("refusing"), "{err}");
         assert!(load_text("allow = [\"172.16.0.0/12\"]\n", &["--listen", "0.0.0.0:1324"]).is_ok());
-        assert!(load_text("[client_auth]\nusername = \"u\"\npassword = \"p\"\n", &["--listen", "[::]:1324"]).is_ok());
+        let auth = "[client_auth]\nusername = \"u\"\npassword = \"p\"\n";
+        assert!(load_text(&format!("transparent = false\n{auth}"), &["--listen", "[::]:1324"]).is_ok());
+    }
+
+    /// `[client_auth]` protects SOCKS5 only: transparent mode and static
+    /// routes cannot ask for credentials, so off loopback they need a real
+    /// allow-list, and the main port with transparent mode on does too.
+    #[test]
+    fn credentials_protect_only_the_socks5_front_end() {
+        let auth = "[client_auth]\nusername = \"u\"\npassword = \"p\"\n";
+        let public = ["--listen", "0.0.0.0:1324"];
+        let err = load_text(auth, &public).unwrap_err().0;
+        assert!(err.starts_with("listen: 0.0.0.0:1324 is not a loopback address"), "{err}");
+        assert!(err.contains("transparent = false") && err.contains("allow = [...]"), "{err}");
+        let socks_only = format!("transparent = false\n{auth}");
+        assert!(load_text(&socks_only, &public).is_ok());
+
+        let route = "[[route]]\nlisten = \"0.0.0.0:38400\"\ntarget = \"127.0.0.1:38333\"\n";
+        let err = load_text(&format!("transparent = false\n{route}{auth}"), &[]).unwrap_err().0;
+        assert!(err.starts_with("route[0].listen: 0.0.0.0:38400") && err.contains("static route"), "{err}");
+        let err = load_text(&format!("transparent_listen = \"0.0.0.0:1325\"\n{auth}"), &[]).unwrap_err().0;
+        assert!(err.starts_with("transparent_listen: 0.0.0.0:1325"), "{err}");
+        // On loopback nothing is required; a real allow-list covers every front end.
+        let loopback_route = "[[route]]\nlisten = \"127.0.0.1:38400\"\ntarget = \"127.0.0.1:38333\"\n";
+        assert!(load_text(&format!("{loopback_route}{auth}"), &[]).is_ok());
+        let allow = "allow = [\"192.168.0.0/16\"]\ntransparent_listen = \"0.0.0.0:1325\"\n";
+        assert!(load_text(&format!("{allow}{route}"), &public).is_ok());
+        // An allow-list that admits everyone is no allow-list.
+        let every = "allow = [\"0.0.0.0/0\"]\ntransparent = false\n";
+        assert!(load_text(&format!("{every}{auth}"), &public).is_ok());
+        let err = load_text(&format!("{every}{route}{auth}"), &public).unwrap_err().0;
+        assert!(err.contains("restricts nothing") && err.contains("route[0].listen"), "{err}");
     }
 
     #[test]

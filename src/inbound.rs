@@ -2,7 +2,8 @@
 //! front of a v1-only node. In stage order:
 //!
 //! - first bytes ([`respond::classify_first_bytes`]): a v1 VERSION of the
-//!   listener's network is relayed (`v1 = "relay"`) or closed
+//!   listener's network is relayed (`v1 = "relay"`) once the whole message
+//!   is in and checks out, under the same deadline as a handshake, or closed
 //!   (`v1 = "refuse"`); a VERSION of another network is closed, as Core does;
 //!   anything else is a BIP324 initiator;
 //! - upgrade: the responder handshake ([`respond::respond_shaped`]), under
@@ -44,7 +45,36 @@ use crate::relay::{
 use crate::respond::{self, FirstBytes, PeerReader, RespondError};
 use crate::socks5::Host;
 use crate::state::ProxyState;
-use crate::v1::{self, Decoded, FrameDecoder, Magic};
+use crate::v1::{self, Decoded, FrameDecoder, Magic, V1Error};
+use crate::v2::MAX_VERSION_CONTENTS_BYTES;
+
+/// Reads until `pending` starts with the v1 peer's whole VERSION, checked as
+/// a v1 message of the listener's network, its payload at most
+/// [`v1::MAX_VERSION_PAYLOAD_BYTES`], before `deadline` (the handshake
+/// deadline counted from accept). The node is dialed only once it is in: a
+/// peer that sends the 16-byte v1 prefix and stops is closed at the deadline
+/// like a silent v2 initiator, and never reaches the node.
+async fn read_peer_version(
+    peer: &mut TcpStream,
+    pending: &mut BytesMut,
+    magic: Magic,
+    deadline: Instant,
+) -> Result<(), InboundError> {
+    let decoder = FrameDecoder::for_version(magic);
+    loop {
+        match decoder.decode(pending) {
+            Ok(Decoded::Frame { .. }) => return Ok(()),
+            Ok(Decoded::NeedMore { total }) => {
+                let already = pending.len();
+                PeerReader::new(peer, deadline, already)
+                    .read_into(pending, total.saturating_sub(already))
+                    .await
+                    .map_err(InboundError::Handshake)?;
+            }
+            Err(error) => return Err(InboundError::BadVersion(error)),
+        }
+    }
+}
 
 /// How an inbound session carries traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +107,8 @@ pub enum InboundError {
     V1Refused,
     #[error("peer sent a v1 VERSION for network magic {}, not {network}", hex::encode(.found))]
     OtherNetwork { found: Magic, network: String },
+    #[error("peer's v1 VERSION: {0}")]
+    BadVersion(V1Error),
     #[error("node {node} unreachable: {error}")]
     Dial { node: String, error: DialError },
     #[error("node {node} unreachable from the peer's address {source_ip} (node_source = \"peer\"): {error}")]
@@ -92,6 +124,7 @@ impl InboundError {
             InboundError::Handshake(_) => "handshake_failed",
             InboundError::V1Refused => "v1_refused",
             InboundError::OtherNetwork { .. } => "wrong_network",
+            InboundError::BadVersion(_) => "bad_peer_message",
             InboundError::Dial { .. } | InboundError::DialFromPeer { .. } => "node_unreachable",
         }
     }
@@ -103,6 +136,10 @@ pub fn describe_close(reason: &CloseReason) -> (&'static str, String) {
     let side = |side: Side| match side {
         Side::Client => "peer",
         Side::Remote => "node",
+    };
+    let other = |side: Side| match side {
+        Side::Client => Side::Remote,
+        Side::Remote => Side::Client,
     };
     match reason {
         CloseReason::BothClosed => ("closed", "peer and node closed".to_owned()),
@@ -116,6 +153,13 @@ pub fn describe_close(reason: &CloseReason) -> (&'static str, String) {
         ),
         CloseReason::Truncated { side: s, pending } => {
             ("truncated", format!("{} closed in the middle of a message ({pending} bytes pending)", side(*s)))
+        }
+        CloseReason::HalfOpen { closed, drain } => (
+            "half_open",
+            format!("{} closed and the {} did not close within {drain:?}", side(*closed), side(other(*closed))),
+        ),
+        CloseReason::WriteStalled(s, stall) => {
+            ("write_stalled", format!("{} read nothing for {stall:?} (write stalled)", side(*s)))
         }
         CloseReason::Io(Side::Client, e) => ("peer_io_error", format!("peer connection error: {e}")),
         CloseReason::Io(Side::Remote, e) => ("node_io_error", format!("node connection error: {e}")),
@@ -329,6 +373,7 @@ impl InboundSession<'_> {
                 if self.listener.v1 == V1Peers::Refuse {
                     return Err(InboundError::V1Refused);
                 }
+                read_peer_version(&mut peer, &mut pending, magic, deadline).await?;
                 let node = self.dial_node(peer_ip).await?;
                 Ok((InboundTransport::V1, self.relay_v1(peer, pending, node).await))
             }
@@ -352,7 +397,8 @@ impl InboundSession<'_> {
                 let report = relay::run(
                     Leg { stream: peer.into(), pending: channel.leftover },
                     Leg { stream: node.into(), pending: BytesMut::new() },
-                    V2ToV1 { decoder: channel.decoder, magic },
+                    // The peer's first message is its VERSION.
+                    V2ToV1 { decoder: channel.decoder, magic, first_message_max: Some(MAX_VERSION_CONTENTS_BYTES) },
                     NodeToPeer::new(
                         V1ToV2 {
                             decoder: FrameDecoder::new(magic, true),
@@ -372,7 +418,7 @@ impl InboundSession<'_> {
                         self.listener.advertise,
                         self.state.observer.clone(),
                     ),
-                    config.timeouts.idle,
+                    self.state.relay_limits(),
                     self.live.counters.clone(),
                     self.shutdown.clone(),
                 )
@@ -421,7 +467,7 @@ impl InboundSession<'_> {
                 self.listener.advertise,
                 self.state.observer.clone(),
             ),
-            self.state.config.timeouts.idle,
+            self.state.relay_limits(),
             self.live.counters.clone(),
             self.shutdown.clone(),
         )
@@ -473,6 +519,13 @@ mod tests {
         );
         let (_, text) = describe_close(&CloseReason::Truncated { side: Side::Remote, pending: 3 });
         assert!(text.starts_with("node closed"), "{text}");
+        let half_open = CloseReason::HalfOpen { closed: Side::Remote, drain: Duration::from_secs(5) };
+        assert_eq!(
+            describe_close(&half_open),
+            ("half_open", "node closed and the peer did not close within 5s".into())
+        );
+        let stalled = CloseReason::WriteStalled(Side::Client, Duration::from_secs(60));
+        assert_eq!(describe_close(&stalled), ("write_stalled", "peer read nothing for 60s (write stalled)".into()));
     }
 
     /// A translator that hands whole frames on, as the real ones consume

@@ -137,6 +137,7 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
                 max_sessions_from,
                 open_file_limit,
                 max_sessions_per_client = config.max_sessions_per_client,
+                large_message_budget = config.large_message_budget,
                 networks = %config.networks.names().join(","),
                 upstream = %config.upstream.as_ref().map_or_else(|| "none".to_owned(), |u| u.addr.to_string()),
                 "listening"

@@ -79,18 +79,26 @@ pub enum DialError {
 ///
 /// Directly dialed targets are checked after resolution, every candidate,
 /// before and after connecting. A target that goes upstream by name is
-/// resolved by the upstream and cannot be checked here; an IP literal is.
+/// resolved by the upstream; it is checked here as far as it can be without
+/// DNS: an IP literal, a numeric IPv4 spelling (`127.1`, `0x7f000001`) and a
+/// loopback name (`localhost`, `*.localhost`) as the addresses they name.
 pub async fn dial(destination: &Destination, config: &Config, rules: &DialRules) -> Result<TcpStream, DialError> {
     match &config.upstream {
         Some(upstream) if upstream.carries(&destination.target) => {
-            if let Some(addr) = destination.target.socket_addr() {
-                rules.check_candidate(addr)?;
-            }
+            check_before_upstream(&destination.target, rules)?;
             let request = UpstreamRequest::new(Command::Connect, destination);
             let (stream, _) = through_upstream(upstream, &request, config.timeouts.connect, rules).await?;
             Ok(stream)
         }
         _ => dial_direct(&destination.target, config.timeouts.connect, rules).await,
+    }
+}
+
+/// What can be checked of a target before it goes upstream unresolved.
+fn check_before_upstream(target: &Target, rules: &DialRules) -> Result<(), DialRefusal> {
+    match &target.host {
+        Host::Ip(ip) => rules.check_candidate(SocketAddr::new(*ip, target.port)),
+        Host::Name(name) => rules.check_name(name, target.port),
     }
 }
 

@@ -13,6 +13,14 @@
 //!   socket after: never this proxy's own listeners (any spelling: a name, the
 //!   unspecified address, another local address), never loopback, private or
 //!   other unroutable addresses for a client that is not itself on this host.
+//! - [`admits`]: may a front end serve a client? SOCKS5 can ask for
+//!   credentials; transparent mode and static routes cannot, so they serve
+//!   only clients on this host or clients a real allow-list admitted. The
+//!   configuration asks it for every listener off loopback (and refuses to
+//!   start), each session asks it again for its own client.
+//! - [`classify_name`]: what a host name that goes to an upstream unresolved
+//!   is known to be without DNS (a numeric IPv4 spelling, a loopback name),
+//!   so [`DialRules::check_name`] applies the same rules to it.
 //! - [`is_routable`]: Bitcoin Core's `CNetAddr::IsRoutable`, extended to IPv6
 //!   forms that embed an IPv4 address.
 //!
@@ -79,6 +87,45 @@ pub fn plan(fallback: Fallback, evidence: Evidence) -> Plan {
             Plan::Refuse(Refusal::NotV2)
         }
     }
+}
+
+/// A front end, by what it can ask of a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// SOCKS5: can ask for RFC 1929 credentials (`[client_auth]`).
+    Socks5,
+    /// Transparent mode: the client's first bytes are its VERSION; nothing
+    /// to authenticate with.
+    Transparent,
+    /// A static route: the client's first bytes go to the operator's target;
+    /// nothing to authenticate with.
+    Route,
+}
+
+impl Front {
+    /// Whether this front end can make a client prove who it is.
+    pub fn authenticates(self) -> bool {
+        matches!(self, Front::Socks5)
+    }
+}
+
+/// What restricts who may use the proxy's front ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientRestrictions {
+    /// `allow` is set and does not admit every address: whoever got past
+    /// accept comes from an address the operator named.
+    pub allow_list: bool,
+    /// `[client_auth]` is set: SOCKS5 clients must send these credentials.
+    pub client_auth: bool,
+}
+
+/// Whether `front` may serve a client. A client on this host (loopback, a
+/// Unix socket) may use every front end; a client elsewhere only one that a
+/// real allow-list admitted, or SOCKS5 when it must authenticate.
+/// Credentials protect only a front end that asks for them: transparent
+/// mode and static routes never do, so `[client_auth]` alone leaves them open.
+pub fn admits(front: Front, client_is_local: bool, restrictions: ClientRestrictions) -> bool {
+    client_is_local || restrictions.allow_list || (front.authenticates() && restrictions.client_auth)
 }
 
 /// Which addresses a session may connect to.
@@ -160,6 +207,102 @@ impl DialRules {
         }
         Ok(())
     }
+}
+
+impl DialRules {
+    /// Checks a host name that goes to an upstream proxy unresolved, with
+    /// what is known of it without DNS ([`classify_name`]): a numeric IPv4
+    /// spelling as that address, a loopback name as `127.0.0.1` and `[::1]`,
+    /// both at `port`. Other names are the upstream's to resolve.
+    pub fn check_name(&self, name: &str, port: u16) -> Result<(), DialRefusal> {
+        match classify_name(name) {
+            NameClass::Ipv4(ip) => self.check_candidate(SocketAddr::new(IpAddr::V4(ip), port)),
+            NameClass::Loopback => {
+                self.check_candidate(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))?;
+                self.check_candidate(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port))
+            }
+            NameClass::Other => Ok(()),
+        }
+    }
+}
+
+/// What a host name is known to be without asking DNS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameClass {
+    /// A numeric IPv4 spelling: what `inet_aton` (and so glibc's
+    /// `getaddrinfo`, which many SOCKS5 servers call) reads as this address.
+    Ipv4(Ipv4Addr),
+    /// `localhost`, a name under it (RFC 6761 section 6.3: resolvers answer
+    /// loopback for them) or a loopback alias hosts files ship.
+    Loopback,
+    /// Anything else: only a resolver knows.
+    Other,
+}
+
+/// Loopback names hosts files ship besides `localhost` (Debian, Fedora,
+/// Alpine): any resolver on such a host answers loopback for them.
+const LOOPBACK_ALIASES: [&str; 5] =
+    ["localhost.localdomain", "localhost6", "localhost6.localdomain6", "ip6-localhost", "ip6-loopback"];
+
+/// Classifies a host name without DNS, case-insensitively and with one
+/// trailing dot ignored (a resolver may strip it, and refusing more is the
+/// safe side).
+pub fn classify_name(name: &str) -> NameClass {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if let Some(ip) = parse_inet_aton(name) {
+        return NameClass::Ipv4(ip);
+    }
+    let lower = name.to_ascii_lowercase();
+    if lower == "localhost" || lower.ends_with(".localhost") || LOOPBACK_ALIASES.contains(&lower.as_str()) {
+        return NameClass::Loopback;
+    }
+    NameClass::Other
+}
+
+/// The IPv4 address `inet_aton` reads from `text`: one to four parts
+/// separated by dots, each decimal, octal (a leading `0`) or hexadecimal
+/// (`0x`/`0X`, digits optional); the last part fills the bytes left
+/// (`127.1` is 127.0.0.1, `2130706433` and `0x7f000001` are too). `None` for
+/// anything else, whitespace included (host names here never hold any).
+pub fn parse_inet_aton(text: &str) -> Option<Ipv4Addr> {
+    let mut parts = [0u64; 4];
+    let mut count = 0;
+    for part in text.split('.') {
+        if count == parts.len() {
+            return None;
+        }
+        parts[count] = parse_inet_aton_part(part)?;
+        count += 1;
+    }
+    let (last, leading) = (parts[count - 1], &parts[..count - 1]);
+    // Each leading part is one byte; the last fills the remaining ones.
+    let last_max = u64::MAX >> (64 - 8 * (4 - leading.len()));
+    if leading.iter().any(|&p| p > 0xff) || last > last_max {
+        return None;
+    }
+    let value = leading.iter().enumerate().fold(last, |value, (i, &p)| value | (p << (24 - 8 * i)));
+    Some(Ipv4Addr::from(u32::try_from(value).ok()?))
+}
+
+/// One part of an `inet_aton` address, or `None` if it is not one (empty,
+/// a non-digit, 8 or 9 in octal, or beyond 32 bits).
+fn parse_inet_aton_part(part: &str) -> Option<u64> {
+    let bytes = part.as_bytes();
+    let (radix, digits) = match bytes {
+        [] => return None,
+        [b'0', b'x' | b'X', rest @ ..] => (16, rest),
+        [b'0', rest @ ..] => (8, rest),
+        _ => (10, bytes),
+    };
+    let mut value: u64 = 0;
+    for &digit in digits {
+        let d = char::from(digit).to_digit(radix)?;
+        value = value * u64::from(radix) + u64::from(d);
+        if value > u64::from(u32::MAX) {
+            return None;
+        }
+    }
+    Some(value)
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -279,6 +422,110 @@ mod tests {
             plan(Fallback::None, Evidence::Untried { remembered_v1_only: true }),
             Plan::Refuse(Refusal::RememberedV1Only)
         ));
+    }
+
+    #[test]
+    fn only_socks5_is_protected_by_credentials() {
+        let auth_only = ClientRestrictions { allow_list: false, client_auth: true };
+        let allow_only = ClientRestrictions { allow_list: true, client_auth: false };
+        let none = ClientRestrictions { allow_list: false, client_auth: false };
+        for front in [Front::Socks5, Front::Transparent, Front::Route] {
+            // Local clients and allow-listed ones: every front end.
+            assert!(admits(front, true, none), "{front:?}");
+            assert!(admits(front, false, allow_only), "{front:?}");
+            assert!(!admits(front, false, none), "{front:?}");
+        }
+        assert!(admits(Front::Socks5, false, auth_only));
+        assert!(!admits(Front::Transparent, false, auth_only));
+        assert!(!admits(Front::Route, false, auth_only));
+    }
+
+    #[test]
+    fn numeric_ipv4_spellings_are_read_as_inet_aton_reads_them() {
+        let loopback = Some(Ipv4Addr::LOCALHOST);
+        for text in [
+            "127.0.0.1",
+            "127.1",
+            "127.0.1",
+            "0x7f000001",
+            "0X7F000001",
+            "2130706433",
+            "017700000001",
+            "0177.0.0.1",
+            "0x7f.1",
+            "0x7f.0.0.0x1",
+            "127.0x0.0.01",
+        ] {
+            assert_eq!(parse_inet_aton(text), loopback, "{text}");
+        }
+        assert_eq!(parse_inet_aton("0"), Some(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(parse_inet_aton("0x"), Some(Ipv4Addr::UNSPECIFIED), "glibc reads a bare 0x as 0");
+        assert_eq!(parse_inet_aton("10.1.65535"), Some(Ipv4Addr::new(10, 1, 255, 255)));
+        assert_eq!(parse_inet_aton("1.16777215"), Some(Ipv4Addr::new(1, 255, 255, 255)));
+        assert_eq!(parse_inet_aton("4294967295"), Some(Ipv4Addr::BROADCAST));
+        for text in [
+            "",
+            ".",
+            "1..2",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.256",
+            "1.2.65536",
+            "1.16777216",
+            "4294967296",
+            "99999999999999999999999",
+            "08.1.1.1",
+            "0x1g",
+            "1.2.3.4 ",
+            "-1",
+            "+1",
+            "localhost",
+            "1e3",
+        ] {
+            assert_eq!(parse_inet_aton(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_classified_without_dns() {
+        for name in ["127.1", "127.1.", "2130706433", "0x7f000001"] {
+            assert_eq!(classify_name(name), NameClass::Ipv4(Ipv4Addr::LOCALHOST), "{name}");
+        }
+        for name in [
+            "localhost",
+            "LOCALHOST",
+            "localhost.",
+            "a.localhost",
+            "proxy.LocalHost.",
+            "localhost.localdomain",
+            "ip6-localhost",
+            "ip6-loopback",
+            "localhost6",
+        ] {
+            assert_eq!(classify_name(name), NameClass::Loopback, "{name}");
+        }
+        for name in
+            ["example.com", "notlocalhost", "localhost.example.com", "seed.bitcoin.sipa.be", "x.onion", "1.2.3.4.5"]
+        {
+            assert_eq!(classify_name(name), NameClass::Other, "{name}");
+        }
+    }
+
+    #[test]
+    fn names_are_checked_like_the_addresses_they_spell() {
+        let strict = rules(&["127.0.0.1:1324"], false);
+        let local = rules(&["127.0.0.1:1324"], true);
+        for name in ["localhost", "127.1", "0x7f000001", "2130706433", "a.localhost."] {
+            // Never the proxy's own port, whoever asks.
+            assert!(matches!(local.check_name(name, 1324), Err(DialRefusal::SelfTarget(_))), "{name}");
+            // Loopback at all only for local clients.
+            assert!(matches!(strict.check_name(name, 8333), Err(DialRefusal::Private(_))), "{name}");
+            assert_eq!(local.check_name(name, 8333), Ok(()), "{name}");
+        }
+        assert!(matches!(strict.check_name("10.1", 8333), Err(DialRefusal::Private(_))));
+        assert!(matches!(local.check_name("0", 8333), Err(DialRefusal::Unspecified(_))));
+        assert_eq!(strict.check_name("8.8.8.8", 8333), Ok(()));
+        assert_eq!(strict.check_name("seed.example.org", 1324), Ok(()), "names only the upstream can resolve");
     }
 
     fn rules(listening: &[&str], allow_private: bool) -> DialRules {

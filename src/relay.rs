@@ -3,18 +3,24 @@
 //! its write before it reads again (that await is the backpressure).
 //!
 //! On end of stream a direction shuts down the opposite write half and lets
-//! the other direction finish; on an error it cancels the session so both
-//! stop. Receive buffers are released while a socket is idle, so an idle
-//! session holds no buffer memory.
+//! the other direction finish for at most [`END_DRAIN`] (Bitcoin P2P has no
+//! half-close); on an error it cancels the session so both stop. A write
+//! that makes no progress for `write_stall` ends the session too. Receive
+//! buffers are released while a socket is idle, so an idle session holds no
+//! buffer memory; a message of [`LARGE_MESSAGE_BYTES`] or more reserves its
+//! size from the proxy-wide [`MessageBudget`] before it is buffered.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -27,7 +33,16 @@ use crate::shaping::{
 use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::translate::{self, ContentsError};
 use crate::v1::{self, Decoded, FrameDecoder, HEADER_LEN, Magic, V1Error, V1Header};
-use crate::v2::{DecodedPacket, PACKET_PREFIX, PacketDecoder, PacketEncoder, TAG_LEN, V2Error};
+use crate::v2::{DecodedPacket, PACKET_OVERHEAD, PACKET_PREFIX, PacketDecoder, PacketEncoder, TAG_LEN, V2Error};
+
+/// Once one side has closed, how long the other direction may still carry
+/// what it has before the session ends. Bitcoin P2P has no half-close: a
+/// node that is done with a peer closes the connection, and the peer closes
+/// its own end as soon as it reads the end of stream (Core within one turn of
+/// its socket loop). Five seconds delivers what was in flight; a side that
+/// keeps its end open past it (a silent peer holding an inbound slot) no
+/// longer holds the session.
+pub const END_DRAIN: Duration = Duration::from_secs(5);
 
 /// Read size when no larger message is known to be pending.
 const READ_CHUNK: usize = 16 * 1024;
@@ -74,12 +89,27 @@ pub enum CloseReason {
     /// `MAX_PROTOCOL_MESSAGE_LENGTH`): v2 allows a few bytes more.
     #[error("remote sent a `{command}` message of {len} payload bytes, more than the {max} a v1 client accepts")]
     TooLargeForV1 { command: String, len: usize, max: usize },
+    /// A packet before the first genuine message (which must be a VERSION)
+    /// announced more than a VERSION may take.
+    #[error("packet of {len} contents bytes before the first message exceeds the {max}-byte limit for a VERSION")]
+    FirstMessageTooLarge { len: usize, max: usize },
     #[error("{side} closed in the middle of a message ({pending} bytes pending)")]
     Truncated { side: Side, pending: usize },
     #[error("{0} connection error: {1}")]
     Io(Side, io::Error),
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// One side closed and the other kept its end open past [`END_DRAIN`].
+    #[error("{closed} closed and the other side did not close within {drain:?}")]
+    HalfOpen { closed: Side, drain: Duration },
+    /// The proxy-wide budget for large messages had no room for this one
+    /// within the write-stall timeout.
+    #[error("no room for a {len}-byte message in the {budget}-byte large-message budget within {waited:?}")]
+    BudgetExhausted { len: usize, budget: u64, waited: Duration },
+    /// A write to this side made no progress for this long: it stopped
+    /// reading.
+    #[error("{0} read nothing for {1:?} (write stalled)")]
+    WriteStalled(Side, Duration),
     #[error("proxy shutting down")]
     Shutdown,
     /// This direction stopped because the other one failed; the other's
@@ -98,10 +128,14 @@ impl CloseReason {
             CloseReason::BadV2(_) => "bad_remote_packet",
             CloseReason::Encode(_) => "internal",
             CloseReason::TooLargeForV1 { .. } => "remote_message_too_large",
+            CloseReason::FirstMessageTooLarge { .. } => "version_too_large",
             CloseReason::Truncated { .. } => "truncated",
             CloseReason::Io(Side::Client, _) => "client_io_error",
             CloseReason::Io(Side::Remote, _) => "remote_io_error",
             CloseReason::Idle(_) => "idle",
+            CloseReason::HalfOpen { .. } => "half_open",
+            CloseReason::BudgetExhausted { .. } => "memory_budget",
+            CloseReason::WriteStalled(..) => "write_stalled",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Aborted => "aborted",
         }
@@ -120,6 +154,61 @@ pub struct RelayReport {
 /// (translated in place, with a vectored write) instead of being copied into
 /// the output batch.
 pub const DIRECT_THRESHOLD: usize = 64 * 1024;
+
+/// Messages at least this large reserve their whole size from the proxy's
+/// [`MessageBudget`] before the relay buffers them. Smaller ones are read in
+/// [`READ_CHUNK`]s and batched; what one session holds of them is bounded by
+/// the read chunk and [`KEEP_OUTPUT_CAPACITY`].
+pub const LARGE_MESSAGE_BYTES: usize = DIRECT_THRESHOLD;
+
+/// The proxy-wide budget for large messages being received: every message
+/// of at least [`LARGE_MESSAGE_BYTES`] reserves its announced size here
+/// before a byte of its body is buffered, and gives it back once it has
+/// been written on (or its session ends). When the budget is spent, a
+/// direction waits (reading nothing, so backpressure reaches its sender) for
+/// at most `timeouts.write_stall`, then its session closes. Counted in KiB
+/// so that any configured budget fits a semaphore on 32-bit targets too.
+#[derive(Debug)]
+pub struct MessageBudget {
+    kib: Arc<Semaphore>,
+    bytes: u64,
+}
+
+/// A message's share of the [`MessageBudget`], given back on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    len: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl MessageBudget {
+    pub fn new(bytes: u64) -> Self {
+        let kib = usize::try_from(bytes / 1024).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        MessageBudget { kib: Arc::new(Semaphore::new(kib)), bytes }
+    }
+
+    /// The configured budget, in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Bytes not reserved right now.
+    pub fn available(&self) -> u64 {
+        self.kib.available_permits() as u64 * 1024
+    }
+
+    /// Waits until `len` bytes (rounded up to whole KiB) are free and takes
+    /// them, first come first served. `None` if `len` is larger than the
+    /// whole budget (the configured minimum keeps every message below it).
+    pub async fn reserve(&self, len: usize) -> Option<Reservation> {
+        let kib = u32::try_from(len.div_ceil(1024)).ok()?;
+        if kib as u64 * 1024 > self.bytes {
+            return None;
+        }
+        let permit = self.kib.clone().acquire_many_owned(kib).await.ok()?;
+        Some(Reservation { len, _permit: permit })
+    }
+}
 
 /// What a translator asks the direction loop to do next.
 #[derive(Debug, PartialEq, Eq)]
@@ -183,7 +272,13 @@ impl Pacing {
     }
 
     /// Writes `pieces`, in order, chunk by chunk as the pacer allows.
-    async fn write(&mut self, writer: &mut WriteHalf, pieces: &[&[u8]]) -> io::Result<()> {
+    async fn write(
+        &mut self,
+        writer: &mut WriteHalf,
+        pieces: &[&[u8]],
+        stall: Duration,
+        to: Side,
+    ) -> Result<(), CloseReason> {
         let total: usize = pieces.iter().map(|p| p.len()).sum();
         let chunk_len = self.pacer.chunk().max(1);
         let (mut piece, mut offset, mut sent) = (0, 0, 0);
@@ -207,7 +302,7 @@ impl Pacing {
                     offset = 0;
                 }
             }
-            write_all_vectored(writer, &chunk).await?;
+            write_all_vectored(writer, &chunk, stall, to).await?;
             sent += len;
         }
         Ok(())
@@ -440,18 +535,39 @@ impl Translator for V1ToV2 {
 pub struct V2ToV1 {
     pub decoder: PacketDecoder,
     pub magic: Magic,
+    /// Until the first genuine message arrives, every packet (decoys too:
+    /// a packet's kind is known only once it is whole) may carry at most this
+    /// many contents bytes, checked from its length before it is buffered:
+    /// the first message is a VERSION. `None`: the general limit only.
+    pub first_message_max: Option<usize>,
+}
+
+impl V2ToV1 {
+    /// Refuses a packet of `contents` bytes while the first message is awaited.
+    fn check_first(&self, contents: usize) -> Result<(), CloseReason> {
+        match self.first_message_max {
+            Some(max) if contents > max => Err(CloseReason::FirstMessageTooLarge { len: contents, max }),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Translator for V2ToV1 {
     fn translate(&mut self, input: &mut BytesMut, output: &mut BytesMut, stats: &mut DirectionStats) -> Translated {
         loop {
             match self.decoder.decode(input).map_err(CloseReason::BadV2)? {
-                DecodedPacket::NeedMore { total } => return Ok(Step::NeedMore(total)),
+                DecodedPacket::NeedMore { total } => {
+                    self.check_first(total.saturating_sub(PACKET_OVERHEAD))?;
+                    return Ok(Step::NeedMore(total));
+                }
                 DecodedPacket::Packet { ignore: true, contents, len } => {
+                    self.check_first(contents.len())?;
                     debug!(len = contents.len(), "remote_to_client decoy skipped");
                     input.advance(len);
                 }
                 DecodedPacket::Packet { ignore: false, contents, len } => {
+                    self.check_first(contents.len())?;
+                    self.first_message_max = None;
                     match translate::decode_contents(&input[contents.clone()]) {
                         Ok((command, offset)) => {
                             let payload = contents.start + offset..contents.end;
@@ -544,6 +660,8 @@ struct Shared {
     /// Milliseconds since `started` of the last byte read either way.
     last_activity_ms: AtomicU64,
     idle: Option<Duration>,
+    write_stall: Duration,
+    large_messages: Arc<MessageBudget>,
     /// What `/status` shows while the session runs.
     live: Arc<LiveCounters>,
 }
@@ -588,13 +706,26 @@ impl Leg {
     }
 }
 
-/// Runs both directions to the end.
+/// What bounds a relay besides its translators' size checks.
+#[derive(Debug, Clone)]
+pub struct RelayLimits {
+    /// No byte read either way for this long closes the session; `None`: never.
+    pub idle: Option<Duration>,
+    /// A write that makes no progress for this long closes the session, and
+    /// so does a wait this long for room in `large_messages`.
+    pub write_stall: Duration,
+    /// The proxy-wide budget for large messages being received.
+    pub large_messages: Arc<MessageBudget>,
+}
+
+/// Runs both directions to the end: once one has ended cleanly the other
+/// gets [`END_DRAIN`] to finish, then the session closes.
 pub async fn run(
     client: Leg,
     remote: Leg,
     client_to_remote: impl Translator + 'static,
     remote_to_client: impl Translator + 'static,
-    idle: Option<Duration>,
+    limits: RelayLimits,
     live: Arc<LiveCounters>,
     shutdown: CancellationToken,
 ) -> RelayReport {
@@ -605,18 +736,34 @@ pub async fn run(
         shutdown,
         started: Instant::now(),
         last_activity_ms: AtomicU64::new(0),
-        idle,
+        idle: limits.idle,
+        write_stall: limits.write_stall,
+        large_messages: limits.large_messages,
         live,
     });
     let up = pump(client_in, remote_write, client_to_remote, Side::Client, shared.clone());
     let down = pump(remote_in, client_write, remote_to_client, Side::Remote, shared.clone());
-    let ((up_stats, up_end), (down_stats, down_end)) = tokio::join!(up, down);
+    tokio::pin!(up, down);
+    let (((up_stats, up_end), (down_stats, down_end)), kept_open) = tokio::select! {
+        first = &mut up => {
+            let (second, drained) = finish_after(first.1.is_none(), down, &shared).await;
+            ((first, second), drained.then_some(Side::Client))
+        }
+        first = &mut down => {
+            let (second, drained) = finish_after(first.1.is_none(), up, &shared).await;
+            ((second, first), drained.then_some(Side::Remote))
+        }
+    };
     // The first real failure explains the close; plain ends of stream only
     // when nothing else happened.
-    let reason = match (up_end, down_end) {
-        (None, None) => CloseReason::BothClosed,
-        (Some(reason), None) | (None, Some(reason)) => reason,
-        (Some(first), Some(second)) => {
+    let reason = match (up_end, down_end, kept_open) {
+        // The drain ran out: the direction cut short reports `Aborted`.
+        (None, Some(CloseReason::Aborted), Some(closed)) | (Some(CloseReason::Aborted), None, Some(closed)) => {
+            CloseReason::HalfOpen { closed, drain: END_DRAIN }
+        }
+        (None, None, _) => CloseReason::BothClosed,
+        (Some(reason), None, _) | (None, Some(reason), _) => reason,
+        (Some(first), Some(second), _) => {
             if matches!(first, CloseReason::Aborted) {
                 second
             } else {
@@ -625,6 +772,27 @@ pub async fn run(
         }
     };
     RelayReport { client_to_remote: up_stats, remote_to_client: down_stats, reason }
+}
+
+/// Runs the direction still going after the other ended: to its end when the
+/// other failed (the session is cancelled already), or for at most
+/// [`END_DRAIN`] after a clean end of stream, then cancelled. Returns its
+/// result and whether the drain ran out.
+async fn finish_after(
+    other_ended_cleanly: bool,
+    mut direction: Pin<&mut impl Future<Output = (DirectionStats, Option<CloseReason>)>>,
+    shared: &Shared,
+) -> ((DirectionStats, Option<CloseReason>), bool) {
+    if !other_ended_cleanly {
+        return (direction.await, false);
+    }
+    match tokio::time::timeout(END_DRAIN, direction.as_mut()).await {
+        Ok(result) => (result, false),
+        Err(_) => {
+            shared.cancel.cancel();
+            (direction.await, true)
+        }
+    }
 }
 
 /// One direction. Returns its counters and, unless it ended by a clean end of
@@ -648,6 +816,8 @@ async fn pump(
     let mut stats = DirectionStats { bytes_in: inbound.pending.len() as u64, ..Default::default() };
     live.add(direction, stats.bytes_in, 0);
     let mut output = BytesMut::new();
+    // The large message being received, if any, and its share of the budget.
+    let mut reserved: Option<Reservation> = None;
     let end = loop {
         let messages_before = stats.messages;
         let translated = translator.translate(&mut inbound.pending, &mut output, &mut stats);
@@ -658,13 +828,13 @@ async fn pump(
         };
         if !output.is_empty() {
             let pieces = [&output[..]];
-            let write = write_shaped(&mut writer, &pieces, translator.pacing());
+            let write = write_shaped(&mut writer, &pieces, translator.pacing(), shared.write_stall, to);
             let result = tokio::select! {
                 result = write => result,
                 _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
             };
-            if let Err(e) = result {
-                break Some(CloseReason::Io(to, e));
+            if let Err(reason) = result {
+                break Some(reason);
             }
             if output.capacity() > KEEP_OUTPUT_CAPACITY {
                 output = BytesMut::new();
@@ -677,11 +847,11 @@ async fn pump(
             Step::Direct(direct) => {
                 let pieces = [&direct.head[..], &inbound.pending[direct.body.clone()], &direct.tail[..]];
                 let result = tokio::select! {
-                    result = write_shaped(&mut writer, &pieces, translator.pacing()) => result,
+                    result = write_shaped(&mut writer, &pieces, translator.pacing(), shared.write_stall, to) => result,
                     _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
                 };
-                if let Err(e) = result {
-                    break Some(CloseReason::Io(to, e));
+                if let Err(reason) = result {
+                    break Some(reason);
                 }
                 inbound.pending.advance(direct.consumed);
                 continue;
@@ -691,6 +861,28 @@ async fn pump(
         // Hold no buffer while waiting for an idle socket.
         if inbound.pending.is_empty() && inbound.pending.capacity() > 0 {
             inbound.pending = BytesMut::new();
+        }
+        // A large message reserves its size before its body is buffered; the
+        // previous one's share goes back first (it has been written on).
+        if need < LARGE_MESSAGE_BYTES {
+            drop(reserved.take());
+        } else if reserved.as_ref().is_none_or(|r| r.len != need) {
+            drop(reserved.take());
+            let budget = &shared.large_messages;
+            let exhausted =
+                || CloseReason::BudgetExhausted { len: need, budget: budget.bytes(), waited: shared.write_stall };
+            let wait = budget.reserve(need);
+            tokio::pin!(wait);
+            let taken = tokio::select! {
+                biased;
+                taken = &mut wait => taken,
+                _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
+                _ = tokio::time::sleep(shared.write_stall) => break Some(exhausted()),
+            };
+            match taken {
+                Some(reservation) => reserved = Some(reservation),
+                None => break Some(exhausted()),
+            }
         }
         let idle_wake = translator.idle_wake();
         let ready = tokio::select! {
@@ -704,12 +896,12 @@ async fn pump(
                 if !output.is_empty() {
                     let pieces = [&output[..]];
                     let result = tokio::select! {
-                        result = write_shaped(&mut writer, &pieces, translator.pacing()) => result,
+                        result = write_shaped(&mut writer, &pieces, translator.pacing(), shared.write_stall, to) => result,
                         _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
                     };
                     output.clear();
-                    if let Err(e) = result {
-                        break Some(CloseReason::Io(to, e));
+                    if let Err(reason) = result {
+                        break Some(reason);
                     }
                 }
                 continue;
@@ -734,7 +926,8 @@ async fn pump(
                     break Some(CloseReason::Truncated { side: from, pending: inbound.pending.len() });
                 }
                 // Half-close: the other side sees our end of stream; the
-                // opposite direction keeps running until it ends too.
+                // opposite direction keeps running until it ends too, for
+                // at most END_DRAIN (`run`).
                 let _ = writer.shutdown().await;
                 break None;
             }
@@ -754,25 +947,40 @@ async fn pump(
     (stats, end)
 }
 
-/// Writes every piece, in order: paced when the direction smooths bursts,
-/// else at once.
-async fn write_shaped(writer: &mut WriteHalf, pieces: &[&[u8]], pacing: Option<&mut Pacing>) -> io::Result<()> {
-    match (pacing, pieces) {
-        (Some(pacing), _) => pacing.write(writer, pieces).await,
-        (None, [only]) => writer.write_all(only).await,
-        (None, _) => write_all_vectored(writer, pieces).await,
+/// Writes every piece, in order, to side `to`: paced when the direction
+/// smooths bursts, else at once.
+async fn write_shaped(
+    writer: &mut WriteHalf,
+    pieces: &[&[u8]],
+    pacing: Option<&mut Pacing>,
+    stall: Duration,
+    to: Side,
+) -> Result<(), CloseReason> {
+    match pacing {
+        Some(pacing) => pacing.write(writer, pieces, stall, to).await,
+        None => write_all_vectored(writer, pieces, stall, to).await,
     }
 }
 
-/// Writes every piece, in order, with as few system calls as the socket allows.
-async fn write_all_vectored(writer: &mut WriteHalf, pieces: &[&[u8]]) -> io::Result<()> {
+/// Writes every piece, in order, with as few system calls as the socket
+/// allows, to side `to`. Each call must move some bytes within `stall`: a
+/// side that stops reading cannot hold the session (and its buffers) forever,
+/// while one that reads slowly keeps it.
+async fn write_all_vectored(
+    writer: &mut WriteHalf,
+    pieces: &[&[u8]],
+    stall: Duration,
+    to: Side,
+) -> Result<(), CloseReason> {
     let mut slices: Vec<IoSlice<'_>> = pieces.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)).collect();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
-        let n = writer.write_vectored(slices).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
+        let n = match tokio::time::timeout(stall, writer.write_vectored(slices)).await {
+            Err(_) => return Err(CloseReason::WriteStalled(to, stall)),
+            Ok(Err(e)) => return Err(CloseReason::Io(to, e)),
+            Ok(Ok(0)) => return Err(CloseReason::Io(to, io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => n,
+        };
         IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())
@@ -943,7 +1151,7 @@ mod tests {
         let slices: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
         let mut pacing = Pacing::new(SmoothingPolicy { rate: 10_000, burst: 4096 }, Instant::now());
         let started = Instant::now();
-        pacing.write(&mut writer, &slices).await.unwrap();
+        pacing.write(&mut writer, &slices, Duration::from_secs(60), Side::Remote).await.unwrap();
         // Paused clock: what the pacer waited, exactly. The bucket's 4096
         // bytes go at once, the rest at 10,000 bytes a second.
         let waited = started.elapsed().as_secs_f64();
@@ -980,6 +1188,68 @@ mod tests {
         }
         // 20..=320 bytes drawn: rounded to 32, 64, 128, 256 or 512.
         assert!(sizes.iter().all(|&len| len.is_power_of_two() && (32..=512).contains(&len)), "{sizes:?}");
+    }
+
+    #[test]
+    fn packets_before_the_first_message_are_held_to_the_version_limit() {
+        use crate::v2::MAX_VERSION_CONTENTS_BYTES;
+        let theirs = SessionKeys::from_shared_secret(&[8; 32], Role::Initiator, &MAGIC);
+        let ours = SessionKeys::from_shared_secret(&[8; 32], Role::Responder, &MAGIC);
+        let translator = |first_message_max| V2ToV1 { decoder: ours.decoder(0), magic: MAGIC, first_message_max };
+        let mut stats = DirectionStats::default();
+        // Refused from the 3-byte length alone, decoy or not.
+        for decoy in [false, true] {
+            let mut packet = BytesMut::new();
+            let contents = vec![0u8; MAX_VERSION_CONTENTS_BYTES + 1];
+            theirs.encoder(0).encode_packet(&[], &contents, decoy, &[], &mut packet).unwrap();
+            let mut input = BytesMut::from(&packet[..3]);
+            let refused =
+                translator(Some(MAX_VERSION_CONTENTS_BYTES)).translate(&mut input, &mut BytesMut::new(), &mut stats);
+            assert!(
+                matches!(refused, Err(CloseReason::FirstMessageTooLarge { len, max: MAX_VERSION_CONTENTS_BYTES }) if len == contents.len()),
+                "{refused:?}"
+            );
+            // Without the limit the same length only asks for more bytes.
+            let mut input = BytesMut::from(&packet[..3]);
+            let step = translator(None).translate(&mut input, &mut BytesMut::new(), &mut stats).unwrap();
+            assert_eq!(step, Step::NeedMore(packet.len()));
+        }
+        // A VERSION at the limit passes; after it, large messages do too.
+        let mut encoder = theirs.encoder(0);
+        let mut wire = BytesMut::new();
+        let mut version = vec![0u8; 13];
+        version[1..8].copy_from_slice(b"version");
+        version.resize(MAX_VERSION_CONTENTS_BYTES, 0);
+        encoder.encode_packet(&[], &version, false, &[], &mut wire).unwrap();
+        encoder.encode(&[2], &vec![0u8; 100_000], &mut wire).unwrap();
+        let mut limited = translator(Some(MAX_VERSION_CONTENTS_BYTES));
+        let (mut output, mut input) = (BytesMut::new(), wire);
+        let step = limited.translate(&mut input, &mut output, &mut stats).unwrap();
+        assert!(matches!(step, Step::Direct(_)), "{step:?}");
+        assert_eq!(output.len(), HEADER_LEN + v1::MAX_VERSION_PAYLOAD_BYTES);
+        assert_eq!(limited.first_message_max, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_message_budget_is_shared_first_come_first_served_and_given_back() {
+        let budget = MessageBudget::new(8 << 20);
+        assert_eq!((budget.bytes(), budget.available()), (8 << 20, 8 << 20));
+        let block = 24 + v1::MAX_PAYLOAD_BYTES;
+        let a = budget.reserve(block).await.unwrap();
+        let b = budget.reserve(block).await.unwrap();
+        // Whole KiB: 3,907 each.
+        assert_eq!(budget.available(), (8192 - 2 * 3907) * 1024);
+        // A third waits (the clock is paused: an hour passes at once)...
+        let waiting = tokio::time::timeout(Duration::from_secs(3600), budget.reserve(block)).await;
+        assert!(waiting.is_err(), "a third maximum-size message fits an 8 MiB budget");
+        // ...until one is given back.
+        drop(a);
+        let c = tokio::time::timeout(Duration::from_secs(1), budget.reserve(block)).await.unwrap().unwrap();
+        assert_eq!(c.len, block);
+        drop((b, c));
+        assert_eq!(budget.available(), 8 << 20);
+        // A message larger than the whole budget can never fit.
+        assert!(budget.reserve((8 << 20) + 1).await.is_none());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! What every session of one proxy shares: the validated configuration, the
 //! observer (metrics and status), the v1-only peer memory, the handshake key
-//! pool and the addresses the proxy listens on. Built once by `main` (or a
+//! pool, the budget for large messages and the addresses the proxy listens on. Built once by `main` (or a
 //! test), handed to `server::serve`, read by every session; it depends on
 //! nothing that runs, so the accept loop, the sessions and their stages all
 //! point here and never at each other.
@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::Config;
 use crate::memory::V1OnlyMemory;
 use crate::metrics::Observer;
+use crate::relay::{MessageBudget, RelayLimits};
 use crate::upgrade::KeyPool;
 
 /// What every session of one proxy shares.
@@ -22,6 +23,8 @@ pub struct ProxyState {
     pub keys: Arc<KeyPool>,
     /// Every address this proxy listens on, as bound (sessions never dial them).
     listening: Mutex<Vec<SocketAddr>>,
+    /// What all relays together may hold of large messages being received.
+    large_messages: Arc<MessageBudget>,
 }
 
 /// Keys kept ready per allowed network.
@@ -32,7 +35,8 @@ impl ProxyState {
         let (capacity, ttl) = config.v1_only_memory;
         let keys = KeyPool::new(config.networks.iter().map(|n| n.magic), KEY_POOL_DEPTH, observer.key_pool_counters());
         let listening = Mutex::new(config.listen_addresses().into_iter().map(|(_, addr)| addr).collect());
-        ProxyState { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer, keys, listening }
+        let large_messages = Arc::new(MessageBudget::new(config.large_message_budget));
+        ProxyState { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer, keys, listening, large_messages }
     }
 
     /// Records an address a listener of this proxy is bound to.
@@ -40,6 +44,15 @@ impl ProxyState {
         let mut listening = self.listening.lock().unwrap_or_else(|e| e.into_inner());
         if !listening.contains(&addr) {
             listening.push(addr);
+        }
+    }
+
+    /// What bounds every relay of this proxy.
+    pub fn relay_limits(&self) -> RelayLimits {
+        RelayLimits {
+            idle: self.config.timeouts.idle,
+            write_stall: self.config.timeouts.write_stall,
+            large_messages: self.large_messages.clone(),
         }
     }
 

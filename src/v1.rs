@@ -14,6 +14,13 @@ pub const COMMAND_LEN: usize = 12;
 /// Largest payload we accept: Bitcoin Core's `MAX_PROTOCOL_MESSAGE_LENGTH` (4 * 1000 * 1000).
 /// Core disconnects a peer whose header announces more, before reading the payload.
 pub const MAX_PAYLOAD_BYTES: usize = 4_000_000;
+/// Largest payload of a client's or peer's first message, its VERSION, before anything is
+/// buffered for it. Bitcoin Core's own VERSION is at most 344 bytes: version 4, services 8,
+/// time 8, two network addresses of 26, nonce 8, a user agent of at most 256 bytes (Core's
+/// `MAX_SUBVERSION_LENGTH`; it refuses longer ones) with its 3-byte CompactSize, start height 4,
+/// relay 1. 4,096 bytes leaves room for fields later versions may append, and keeps a first
+/// message from making the proxy buffer 4 MB before it knows the sender speaks Bitcoin.
+pub const MAX_VERSION_PAYLOAD_BYTES: usize = 4096;
 /// Size of the checksum field.
 pub const CHECKSUM_LEN: usize = 4;
 /// Size of the v1 prefix that identifies a v1 peer: magic + "version" command (BIP324 `V1_PREFIX`).
@@ -216,13 +223,25 @@ pub enum Decoded {
 pub struct FrameDecoder {
     magic: Magic,
     verify_checksum: bool,
+    max_payload: usize,
 }
 
 impl FrameDecoder {
-    /// A decoder expecting `magic`. With `verify_checksum` false the checksum is not computed,
-    /// for a direction whose bytes are re-checked elsewhere.
+    /// A decoder expecting `magic`, payloads up to [`MAX_PAYLOAD_BYTES`]. With `verify_checksum`
+    /// false the checksum is not computed, for a direction whose bytes are re-checked elsewhere.
     pub fn new(magic: Magic, verify_checksum: bool) -> Self {
-        FrameDecoder { magic, verify_checksum }
+        FrameDecoder { magic, verify_checksum, max_payload: MAX_PAYLOAD_BYTES }
+    }
+
+    /// The decoder for a first message, a VERSION: checksum verified, payloads up to
+    /// [`MAX_VERSION_PAYLOAD_BYTES`].
+    pub fn for_version(magic: Magic) -> Self {
+        FrameDecoder { magic, verify_checksum: true, max_payload: MAX_VERSION_PAYLOAD_BYTES }
+    }
+
+    /// The largest payload this decoder accepts.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
     }
 
     pub fn magic(&self) -> Magic {
@@ -232,8 +251,8 @@ impl FrameDecoder {
     /// Looks at the start of `buf`, which may hold several frames or a partial one.
     ///
     /// As soon as the 24 header bytes are present it checks the magic, the payload length
-    /// against [`MAX_PAYLOAD_BYTES`] (before the payload arrives, so the caller never buffers an
-    /// oversized message; Core's `V1Transport::readHeader` does the same) and the command.
+    /// against [`MAX_PAYLOAD_BYTES`] or the decoder's lower limit (before the payload arrives,
+    /// so the caller never buffers an oversized message; Core's `V1Transport::readHeader` does the same) and the command.
     /// Once the whole frame is present it verifies the checksum if asked to.
     pub fn decode(&self, buf: &[u8]) -> Result<Decoded, V1Error> {
         let Some(header_bytes) = buf.first_chunk::<HEADER_LEN>() else {
@@ -261,8 +280,8 @@ impl FrameDecoder {
         if header.magic != self.magic {
             return Err(V1Error::WrongMagic { expected: self.magic, found: header.magic });
         }
-        if header.payload_len as usize > MAX_PAYLOAD_BYTES {
-            return Err(V1Error::PayloadTooLarge { len: header.payload_len, max: MAX_PAYLOAD_BYTES });
+        if header.payload_len as usize > self.max_payload {
+            return Err(V1Error::PayloadTooLarge { len: header.payload_len, max: self.max_payload });
         }
         if !is_valid_command(&header.command) {
             return Err(V1Error::InvalidCommand { command: header.command });
@@ -402,6 +421,25 @@ mod tests {
             decoder().decode(&header_with_len(u32::MAX)),
             Err(V1Error::PayloadTooLarge { len: u32::MAX, max: MAX_PAYLOAD_BYTES })
         );
+    }
+
+    #[test]
+    fn a_first_message_is_held_to_the_version_limit_from_its_header() {
+        let version = FrameDecoder::for_version(MAINNET);
+        assert_eq!(version.max_payload(), MAX_VERSION_PAYLOAD_BYTES);
+        assert_eq!(version.decode(&header_with_len(4096)), Ok(Decoded::NeedMore { total: 24 + 4096 }));
+        assert_eq!(
+            version.decode(&header_with_len(4097)),
+            Err(V1Error::PayloadTooLarge { len: 4097, max: MAX_VERSION_PAYLOAD_BYTES })
+        );
+        assert_eq!(
+            version.decode(&header_with_len(4_000_000)),
+            Err(V1Error::PayloadTooLarge { len: 4_000_000, max: MAX_VERSION_PAYLOAD_BYTES })
+        );
+        // Core's largest VERSION (a 256-byte user agent) fits with room to spare.
+        const CORE_MAX_VERSION: usize = 4 + 8 + 8 + 26 + 26 + 8 + 3 + 256 + 4 + 1;
+        assert_eq!(CORE_MAX_VERSION, 344);
+        assert!(version.decode(&header_with_len(CORE_MAX_VERSION as u32)).is_ok());
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub const REKEY_INTERVAL: u64 = 224;
 /// MAX_PROTOCOL_MESSAGE_LENGTH payload. Checked as soon as the length is
 /// decrypted, before any buffer grows for the packet.
 pub const MAX_CONTENTS_BYTES: usize = 1 + v1::COMMAND_LEN + v1::MAX_PAYLOAD_BYTES;
+/// Largest contents of a packet carrying a VERSION: its message type in long
+/// form and at most [`v1::MAX_VERSION_PAYLOAD_BYTES`] of payload.
+pub const MAX_VERSION_CONTENTS_BYTES: usize = 1 + v1::COMMAND_LEN + v1::MAX_VERSION_PAYLOAD_BYTES;
 /// Garbage terminators are 16 bytes.
 pub const GARBAGE_TERMINATOR_LEN: usize = 16;
 /// ElligatorSwift-encoded public keys are 64 bytes.

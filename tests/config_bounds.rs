@@ -34,7 +34,9 @@ const NUMERIC_KEYS: &[(&str, &str, Option<&str>, u64, u64)] = &[
     ("timeouts.first_message", "[timeouts]\nfirst_message = {}", None, 1, 3600),
     ("timeouts.handshake", "[timeouts]\nhandshake = {}", Some("--handshake-timeout"), 1, 3600),
     ("timeouts.idle", "[timeouts]\nidle = {}", Some("--idle-timeout"), 0, 604_800),
+    ("timeouts.write_stall", "[timeouts]\nwrite_stall = {}", None, 1, 3600),
     ("timeouts.shutdown", "[timeouts]\nshutdown = {}", None, 1, 3600),
+    ("large_message_budget", "large_message_budget = {}", Some("--large-message-budget"), 8 << 20, 256 << 30),
     ("v1_only_memory.capacity", "[v1_only_memory]\ncapacity = {}", None, 0, 100_000),
     ("v1_only_memory.ttl", "[v1_only_memory]\nttl = {}", None, 1, 2_592_000),
     ("metrics.max_connections", "[metrics]\nmax_connections = {}", None, 1, 1024),
@@ -69,7 +71,9 @@ fn value_of(config: &Config, key: &str) -> u64 {
         "timeouts.first_message" => t.first_message.as_secs(),
         "timeouts.handshake" => t.handshake.as_secs(),
         "timeouts.idle" => t.idle.map_or(0, |d| d.as_secs()),
+        "timeouts.write_stall" => t.write_stall.as_secs(),
         "timeouts.shutdown" => t.shutdown.as_secs(),
+        "large_message_budget" => config.large_message_budget,
         "v1_only_memory.capacity" => config.v1_only_memory.0 as u64,
         "v1_only_memory.ttl" => config.v1_only_memory.1.as_secs(),
         "metrics.max_connections" => config.metrics_max_connections as u64,
@@ -99,7 +103,15 @@ fn check(key: &str, value: u64, result: Result<Config, ConfigError>) {
             assert_eq!(held, value, "{key}");
             assert!((*min..=*max).contains(&held), "{key} = {value} accepted outside {min}..={max}");
             let t = &config.timeouts;
-            for d in [t.socks, t.connect, t.first_message, t.handshake, t.shutdown, t.idle.unwrap_or_default()] {
+            for d in [
+                t.socks,
+                t.connect,
+                t.first_message,
+                t.handshake,
+                t.write_stall,
+                t.shutdown,
+                t.idle.unwrap_or_default(),
+            ] {
                 assert!(Instant::now().checked_add(d * 4).is_some(), "{key} = {value}: {d:?} overflows a deadline");
             }
             assert!(config.max_sessions <= tokio::sync::Semaphore::MAX_PERMITS);
@@ -210,8 +222,12 @@ fn allow_list_admitting_every_address_is_no_restriction() {
     ] {
         let err = load(allow, &public).unwrap_err();
         assert!(err.0.contains("allow"), "{allow}: {err}");
-        // Client authentication is a real restriction.
+        // Client authentication is a real restriction, for SOCKS5 only:
+        // transparent mode (on by default) cannot ask for credentials.
         let with_auth = format!("{allow}\n[client_auth]\nusername = \"u\"\npassword = \"p\"\n");
+        let err = load(&with_auth, &public).unwrap_err();
+        assert!(err.0.contains("transparent = false"), "{allow}: {err}");
+        let with_auth = format!("transparent = false\n{with_auth}");
         assert!(load(&with_auth, &public).is_ok(), "{allow} with client_auth");
         // The metrics listener has no authentication: refused either way.
         let err = load(&with_auth, &["--metrics-listen", "0.0.0.0:9324"]).unwrap_err();
@@ -373,10 +389,12 @@ async fn boolean_environment_variables_take_the_usual_spellings() {
 fn durations_in_range_never_overflow_a_deadline() {
     // The largest of every range, added to now, as the session and listener code do.
     let config = load(
-        "[timeouts]\nsocks = 3600\nconnect = 3600\nfirst_message = 3600\nhandshake = 3600\nidle = 604800\nshutdown = 3600\n",
+        "[timeouts]\nsocks = 3600\nconnect = 3600\nfirst_message = 3600\nhandshake = 3600\nidle = 604800\nwrite_stall = 3600\n\
+         shutdown = 3600\n",
         &[],
     )
     .unwrap();
     let t = &config.timeouts;
     assert!(Instant::now().checked_add(t.idle.unwrap() + Duration::from_secs(3600 * 5)).is_some());
+    assert!(Instant::now().checked_add(t.write_stall * 4).is_some());
 }

@@ -219,6 +219,8 @@ async fn client_failures_at_every_stage_close_one_session_with_the_reason() {
 
 #[tokio::test]
 async fn client_half_close_is_propagated_and_replies_still_arrive() {
+    // The reply is in flight when the client half-closes: it arrives within
+    // the drain, then the node sees the end and closes.
     let node = spawn_v2_node(V2NodeOptions::default()).await;
     let proxy = spawn_proxy(&[]).await;
     let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
@@ -230,25 +232,81 @@ async fn client_half_close_is_propagated_and_replies_still_arrive() {
     expect_closed(&mut client).await;
 }
 
+/// Bitcoin P2P has no half-close: once the remote stops writing, the client
+/// sees the end at once and its own direction still reaches the remote for
+/// the drain (`relay::END_DRAIN`, 5 s), after which the session ends even
+/// though neither the client nor the node closed its end.
 #[tokio::test]
-async fn remote_half_close_is_propagated_and_client_can_still_send() {
+async fn remote_half_close_is_propagated_and_the_session_ends_after_the_drain() {
     let node = spawn_v2_node(V2NodeOptions { close_write_after: Some(2), ..Default::default() }).await;
-    let proxy = spawn_proxy(&[]).await;
+    let mut proxy = spawn_binary(&[], "info").await;
     let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
     expect_frame(&mut client).await;
     client.write_all(&frame(REGTEST, "ping", &[1; 8])).await.unwrap();
     expect_frame(&mut client).await;
     // The node stops writing after two echoes: the client sees the end...
     expect_closed(&mut client).await;
-    // ...while its own direction still reaches the node.
+    // ...while its own direction still reaches the node, within the drain.
     client.write_all(&frame(REGTEST, "pong", &[2; 8])).await.unwrap();
+    let mut arrived = false;
     for _ in 0..100 {
         if node.log.received.lock().unwrap()[0].len() == 3 {
-            return;
+            arrived = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the message sent after the remote's half-close never arrived");
+    assert!(arrived, "the message sent after the remote's half-close never arrived");
+    // Then the session ends, with the client's end still open.
+    let line = proxy.wait_for(&["session closed"]).await;
+    assert!(line.contains("reason=remote closed and the other side did not close within 5s"), "{line}");
+}
+
+/// The same on the internet-facing side: a node that closes after the
+/// peer's VERSION, and a peer that keeps its end open and silent, give the
+/// inbound slot back after the drain; with `max_inbound = 1` the next peer is
+/// served. (Such a peer used to hold the slot forever.)
+#[tokio::test]
+async fn a_silent_peer_does_not_keep_an_inbound_slot_after_the_node_closed() {
+    let node = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node_addr = node.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = node.accept().await {
+            // Reads the VERSION, then closes the connection.
+            let _ = read_frame(&mut stream).await;
+        }
+    });
+    let spec = format!("127.0.0.1:0={node_addr}@regtest");
+    let mut proxy = spawn_binary(&["--inbound", &spec, "--max-inbound", "1"], "info").await;
+    let line = proxy.wait_for(&["listening (inbound)"]).await;
+    let inbound: SocketAddr =
+        line.split("listen=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().parse().unwrap();
+    let mut silent = TcpStream::connect(inbound).await.unwrap();
+    silent.write_all(&version_message(REGTEST, inbound)).await.unwrap();
+    expect_closed(&mut silent).await;
+    let line = proxy.wait_for(&["inbound session closed"]).await;
+    assert!(line.contains("reason=node closed and the peer did not close within 5s"), "{line}");
+    // The slot is free again: the next peer is dialed through.
+    let mut next = TcpStream::connect(inbound).await.unwrap();
+    next.write_all(&version_message(REGTEST, inbound)).await.unwrap();
+    proxy.wait_for(&["inbound session open"]).await;
+    drop(silent);
+}
+
+/// A side that stops reading cannot hold a session: when a write to it makes
+/// no progress for `timeouts.write_stall` the session closes (here a client
+/// that never reads while the remote floods it).
+#[tokio::test]
+async fn a_side_that_stops_reading_is_closed_after_the_write_stall_timeout() {
+    let node = spawn_v2_node(V2NodeOptions { flood: Some((50, 3_900_000)), ..Default::default() }).await;
+    let path = std::env::temp_dir().join(format!("bip324-proxy-stall-{}.toml", std::process::id()));
+    std::fs::write(&path, "[timeouts]\nwrite_stall = 1\n").unwrap();
+    let mut proxy = spawn_binary(&["--config", path.to_str().unwrap()], "info").await;
+    let _ = std::fs::remove_file(&path);
+    let _client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    let line = proxy.wait_for(&["session closed"]).await;
+    assert!(line.contains("reason=client read nothing for 1s (write stalled)"), "{line}");
+    assert!(node.log.flooded.load(Ordering::SeqCst) < 50, "the flood stalled before the close");
 }
 
 #[tokio::test]
@@ -306,4 +364,71 @@ async fn client_that_never_reads_holds_memory_bounded() {
     // (4 MB received, 4 MB translated), with allocator slack.
     assert!(grown < 16 * 1024 * 1024, "proxy RSS grew by {} KiB", grown / 1024);
     drop(client);
+}
+
+/// Messages of 64 KiB or more reserve their announced size from one
+/// proxy-wide budget before they are buffered (`large_message_budget`, here
+/// its minimum, 8 MiB: two 4 MB blocks). A third session with a large message
+/// in flight waits, and is closed after `timeouts.write_stall`; the two that
+/// fit are carried whole, and the budget they give back carries the echoes.
+#[tokio::test]
+async fn large_messages_share_one_proxy_wide_budget() {
+    use bip324_proxy::config::{Cli, Config};
+    use bip324_proxy::metrics::Observer;
+    use bip324_proxy::server::Bound;
+    use bip324_proxy::session::FrontEnd;
+    use bip324_proxy::state::ProxyState;
+    use clap::Parser;
+
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let path = std::env::temp_dir().join(format!("bip324-proxy-budget-{}.toml", std::process::id()));
+    std::fs::write(&path, "large_message_budget = 8388608\n[timeouts]\nwrite_stall = 1\n").unwrap();
+    let cli = Cli::try_parse_from(["bip324-proxy", "--config", path.to_str().unwrap()]).unwrap();
+    let config = Config::load(&cli).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let observer = Arc::new(Observer::default());
+    let state = Arc::new(ProxyState::new(Arc::new(config), observer.clone()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(bip324_proxy::server::serve(
+        vec![Bound { listener: listener.into(), front: FrontEnd::Main }],
+        state,
+        shutdown.clone(),
+    ));
+
+    let block = frame(REGTEST, "block", &random_payload(4_000_000));
+    let (head, rest) = block.split_at(200_000);
+    // Sessions whose block the proxy is reading (past the first read chunk,
+    // so past their reservation).
+    let reading = |observer: &Observer| {
+        observer.status().sessions.iter().filter(|row| row.bytes_client_to_remote > 200_000 - 24).count()
+    };
+    let mut holders = Vec::new();
+    for expected in 1..=2 {
+        let mut client = open_v1_session(addr, node.addr, REGTEST).await;
+        expect_frame(&mut client).await;
+        client.write_all(head).await.unwrap();
+        for _ in 0..1000 {
+            if reading(&observer) == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(reading(&observer), expected);
+        holders.push(client);
+    }
+    let mut third = open_v1_session(addr, node.addr, REGTEST).await;
+    expect_frame(&mut third).await;
+    third.write_all(head).await.unwrap();
+    expect_closed(&mut third).await;
+    let metrics = observer.encode_metrics();
+    assert!(metrics.contains("reason=\"memory_budget\"} 1"), "{metrics}");
+
+    for client in &mut holders {
+        client.write_all(rest).await.unwrap();
+        let echo = expect_frame(client).await;
+        assert_eq!((echo.command.as_str(), echo.payload.len()), ("block", 4_000_000));
+    }
+    shutdown.cancel();
 }

@@ -425,6 +425,77 @@ async fn a_v1_peer_is_relayed_framed_and_sees_the_bit() {
     .await;
 }
 
+/// A v1 peer is held to the handshake deadline until its whole VERSION is
+/// in and checks out: the 16-byte v1 prefix alone, or a VERSION cut short,
+/// is closed at the deadline, and a VERSION with a bad checksum at once;
+/// none of them reaches the node, which is dialed only for a whole VERSION.
+#[tokio::test]
+async fn a_v1_peer_reaches_the_node_only_with_a_whole_version_before_the_deadline() {
+    let (node, received) = spawn_answering_node().await;
+    let (mut proxy, inbound) = binary_with_inbound(node, &["--handshake-timeout", "1"]).await;
+    let version = version_message(REGTEST, inbound);
+
+    let mut prefix = TcpStream::connect(inbound).await.unwrap();
+    prefix.write_all(&version[..16]).await.unwrap();
+    expect_closed(&mut prefix).await;
+    proxy.wait_for(&["inbound session closed", "handshake timed out after 16 bytes from the peer"]).await;
+
+    let mut cut = TcpStream::connect(inbound).await.unwrap();
+    cut.write_all(&version[..version.len() - 1]).await.unwrap();
+    expect_closed(&mut cut).await;
+    proxy.wait_for(&["inbound session closed", "handshake timed out after"]).await;
+
+    let mut bad = version.clone();
+    bad[20] ^= 0xff;
+    let mut bad_checksum = TcpStream::connect(inbound).await.unwrap();
+    bad_checksum.write_all(&bad).await.unwrap();
+    expect_closed(&mut bad_checksum).await;
+    proxy.wait_for(&["inbound session closed", "peer's v1 VERSION: bad checksum"]).await;
+    assert!(received.lock().unwrap().is_empty(), "the node was dialed for a peer without a whole VERSION");
+
+    let mut whole = TcpStream::connect(inbound).await.unwrap();
+    whole.write_all(&version).await.unwrap();
+    assert_eq!(expect_frame(&mut whole).await.command, "version");
+    assert_eq!(received.lock().unwrap().len(), 1);
+}
+
+/// A v2 peer's first message is its VERSION too: until it arrives, a packet
+/// whose length announces more than a VERSION may take (4,109 contents
+/// bytes: the long message type and 4,096 payload bytes), decoys included,
+/// is refused from its length alone; afterwards the general limit applies.
+#[tokio::test]
+async fn a_v2_peers_first_message_is_held_to_the_version_limit() {
+    let (node, _) = spawn_answering_node().await;
+    let (mut proxy, inbound) = binary_with_inbound(node, &[]).await;
+
+    let mut large = V2Peer::connect(inbound, InitiatorShape::default()).await;
+    let packet = large.packet("version", &vec![0u8; 4_097]);
+    large.stream.write_all(&packet[..3]).await.unwrap();
+    expect_closed(&mut large.stream).await;
+    let line = proxy.wait_for(&["inbound session closed"]).await;
+    assert!(
+        line.contains("packet of 4110 contents bytes before the first message exceeds the 4109-byte limit"),
+        "{line}"
+    );
+
+    let mut decoy_first = V2Peer::connect(inbound, InitiatorShape::default()).await;
+    let decoy = decoy_first.encrypt.encrypt_to_vec(&vec![0u8; 100_000], PacketType::Decoy, None);
+    decoy_first.stream.write_all(&decoy[..3]).await.unwrap();
+    expect_closed(&mut decoy_first.stream).await;
+    let line = proxy.wait_for(&["inbound session closed"]).await;
+    assert!(line.contains("exceeds the 4109-byte limit for a VERSION"), "{line}");
+
+    // A VERSION of the largest size, then a large message: both carried.
+    let mut peer = V2Peer::connect(inbound, InitiatorShape::default()).await;
+    let mut payload = version_payload(inbound);
+    payload.resize(4_096, 0);
+    peer.send("version", &payload).await;
+    assert_eq!(peer.recv().await.0, "version");
+    assert_eq!(peer.recv().await.0, "verack");
+    peer.send("ping", &vec![7u8; 100_000]).await;
+    assert_eq!(peer.recv().await, ("ping".to_owned(), vec![7u8; 100_000]));
+}
+
 #[tokio::test]
 async fn a_v1_peer_is_closed_when_v1_is_refused() {
     let node = spawn_v1_node(REGTEST).await;

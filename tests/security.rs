@@ -190,8 +190,11 @@ fn run(args: &[&str]) {
 
 impl Namespace {
     fn create() -> Namespace {
-        let id = std::process::id() % 200 + 20;
-        let name = format!("b324sec{}", std::process::id());
+        // Several tests of this binary create one at once: each its own.
+        static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CREATED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = (std::process::id() + n) % 200 + 20;
+        let name = format!("b324sec{}-{n}", std::process::id());
         let (host_if, peer_if) = (format!("b324h{id}"), format!("b324p{id}"));
         let (host_ip, peer_ip) = (format!("10.253.{id}.1"), format!("10.253.{id}.2"));
         run(&["ip", "netns", "add", &name]);
@@ -225,6 +228,40 @@ impl Namespace {
             .expect("python3 runs in the namespace");
         let text = String::from_utf8_lossy(&output.stdout);
         text.trim().parse().unwrap_or_else(|_| panic!("{text} {}", String::from_utf8_lossy(&output.stderr)))
+    }
+}
+
+impl Namespace {
+    /// From inside the namespace: connects to `addr`, sends `bytes`, and
+    /// reads until the proxy closes. Returns how many bytes came back, or
+    /// `timeout` after them when the connection stayed open for 20 s.
+    fn send_and_read(&self, addr: SocketAddr, bytes: &[u8]) -> String {
+        let script = format!(
+            "import socket\n\
+             s = socket.create_connection(('{}', {}), timeout=20)\n\
+             s.sendall(bytes.fromhex('{}'))\n\
+             n = 0\n\
+             try:\n\
+             \x20   while True:\n\
+             \x20       d = s.recv(65536)\n\
+             \x20       if not d: break\n\
+             \x20       n += len(d)\n\
+             except socket.timeout:\n\
+             \x20   print('timeout', end=' ')\n\
+             except ConnectionResetError:\n\
+             \x20   pass\n\
+             print(n)\n",
+            addr.ip(),
+            addr.port(),
+            hex::encode(bytes)
+        );
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "python3", "-c", &script])
+            .output()
+            .expect("python3 runs in the namespace");
+        let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        assert!(!text.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+        text
     }
 }
 
@@ -318,4 +355,207 @@ async fn client_first_binary_protocols_are_not_tunnelled() {
         expect_closed(&mut client).await;
     }
     assert!(received.lock().unwrap().is_empty(), "bytes were tunnelled");
+}
+
+/// `[client_auth]` protects SOCKS5 only: transparent mode and static routes
+/// cannot ask for credentials. Off loopback with credentials alone the binary
+/// refuses to start; and a listener bound off loopback behind the
+/// configuration's back still serves a client elsewhere nothing at all (each
+/// session asks `policy::admits` again), while a client on this host is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_do_not_stand_for_an_allow_list_where_no_front_end_asks_for_them() {
+    let auth = ["--client-username", "alice", "--client-password", "secret"];
+    for (toml, key) in [
+        ("listen = \"0.0.0.0:0\"\n", "listen: 0.0.0.0:0"),
+        (
+            "transparent = false\n[[route]]\nlisten = \"0.0.0.0:0\"\ntarget = \"127.0.0.1:18444\"\n",
+            "route[0].listen: 0.0.0.0:0",
+        ),
+        ("transparent_listen = \"0.0.0.0:0\"\n", "transparent_listen: 0.0.0.0:0"),
+    ] {
+        let path = std::env::temp_dir().join(format!("bip324-proxy-auth-{}-{}.toml", std::process::id(), key.len()));
+        std::fs::write(&path, toml).unwrap();
+        let mut args = vec!["--config", path.to_str().unwrap()];
+        args.extend_from_slice(&auth);
+        let (status, log) = run_binary(&args).await;
+        let _ = std::fs::remove_file(&path);
+        assert!(!status.success(), "{toml}: started with credentials as its only restriction");
+        assert!(log.contains(key) && log.contains("allow = [...]"), "{toml}: {log}");
+    }
+
+    let ns = Namespace::create();
+    let loopback_node = spawn_v2_node(V2NodeOptions::default()).await;
+    let host_node = spawn_v2_node_on(&format!("{}:0", ns.host_ip), V2NodeOptions::default()).await;
+    let mut args = vec!["bip324-proxy", "--listen", "127.0.0.1:0", "--network", "regtest", "--allow-private-targets"];
+    args.extend_from_slice(&auth);
+    let config = Arc::new(Config::load(&Cli::try_parse_from(args).unwrap()).unwrap());
+    let route = bip324_proxy::socks5::Target::from(loopback_node.addr);
+    let mut bound = Vec::new();
+    let mut addrs = Vec::new();
+    for (ip, front) in [
+        (ns.host_ip.as_str(), FrontEnd::Main),
+        (ns.host_ip.as_str(), FrontEnd::Transparent),
+        (ns.host_ip.as_str(), FrontEnd::Route(route.clone())),
+        ("127.0.0.1", FrontEnd::Route(route)),
+    ] {
+        let listener = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        bound.push(Bound { listener: listener.into(), front });
+    }
+    let shutdown = CancellationToken::new();
+    let state = Arc::new(ProxyState::new(config, Default::default()));
+    tokio::spawn(bip324_proxy::server::serve(bound, state, shutdown.clone()));
+
+    let ns = Arc::new(ns);
+    let to_host_node = version_message(REGTEST, host_node.addr);
+    for (addr, what) in [(addrs[0], "main port, transparent"), (addrs[1], "transparent_listen"), (addrs[2], "route")] {
+        let (ns, bytes) = (ns.clone(), to_host_node.clone());
+        let answer = tokio::task::spawn_blocking(move || ns.send_and_read(addr, &bytes)).await.unwrap();
+        assert_eq!(answer, "0", "{what}: a client elsewhere without credentials was served");
+    }
+    assert_eq!(host_node.log.accepts.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(loopback_node.log.accepts.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // A client on this host uses the same route.
+    let mut local = TcpStream::connect(addrs[3]).await.unwrap();
+    local.write_all(&version_message(REGTEST, loopback_node.addr)).await.unwrap();
+    assert_eq!(expect_frame(&mut local).await.command, "version");
+    shutdown.cancel();
+}
+
+/// Resident set size of a process, in bytes.
+fn rss_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() * 1024
+}
+
+/// A v1 header for `command` announcing `len` payload bytes.
+fn header_announcing(command: &str, len: u32) -> Vec<u8> {
+    let mut header = REGTEST.to_vec();
+    let mut name = [0u8; 12];
+    name[..command.len()].copy_from_slice(command.as_bytes());
+    header.extend_from_slice(&name);
+    header.extend_from_slice(&len.to_le_bytes());
+    header.extend_from_slice(&[0; 4]);
+    header
+}
+
+/// A first message is a VERSION, and a VERSION is small: every place that
+/// awaits one (after a SOCKS5 reply, transparent mode, an inbound v1 peer)
+/// refuses a header announcing more than 4,096 payload bytes at once,
+/// before buffering any of it. Forty sessions that each announce 4,000,000
+/// bytes and send one megabyte of them are closed with that reason, and the
+/// proxy's memory does not grow with them.
+#[tokio::test]
+async fn first_messages_are_held_to_the_version_limit_before_anything_is_buffered() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let inbound_spec = format!("127.0.0.1:0={}@regtest", node.addr);
+    let mut proxy = spawn_binary(&["--network", "regtest", "--inbound", &inbound_spec], "info").await;
+    let line = proxy.wait_for(&["listening (inbound)"]).await;
+    let inbound: SocketAddr =
+        line.split("listen=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().parse().unwrap();
+    let pid = proxy.child.id().unwrap();
+    let before = rss_of(pid);
+
+    let mut first = header_announcing("version", 4_000_000);
+    first.extend_from_slice(&vec![0x01; 1_000_000]);
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let mut client = match i % 3 {
+            0 => socks_btcd(proxy.addr, node.addr).await.expect("CONNECT"),
+            1 => TcpStream::connect(proxy.addr).await.unwrap(),
+            _ => TcpStream::connect(inbound).await.unwrap(),
+        };
+        // The proxy may close before all of it is written.
+        let _ = client.write_all(&first).await;
+        held.push(client);
+    }
+    for client in &mut held {
+        expect_closed(client).await;
+    }
+    let refusals = [
+        ("session closed", "client's first message: payload of 4000000 bytes exceeds the 4096 byte limit"),
+        ("inbound session closed", "peer's v1 VERSION: payload of 4000000 bytes exceeds the 4096 byte limit"),
+    ];
+    let mut counts = [0usize; 2];
+    while counts[0] + counts[1] < 40 {
+        let line = proxy.wait_for(&["closed"]).await;
+        let kind = refusals.iter().position(|(what, why)| line.contains(what) && line.contains(why));
+        let kind = kind.unwrap_or_else(|| panic!("closed for another reason: {line}"));
+        counts[kind] += 1;
+    }
+    assert_eq!(counts, [27, 13], "SOCKS5 and transparent sessions, inbound peers");
+    let grown = rss_of(pid).saturating_sub(before);
+    assert!(grown < 16 * 1024 * 1024, "proxy RSS grew by {} KiB", grown / 1024);
+    // One dial per SOCKS5 CONNECT (the node may count its last accepts late),
+    // none for the transparent sessions.
+    let accepts = || node.log.accepts.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..100 {
+        if accepts() >= 14 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(accepts(), 14, "one dial per SOCKS5 CONNECT only");
+
+    // The limit leaves a real VERSION alone.
+    let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    assert_eq!(expect_frame(&mut client).await.command, "version");
+}
+
+/// Names that go to an upstream unresolved are checked as far as they can be
+/// without DNS: numeric IPv4 spellings as `inet_aton` reads them and loopback
+/// names (`localhost`, `*.localhost`) as loopback. So the proxy never reaches
+/// itself through the upstream (each such session would come back from the
+/// upstream's address as a new client, a chain that escapes the per-client
+/// cap), and a client elsewhere reaches no loopback service through it; a
+/// name only the upstream can resolve still goes there.
+#[tokio::test(flavor = "multi_thread")]
+async fn names_for_the_upstream_are_checked_as_the_addresses_they_spell() {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let mut names = std::collections::HashMap::new();
+    names.insert("node.example".to_owned(), node.addr);
+    let upstream = spawn_recording_upstream(UpstreamBehaviour { names, ..Default::default() }).await;
+    let proxy = spawn_binary(&["--upstream", &upstream.addr.to_string()], "info").await;
+    let own = proxy.addr.port();
+    for host in
+        ["localhost", "LOCALHOST.", "proxy.localhost", "127.1", "0x7f000001", "2130706433", "017700000001", "0x7f.1"]
+    {
+        assert_eq!(connect_by_name(proxy.addr, host, own).await, 0x02, "{host}:{own}");
+    }
+    // Pipelined CONNECTs to itself by name build no chain either.
+    let mut pipelined = Vec::new();
+    for _ in 0..5 {
+        pipelined.extend_from_slice(&[0x05, 0x01, 0x00, 0x05, 0x01, 0x00, 0x03, 5]);
+        pipelined.extend_from_slice(b"127.1");
+        pipelined.extend_from_slice(&own.to_be_bytes());
+    }
+    assert_eq!(exchange(proxy.addr, &pipelined).await, [0x05, 0x00, 0x05, 0x02, 0x00, 0x01, 0, 0, 0, 0, 0, 0]);
+    assert!(upstream.requests.lock().unwrap().is_empty(), "a name for the proxy itself went upstream");
+    // A local client may still reach loopback services through the upstream.
+    let mut client = socks_named(proxy.addr, "x", "node.example", node.addr.port(), false).await.expect("CONNECT");
+    client.write_all(&version_message(REGTEST, node.addr)).await.unwrap();
+    assert_eq!(expect_frame(&mut client).await.command, "version");
+
+    // A client elsewhere: loopback by any spelling is refused before the upstream.
+    let ns = Arc::new(Namespace::create());
+    let allow = format!("{}/32", ns.peer_ip);
+    let upstream_arg = upstream.addr.to_string();
+    let (remote_proxy, _stop) =
+        proxy_on(&format!("{}:0", ns.host_ip), &["--allow", &allow, "--upstream", &upstream_arg]).await;
+    let before = upstream.requests.lock().unwrap().len();
+    for host in ["localhost", "127.1", "0x7f000001", "2130706433", "a.localhost", "10.1"] {
+        let (ns, host_owned) = (ns.clone(), host.to_owned());
+        let port = node.addr.port();
+        let code =
+            tokio::task::spawn_blocking(move || ns.socks_connect(remote_proxy, &host_owned, port)).await.unwrap();
+        assert_eq!(code, 0x02, "{host} from a client elsewhere");
+    }
+    assert_eq!(upstream.requests.lock().unwrap().len(), before, "a loopback name went upstream for a client elsewhere");
+    let (ns2, port) = (ns.clone(), node.addr.port());
+    let code =
+        tokio::task::spawn_blocking(move || ns2.socks_connect(remote_proxy, "node.example", port)).await.unwrap();
+    assert_eq!(code, 0x00, "a name only the upstream can resolve");
+    assert_eq!(upstream.requests.lock().unwrap().len(), before + 1);
 }

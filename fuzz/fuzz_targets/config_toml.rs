@@ -8,7 +8,8 @@
 //! Invariants: no panic; errors are one non-empty message without trailing whitespace; a loaded
 //! config allows at least one network, has at least one session, an idle timeout that is off or
 //! at least Core's 20 minutes, something to serve, and never listens beyond loopback without a
-//! client restriction (the status page: without an allow-list);
+//! client restriction its front end can enforce (`policy::admits`; the status page: without an
+//! allow-list);
 //! a parsed magic is exactly 4 bytes that print back as the hex given.
 #![no_main]
 
@@ -17,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use bip324_proxy::config::{self, Cli, Config};
-use bip324_proxy::network;
+use bip324_proxy::{network, policy};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {
@@ -58,10 +59,12 @@ fn load(text: &str) {
             }
             assert!(config.max_sessions >= 1);
             assert!(config.timeouts.idle.is_none_or(|idle| idle >= Duration::from_secs(config::MIN_IDLE_TIMEOUT_SECS)));
-            // Nothing listens beyond loopback without a client restriction, the status page
-            // not without an allow-list; and there is something to serve.
-            for (key, addr) in config.proxy_listen_addresses() {
-                assert!(addr.ip().is_loopback() || config.restricts_clients(), "{key} = {addr}");
+            // Nothing listens beyond loopback without a client restriction its front end can
+            // enforce (credentials protect SOCKS5 only), the status page not without an
+            // allow-list; and there is something to serve.
+            for (key, addr, front) in config.listener_fronts() {
+                let protected = policy::admits(front, false, config.client_restrictions());
+                assert!(addr.ip().is_loopback() || protected, "{key} = {addr} ({front:?})");
             }
             if let Some(addr) = config.metrics_listen {
                 assert!(addr.ip().is_loopback() || !config.allow.is_empty(), "metrics.listen = {addr}");

@@ -47,7 +47,7 @@ impl Session<'_> {
             Leg { stream: remote.into(), pending: BytesMut::new() },
             Passthrough,
             Passthrough,
-            self.config.timeouts.idle,
+            self.state.relay_limits(),
             self.live.counters.clone(),
             self.shutdown.clone(),
         )
@@ -145,8 +145,8 @@ impl Session<'_> {
                     &shaping.for_shaper(self.live.id, config.shaping.session_histograms),
                 ),
             },
-            V2ToV1 { decoder: channel.decoder, magic: network.magic },
-            config.timeouts.idle,
+            V2ToV1 { decoder: channel.decoder, magic: network.magic, first_message_max: None },
+            self.state.relay_limits(),
             self.live.counters.clone(),
             self.shutdown.clone(),
         )
@@ -173,7 +173,7 @@ impl Session<'_> {
             Leg { stream: remote.into(), pending: BytesMut::new() },
             V1ToV1 { decoder: FrameDecoder::new(network.magic, true), side: Side::Client },
             V1ToV1 { decoder: FrameDecoder::new(network.magic, false), side: Side::Remote },
-            self.config.timeouts.idle,
+            self.state.relay_limits(),
             self.live.counters.clone(),
             self.shutdown.clone(),
         )

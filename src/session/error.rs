@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::outbound::DialError;
+use crate::policy::Front;
 use crate::sniff::SniffError;
 use crate::socks5::{Command, ReplyCode, Socks5Error};
 use crate::transparent::AddrRecvError;
@@ -74,6 +75,10 @@ pub enum SessionError {
     NoAcceptableMethod,
     #[error("SOCKS5 authentication failed")]
     AuthFailed,
+    /// A front end that cannot ask for credentials, a client that is neither
+    /// on this host nor admitted by a real allow-list.
+    #[error("{} serves only clients on this host or admitted by the allow-list (it cannot ask for credentials)", front_name(*.0))]
+    NotAdmitted(Front),
     #[error("SOCKS5 command {0:?} is not supported")]
     CommandNotSupported(Command),
     #[error("{0}")]
@@ -112,6 +117,7 @@ impl SessionError {
             | Socks { .. }
             | NoAcceptableMethod
             | AuthFailed
+            | NotAdmitted(_)
             | CommandNotSupported(_) => Stage::Accept,
             AddrRecv(_) | TransparentNeedsV1 | RememberedV1Only(_) => Stage::Destination,
             Dial(_) => Stage::Dial,
@@ -130,6 +136,7 @@ impl SessionError {
             UnknownProtocol(_) | Sniff(SniffError::NotBitcoin { .. }) => "not_bitcoin",
             Socks { .. } => "socks_error",
             NoAcceptableMethod | AuthFailed => "auth_failed",
+            NotAdmitted(_) => "not_admitted",
             CommandNotSupported(_) => "command_not_supported",
             Dial(DialError::Refused(_)) => "target_refused",
             Dial(_) | FallbackDial(..) => "dial_failed",
@@ -141,6 +148,14 @@ impl SessionError {
             Upgrade(e) if e.remote_is_v1_only() => "remote_not_v2",
             Upgrade(_) => "handshake_failed",
         }
+    }
+}
+
+fn front_name(front: Front) -> &'static str {
+    match front {
+        Front::Socks5 => "SOCKS5",
+        Front::Transparent => "transparent mode",
+        Front::Route => "a static route",
     }
 }
 

@@ -37,7 +37,7 @@ use crate::config::Config;
 use crate::metrics::{LiveSession, Observer};
 use crate::network::Network;
 use crate::outbound::{self, Destination, DialError};
-use crate::policy::{self, DialRules, Evidence, Plan};
+use crate::policy::{self, DialRules, Evidence, Front, Plan};
 use crate::relay::RelayReport;
 use crate::sniff::{self, Sniffed};
 use crate::socks5::{self, Target};
@@ -163,15 +163,36 @@ impl Session<'_> {
                     .map_err(|e| e.or_timeout(SessionError::SocksTimeout(config.timeouts.socks)))?;
                 let first = pending[0];
                 if first == socks5::SOCKS_VERSION && config.socks5 {
+                    self.admit(Front::Socks5)?;
                     self.serve_socks(client, pending, deadline).await
                 } else if config.transparent && config.networks.iter().any(|n| n.magic[0] == first) {
+                    self.admit(Front::Transparent)?;
                     self.serve_transparent(client, pending).await
                 } else {
                     Err(SessionError::UnknownProtocol(first))
                 }
             }
-            FrontEnd::Transparent => self.serve_transparent(client, pending).await,
-            FrontEnd::Route(target) => self.serve_route(client, pending, target).await,
+            FrontEnd::Transparent => {
+                self.admit(Front::Transparent)?;
+                self.serve_transparent(client, pending).await
+            }
+            FrontEnd::Route(target) => {
+                self.admit(Front::Route)?;
+                self.serve_route(client, pending, target).await
+            }
+        }
+    }
+
+    /// Whether this client may use `front` ([`policy::admits`]). The
+    /// configuration already refuses to start a listener off loopback that
+    /// `front` could not protect; this is the same rule per session, so a
+    /// front end that cannot ask for credentials never serves a client
+    /// elsewhere that only credentials were meant to keep out.
+    fn admit(&self, front: Front) -> Result<(), SessionError> {
+        if policy::admits(front, self.live.client.is_local(), self.config.client_restrictions()) {
+            Ok(())
+        } else {
+            Err(SessionError::NotAdmitted(front))
         }
     }
 
@@ -235,7 +256,9 @@ impl Session<'_> {
         }
     }
 
-    /// Reads until `pending` starts with a whole, valid VERSION message.
+    /// Reads until `pending` starts with a whole, valid VERSION message, its
+    /// payload at most [`crate::v1::MAX_VERSION_PAYLOAD_BYTES`] (checked from the
+    /// header, before more is read).
     async fn read_version(
         &self,
         client: &mut Stream,
@@ -244,7 +267,7 @@ impl Session<'_> {
     ) -> Result<Client, SessionError> {
         let wait = self.config.timeouts.first_message;
         let deadline = Instant::now() + wait;
-        let decoder = FrameDecoder::new(network.magic, true);
+        let decoder = FrameDecoder::for_version(network.magic);
         let version_len = read_decoded(client, pending, deadline, Stage::Sniff, |buf| {
             match decoder.decode(buf).map_err(SessionError::BadFirstMessage)? {
                 Decoded::Frame { len, .. } => Ok(Some((len, 0))),
