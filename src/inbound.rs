@@ -394,35 +394,22 @@ impl InboundSession<'_> {
                 self.state.observer.shaping().handshake_decoys(shape.decoy_wire_bytes());
                 let node = self.dial_node(peer_ip).await?;
                 self.open_line(InboundTransport::V2, Some(&channel.session_id), &node);
-                let report = relay::run(
-                    Leg { stream: peer.into(), pending: channel.leftover },
-                    Leg { stream: node.into(), pending: BytesMut::new() },
-                    // The peer's first message is its VERSION.
-                    V2ToV1 { decoder: channel.decoder, magic, first_message_max: Some(MAX_VERSION_CONTENTS_BYTES) },
-                    NodeToPeer::new(
+                let shaping = self.state.observer.shaping().for_shaper(self.live.id, config.shaping.session_histograms);
+                let report = self
+                    .relay(
+                        Leg { stream: peer.into(), pending: channel.leftover },
+                        node,
+                        // The peer's first message is its VERSION.
+                        V2ToV1 { decoder: channel.decoder, magic, first_message_max: Some(MAX_VERSION_CONTENTS_BYTES) },
                         V1ToV2 {
                             decoder: FrameDecoder::new(magic, true),
                             encoder: channel.encoder,
                             // What the proxy writes to the peer is shaped
                             // like an outbound session's client_to_remote leg.
-                            shaper: Shaper::for_config(
-                                &config.shaping,
-                                &self
-                                    .state
-                                    .observer
-                                    .shaping()
-                                    .for_shaper(self.live.id, config.shaping.session_histograms),
-                            ),
+                            shaper: Shaper::for_config(&config.shaping, &shaping),
                         },
-                        magic,
-                        self.listener.advertise,
-                        self.state.observer.clone(),
-                    ),
-                    self.state.relay_limits(),
-                    self.live.counters.clone(),
-                    self.shutdown.clone(),
-                )
-                .await;
+                    )
+                    .await;
                 Ok((InboundTransport::V2, report))
             }
         }
@@ -457,21 +444,30 @@ impl InboundSession<'_> {
     async fn relay_v1(&self, peer: TcpStream, pending: BytesMut, node: TcpStream) -> RelayReport {
         let magic = self.listener.network.magic;
         self.open_line(InboundTransport::V1, None, &node);
-        relay::run(
+        self.relay(
             Leg { stream: peer.into(), pending },
-            Leg { stream: node.into(), pending: BytesMut::new() },
+            node,
             V1ToV1 { decoder: FrameDecoder::new(magic, true), side: Side::Client },
-            NodeToPeer::new(
-                V1ToV1 { decoder: FrameDecoder::new(magic, true), side: Side::Remote },
-                magic,
-                self.listener.advertise,
-                self.state.observer.clone(),
-            ),
-            self.state.relay_limits(),
-            self.live.counters.clone(),
-            self.shutdown.clone(),
+            V1ToV1 { decoder: FrameDecoder::new(magic, true), side: Side::Remote },
         )
         .await
+    }
+
+    /// Relays `peer` and `node` until the session ends: `peer_to_node` one
+    /// way, `node_to_peer` the other, wrapped so that the node's VERSION and
+    /// addresses advertise what this listener says.
+    async fn relay(
+        &self,
+        peer: Leg,
+        node: TcpStream,
+        peer_to_node: impl Translator + 'static,
+        node_to_peer: impl Translator + 'static,
+    ) -> RelayReport {
+        let magic = self.listener.network.magic;
+        let node_to_peer = NodeToPeer::new(node_to_peer, magic, self.listener.advertise, self.state.observer.clone());
+        let node = Leg { stream: node.into(), pending: BytesMut::new() };
+        let (limits, counters) = (self.state.relay_limits(), self.live.counters.clone());
+        relay::run(peer, node, peer_to_node, node_to_peer, limits, counters, self.shutdown.clone()).await
     }
 
     /// Records the transport (and session id, in hex as Core's `getpeerinfo`
