@@ -7,8 +7,8 @@
 //! half-close); on an error it cancels the session so both stop. A write
 //! that makes no progress for `write_stall` ends the session too. Receive
 //! buffers are released while a socket is idle, so an idle session holds no
-//! buffer memory; a message of [`LARGE_MESSAGE_BYTES`] or more reserves its
-//! size from the proxy-wide [`MessageBudget`] before it is buffered.
+//! buffer memory; a message of [`LARGE_MESSAGE_BYTES`] or more is charged to
+//! the proxy-wide [`MessageBudget`] before its bytes are buffered.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -162,9 +162,9 @@ pub const DIRECT_THRESHOLD: usize = 64 * 1024;
 pub const LARGE_MESSAGE_BYTES: usize = DIRECT_THRESHOLD;
 
 /// The proxy-wide budget for large messages being received: every message
-/// of at least [`LARGE_MESSAGE_BYTES`] reserves its announced size here
-/// before a byte of its body is buffered, and gives it back once it has
-/// been written on (or its session ends). When the budget is spent, a
+/// of at least [`LARGE_MESSAGE_BYTES`] is charged here [`BUDGET_STEP`] ahead
+/// of its bytes received, before they are buffered, and gives it back once
+/// it has been written on (or its session ends). When the budget is spent, a
 /// direction waits (reading nothing, so backpressure reaches its sender) for
 /// at most `timeouts.write_stall`, then its session closes. Counted in KiB
 /// so that any configured budget fits a semaphore on 32-bit targets too.
@@ -178,8 +178,32 @@ pub struct MessageBudget {
 #[derive(Debug)]
 pub struct Reservation {
     len: usize,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
+
+impl Reservation {
+    /// Bytes reserved.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is reserved.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds `more` to this share (see [`MessageBudget::reserve`]).
+    fn absorb(&mut self, more: Reservation) {
+        self.len += more.len;
+        self.permit.merge(more.permit);
+    }
+}
+
+/// How much more of a large message's budget a direction takes at a time:
+/// its share grows with the bytes it has actually received, so a sender that
+/// announces a large message and then trickles it holds about this much, not
+/// the size it announced.
+pub const BUDGET_STEP: usize = 256 * 1024;
 
 impl MessageBudget {
     pub fn new(bytes: u64) -> Self {
@@ -206,7 +230,7 @@ impl MessageBudget {
             return None;
         }
         let permit = self.kib.clone().acquire_many_owned(kib).await.ok()?;
-        Some(Reservation { len, _permit: permit })
+        Some(Reservation { len: kib as usize * 1024, permit })
     }
 }
 
@@ -816,8 +840,9 @@ async fn pump(
     let mut stats = DirectionStats { bytes_in: inbound.pending.len() as u64, ..Default::default() };
     live.add(direction, stats.bytes_in, 0);
     let mut output = BytesMut::new();
-    // The large message being received, if any, and its share of the budget.
-    let mut reserved: Option<Reservation> = None;
+    // The large message being received (its size), if any, and its share of
+    // the budget so far.
+    let mut reserved: Option<(usize, Reservation)> = None;
     let end = loop {
         let messages_before = stats.messages;
         let translated = translator.translate(&mut inbound.pending, &mut output, &mut stats);
@@ -862,26 +887,34 @@ async fn pump(
         if inbound.pending.is_empty() && inbound.pending.capacity() > 0 {
             inbound.pending = BytesMut::new();
         }
-        // A large message reserves its size before its body is buffered; the
-        // previous one's share goes back first (it has been written on).
+        // A large message is charged to the budget before its bytes are
+        // buffered, [`BUDGET_STEP`] ahead of what has arrived; the previous
+        // one's share goes back first (it has been written on).
         if need < LARGE_MESSAGE_BYTES {
             drop(reserved.take());
-        } else if reserved.as_ref().is_none_or(|r| r.len != need) {
-            drop(reserved.take());
-            let budget = &shared.large_messages;
-            let exhausted =
-                || CloseReason::BudgetExhausted { len: need, budget: budget.bytes(), waited: shared.write_stall };
-            let wait = budget.reserve(need);
-            tokio::pin!(wait);
-            let taken = tokio::select! {
-                biased;
-                taken = &mut wait => taken,
-                _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
-                _ = tokio::time::sleep(shared.write_stall) => break Some(exhausted()),
-            };
-            match taken {
-                Some(reservation) => reserved = Some(reservation),
-                None => break Some(exhausted()),
+        } else {
+            if reserved.as_ref().is_some_and(|(size, _)| *size != need) {
+                drop(reserved.take());
+            }
+            let held = reserved.as_ref().map_or(0, |(_, share)| share.len());
+            let target = need.min(inbound.pending.len() + BUDGET_STEP);
+            if held < target {
+                let budget = &shared.large_messages;
+                let exhausted =
+                    || CloseReason::BudgetExhausted { len: need, budget: budget.bytes(), waited: shared.write_stall };
+                let wait = budget.reserve(target - held);
+                tokio::pin!(wait);
+                let taken = tokio::select! {
+                    biased;
+                    taken = &mut wait => taken,
+                    _ = shared.cancel.cancelled() => break Some(shared.cancel_reason()),
+                    _ = tokio::time::sleep(shared.write_stall) => break Some(exhausted()),
+                };
+                match (taken, &mut reserved) {
+                    (None, _) => break Some(exhausted()),
+                    (Some(more), Some((_, share))) => share.absorb(more),
+                    (Some(more), None) => reserved = Some((need, more)),
+                }
             }
         }
         let idle_wake = translator.idle_wake();
@@ -920,7 +953,9 @@ async fn pump(
         }
         let want = need.saturating_sub(inbound.pending.len()).max(READ_CHUNK);
         inbound.pending.reserve(want);
-        match inbound.reader.try_read_buf(&mut inbound.pending) {
+        // Never buffer more of a large message than its share covers.
+        let room = reserved.as_ref().map_or(usize::MAX, |(_, share)| share.len().saturating_sub(inbound.pending.len()));
+        match inbound.reader.try_read_buf(&mut (&mut inbound.pending).limit(room.max(1))) {
             Ok(0) => {
                 if !inbound.pending.is_empty() {
                     break Some(CloseReason::Truncated { side: from, pending: inbound.pending.len() });

@@ -366,13 +366,11 @@ async fn client_that_never_reads_holds_memory_bounded() {
     drop(client);
 }
 
-/// Messages of 64 KiB or more reserve their announced size from one
-/// proxy-wide budget before they are buffered (`large_message_budget`, here
-/// its minimum, 8 MiB: two 4 MB blocks). A third session with a large message
-/// in flight waits, and is closed after `timeouts.write_stall`; the two that
-/// fit are carried whole, and the budget they give back carries the echoes.
-#[tokio::test]
-async fn large_messages_share_one_proxy_wide_budget() {
+/// The proxy's library entry point with an 8 MiB large-message budget and
+/// `write_stall` seconds, a v2 node, the proxy's observer and its shutdown.
+async fn proxy_with_budget(
+    write_stall: u64,
+) -> (std::net::SocketAddr, Node, Arc<bip324_proxy::metrics::Observer>, tokio_util::sync::CancellationToken) {
     use bip324_proxy::config::{Cli, Config};
     use bip324_proxy::metrics::Observer;
     use bip324_proxy::server::Bound;
@@ -381,8 +379,10 @@ async fn large_messages_share_one_proxy_wide_budget() {
     use clap::Parser;
 
     let node = spawn_v2_node(V2NodeOptions::default()).await;
-    let path = std::env::temp_dir().join(format!("bip324-proxy-budget-{}.toml", std::process::id()));
-    std::fs::write(&path, "large_message_budget = 8388608\n[timeouts]\nwrite_stall = 1\n").unwrap();
+    let path =
+        std::env::temp_dir().join(format!("bip324-proxy-budget-{}-{}.toml", std::process::id(), rand::random::<u64>()));
+    let toml = format!("large_message_budget = 8388608\n[timeouts]\nwrite_stall = {write_stall}\n");
+    std::fs::write(&path, toml).unwrap();
     let cli = Cli::try_parse_from(["bip324-proxy", "--config", path.to_str().unwrap()]).unwrap();
     let config = Config::load(&cli).unwrap();
     let _ = std::fs::remove_file(&path);
@@ -396,13 +396,64 @@ async fn large_messages_share_one_proxy_wide_budget() {
         state,
         shutdown.clone(),
     ));
+    (addr, node, observer, shutdown)
+}
+
+#[tokio::test]
+async fn senders_that_trickle_a_large_message_hold_only_what_they_sent() {
+    // Eight sessions announce 4 MB blocks and send 1,000 bytes of them: with
+    // the budget charged for the size announced they would hold 32 MB of an
+    // 8 MiB budget; charged for what arrived, about 2 MiB.
+    let (addr, node, observer, shutdown) = proxy_with_budget(2).await;
+    let block = frame(REGTEST, "block", &random_payload(4_000_000));
+    let mut tricklers = Vec::new();
+    for _ in 0..8 {
+        let mut client = open_v1_session(addr, node.addr, REGTEST).await;
+        expect_frame(&mut client).await;
+        client.write_all(&block[..1_000]).await.unwrap();
+        tricklers.push(client);
+    }
+    // Wait until the proxy has read every trickler's first bytes.
+    for _ in 0..1000 {
+        let started = observer.status().sessions.iter().filter(|row| row.bytes_client_to_remote > 900).count();
+        if started == 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // An honest session still gets its whole block through.
+    let mut honest = open_v1_session(addr, node.addr, REGTEST).await;
+    expect_frame(&mut honest).await;
+    honest.write_all(&block).await.unwrap();
+    let echo = expect_frame(&mut honest).await;
+    assert_eq!((echo.command.as_str(), echo.payload.len()), ("block", 4_000_000));
+    let metrics = observer.encode_metrics();
+    assert!(!metrics.contains("reason=\"memory_budget\""), "{metrics}");
+    // And the tricklers' blocks complete too.
+    for client in &mut tricklers {
+        client.write_all(&block[1_000..]).await.unwrap();
+        let echo = expect_frame(client).await;
+        assert_eq!(echo.payload.len(), 4_000_000);
+    }
+    shutdown.cancel();
+}
+
+/// Messages of 64 KiB or more are charged to one proxy-wide budget before
+/// their bytes are buffered, 256 KiB ahead of what has arrived
+/// (`large_message_budget`, here its minimum, 8 MiB: two 4 MB blocks). A
+/// third session with a large message in flight waits, and is closed after
+/// `timeouts.write_stall`; the two that fit are carried whole, and the budget
+/// they give back carries the echoes.
+#[tokio::test]
+async fn large_messages_share_one_proxy_wide_budget() {
+    let (addr, node, observer, shutdown) = proxy_with_budget(1).await;
 
     let block = frame(REGTEST, "block", &random_payload(4_000_000));
-    let (head, rest) = block.split_at(200_000);
-    // Sessions whose block the proxy is reading (past the first read chunk,
-    // so past their reservation).
-    let reading = |observer: &Observer| {
-        observer.status().sessions.iter().filter(|row| row.bytes_client_to_remote > 200_000 - 24).count()
+    // Each holder sends most of its block: the budget is charged for what
+    // arrives, so two of them hold nearly all 8 MiB.
+    let (head, rest) = block.split_at(3_900_000);
+    let reading = |observer: &bip324_proxy::metrics::Observer| {
+        observer.status().sessions.iter().filter(|row| row.bytes_client_to_remote > 3_900_000 - 24).count()
     };
     let mut holders = Vec::new();
     for expected in 1..=2 {
@@ -420,7 +471,7 @@ async fn large_messages_share_one_proxy_wide_budget() {
     }
     let mut third = open_v1_session(addr, node.addr, REGTEST).await;
     expect_frame(&mut third).await;
-    third.write_all(head).await.unwrap();
+    third.write_all(&block[..500_000]).await.unwrap();
     expect_closed(&mut third).await;
     let metrics = observer.encode_metrics();
     assert!(metrics.contains("reason=\"memory_budget\"} 1"), "{metrics}");
