@@ -239,10 +239,19 @@ pub enum NameClass {
     Other,
 }
 
-/// Loopback names hosts files ship besides `localhost` (Debian, Fedora,
-/// Alpine): any resolver on such a host answers loopback for them.
-const LOOPBACK_ALIASES: [&str; 5] =
-    ["localhost.localdomain", "localhost6", "localhost6.localdomain6", "ip6-localhost", "ip6-loopback"];
+/// Loopback names hosts files ship besides `localhost` (Debian, Fedora and
+/// RHEL, Alpine, openSUSE): any resolver on such a host answers loopback
+/// for them.
+const LOOPBACK_ALIASES: [&str; 8] = [
+    "localhost.localdomain",
+    "localhost4",
+    "localhost4.localdomain4",
+    "localhost6",
+    "localhost6.localdomain6",
+    "ip6-localhost",
+    "ip6-loopback",
+    "ipv6-localhost",
+];
 
 /// Classifies a host name without DNS, case-insensitively and with one
 /// trailing dot ignored (a resolver may strip it, and refusing more is the
@@ -501,6 +510,9 @@ mod tests {
             "ip6-localhost",
             "ip6-loopback",
             "localhost6",
+            "localhost4",
+            "LOCALHOST4.localdomain4.",
+            "ipv6-localhost",
         ] {
             assert_eq!(classify_name(name), NameClass::Loopback, "{name}");
         }
