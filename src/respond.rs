@@ -12,25 +12,24 @@
 //!    decoys and version packet (contents ignored), each packet's length
 //!    checked against [`MAX_CONTENTS_BYTES`] before anything is buffered for it.
 //!
-//! As in `upgrade.rs`, the `bip324` crate drives the state machine and our
-//! own `v2.rs` ciphers, keyed from the same secret, carry the packet stream;
-//! the garbage terminator and the session id of both are compared. The whole
-//! handshake, first bytes included, runs under one deadline.
+//! As in `upgrade.rs`, one ECDH and key derivation (`v2::SessionKeys`) key
+//! the `v2.rs` ciphers that carry both the handshake's packets and the
+//! packet stream after it. The whole handshake, first bytes included, runs
+//! under one deadline.
 
 use std::io;
 
-use bip324::{Handshake, Initialized, ReceivedKey, Role};
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use rand::{Rng, RngCore};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::upgrade::{
-    DerivedValue, HandshakeErrors, HandshakeIo, HandshakeRead, IoFailure, MAX_GARBAGE_LEN, SECP, TailError, V2Channel,
-    fresh_secret, receive_garbage_and_version,
+    HandshakeErrors, HandshakeIo, HandshakeRead, IoFailure, MAX_GARBAGE_LEN, TailError, V2Channel, check_their_key,
+    ephemeral_key, receive_garbage_and_version,
 };
 use crate::v1::{Magic, V1_PREFIX_LEN, VERSION_COMMAND, is_version_prefix};
-use crate::v2::{ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, SessionKeys};
+use crate::v2::{ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, Role, SessionKeys, V2Error};
 
 /// What a peer's first bytes say it speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,12 +78,10 @@ pub enum RespondError {
     PacketTooLarge { len: usize, max: usize },
     #[error("handshake: {0}")]
     Protocol(bip324::Error),
+    #[error("handshake: {0}")]
+    Packet(#[from] V2Error),
     #[error("handshake I/O: {0}")]
     Io(io::Error),
-    /// Our own key derivation disagrees with the `bip324` crate's: a defect
-    /// here, never the peer's doing.
-    #[error("internal: derived {0} differs from the bip324 crate's")]
-    KeyMismatch(DerivedValue),
 }
 
 impl RespondError {
@@ -95,9 +92,8 @@ impl RespondError {
             RespondError::TimedOut { .. } => "timeout",
             RespondError::NoGarbageTerminator => "no_garbage_terminator",
             RespondError::PacketTooLarge { .. } => "packet_too_large",
-            RespondError::Protocol(_) => "protocol",
+            RespondError::Protocol(_) | RespondError::Packet(_) => "protocol",
             RespondError::Io(_) => "io_error",
-            RespondError::KeyMismatch(_) => "internal",
         }
     }
 }
@@ -108,7 +104,7 @@ impl From<TailError> for RespondError {
             TailError::NoGarbageTerminator => RespondError::NoGarbageTerminator,
             TailError::PacketTooLarge { len, max } => RespondError::PacketTooLarge { len, max },
             TailError::Protocol(e) => RespondError::Protocol(e),
-            TailError::KeyMismatch(value) => RespondError::KeyMismatch(value),
+            TailError::Packet(e) => RespondError::Packet(e),
         }
     }
 }
@@ -142,39 +138,25 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     theirs.copy_from_slice(&received[..ELLSWIFT_LEN]);
     received.advance(ELLSWIFT_LEN);
 
+    check_their_key(&theirs, &magic)?;
+
     // Our key and garbage (Core: a random length in 0..=MAX_GARBAGE_LEN),
     // then our terminator and version packet, in one write.
-    let (mut known, secret) = fresh_secret();
-    let handshake = Handshake::<Initialized>::new_with_rng(magic, Role::Responder, &mut known, &*SECP)
-        .map_err(RespondError::Protocol)?;
-    drop(known);
+    let (secret, ours) = ephemeral_key();
+    let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Responder, &magic);
     let mut garbage = vec![0u8; rand::thread_rng().gen_range(0..=MAX_GARBAGE_LEN)];
     RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
-    let mut flight = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
-    let handshake = handshake.send_key(Some(&garbage), &mut flight).map_err(RespondError::Protocol)?;
-    let mut ours = [0u8; ELLSWIFT_LEN];
-    ours.copy_from_slice(&flight[..ELLSWIFT_LEN]);
-    let handshake = handshake.receive_key(theirs).map_err(RespondError::Protocol)?;
-    let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Responder, &magic);
-    let key_len = flight.len();
-    flight.resize(key_len + Handshake::<ReceivedKey>::send_version_len(None), 0);
-    let handshake = handshake.send_version(&mut flight[key_len..], None).map_err(RespondError::Protocol)?;
-    if flight[key_len..key_len + GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator()[..] {
-        return Err(RespondError::KeyMismatch(DerivedValue::GarbageTerminator));
-    }
+    let mut flight = BytesMut::with_capacity(ELLSWIFT_LEN + garbage.len() + GARBAGE_TERMINATOR_LEN + 64);
+    flight.put_slice(&ours);
+    flight.put_slice(&garbage);
+    let encoder = keys.encode_handshake_tail(&garbage, &[], &mut flight)?;
     io.write_all(&flight).await?;
     drop(flight);
 
     // The initiator's garbage, decoys and version packet.
-    let (packets_received, inbound) = receive_garbage_and_version(&mut io, handshake, received, &keys).await?;
+    let (decoder, inbound) = receive_garbage_and_version(&mut io, received, &keys).await?;
 
-    Ok(V2Channel {
-        session_id: *keys.session_id(),
-        // Our version packet was packet 0.
-        encoder: keys.encoder(1),
-        decoder: keys.decoder(packets_received),
-        leftover: inbound,
-    })
+    Ok(V2Channel { session_id: *keys.session_id(), encoder, decoder, leftover: inbound })
 }
 
 #[cfg(test)]
@@ -211,7 +193,7 @@ mod tests {
     #[test]
     fn anything_else_is_a_key() {
         // Our magic with another command is no V1_PREFIX: BIP324 treats it as
-        // a key (the crate then refuses a key that starts with our magic).
+        // a key (`respond` then refuses a key that starts with our magic).
         assert_eq!(classify_first_bytes(&prefix(REGTEST, b"verack\0\0\0\0\0\0"), &REGTEST), FirstBytes::V2);
         assert_eq!(classify_first_bytes(&[0xffu8; 16], &REGTEST), FirstBytes::V2);
         assert_eq!(classify_first_bytes(b"GET / HTTP/1.1\r\n", &REGTEST), FirstBytes::V2);

@@ -18,19 +18,19 @@ pub struct ProxyState {
     pub config: Arc<Config>,
     pub observer: Arc<Observer>,
     pub v1_only: Option<V1OnlyMemory>,
-    /// Handshake keys made ahead of time for the allowed networks.
+    /// Handshake keys made ahead of time (they serve every network).
     pub keys: Arc<KeyPool>,
     /// Every address this proxy listens on, as bound (sessions never dial them).
     listening: Mutex<Vec<SocketAddr>>,
 }
 
-/// Keys kept ready per allowed network.
+/// Keys kept ready.
 const KEY_POOL_DEPTH: usize = 8;
 
 impl ProxyState {
     pub fn new(config: Arc<Config>, observer: Arc<Observer>) -> Self {
         let (capacity, ttl) = config.v1_only_memory;
-        let keys = KeyPool::new(config.networks.iter().map(|n| n.magic), KEY_POOL_DEPTH, observer.key_pool_counters());
+        let keys = KeyPool::new(KEY_POOL_DEPTH, observer.key_pool_counters());
         let listening = Mutex::new(config.listen_addresses().into_iter().map(|(_, addr)| addr).collect());
         ProxyState { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer, keys, listening }
     }

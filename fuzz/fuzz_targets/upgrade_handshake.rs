@@ -40,9 +40,9 @@ fuzz_target!(|input: &[u8]| {
         } else {
             tokio::spawn(structured_remote(theirs, rest.to_vec()))
         };
-        let key = InitiatorKey::generate(MAGIC).unwrap();
+        let key = InitiatorKey::generate();
         let first = FirstMessage { message_type: &[18], payload: &[7; 8] };
-        let outcome = upgrade::upgrade(&mut ours, key, Some(first), Duration::from_secs(10)).await;
+        let outcome = upgrade::upgrade(&mut ours, key, MAGIC, Some(first), Duration::from_secs(10)).await;
         drop(ours);
         let expected = remote.await.unwrap();
         match (outcome, expected) {

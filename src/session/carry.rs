@@ -92,10 +92,10 @@ impl Session<'_> {
         let first = upgrade::FirstMessage { message_type: &message_type[..type_len], payload };
         let shape = config.shaping.handshake.draw(&mut rand::thread_rng());
         let mut padder = config.shaping.padding.map(Padder::new);
-        let upgraded = match self.state.keys.take(network.magic) {
-            Ok(key) => {
-                let timeout = config.timeouts.handshake;
-                upgrade::upgrade_shaped(&mut remote, key, Some(first), timeout, &shape, padder.as_mut()).await
+        let timeout = config.timeouts.handshake;
+        let upgraded = match upgrade::send_key(&mut remote, self.state.keys.take(), &shape, timeout).await {
+            Ok(sent) => {
+                upgrade::complete(&mut remote, sent, network.magic, Some(first), timeout, padder.as_mut()).await
             }
             Err(error) => Err(error),
         };
