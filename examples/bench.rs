@@ -5,7 +5,8 @@
 //!    client through a plain tokio relay to a v1 echo node;
 //! 2. proxy CPU per echoed MB (from /proc/<pid>/stat) versus the in-process
 //!    floor of the work every byte needs (one ChaCha20-Poly1305 seal and
-//!    open, two SHA256d), and the relay's CPU per MB for context;
+//!    open, two SHA256d), and the relay's CPU per MB for context; with
+//!    `--syscalls`, both processes' system calls per echoed MB;
 //! 3. handshake latency (median and p99), SOCKS connect to the VERSION echo,
 //!    versus the sum of what its parts cost on their own: a plain SOCKS relay
 //!    (no crypto) plus a native v2 client (the proxy's own initiator
@@ -36,6 +37,8 @@ mod nodes;
 mod procfs;
 #[path = "bench/roles.rs"]
 mod roles;
+#[path = "bench/syscalls.rs"]
+mod syscalls;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -109,6 +112,17 @@ struct Args {
     /// Idle sessions of the large memory case, capped by the file limit.
     #[arg(long, default_value_t = 10_000)]
     sessions: usize,
+    /// Run only these phases (repeatable or comma-separated) [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Phase>,
+    /// Count the proxy's and the relay's system calls per echoed MB in the
+    /// throughput cases (needs `perf` and syscall tracepoints).
+    #[arg(long)]
+    syscalls: bool,
+    /// A flag for the proxy under test, as on its command line (repeatable),
+    /// e.g. `--proxy-flag=--early-key=never` to compare settings.
+    #[arg(long = "proxy-flag", value_name = "FLAG", allow_hyphen_values = true)]
+    proxy_flags: Vec<String>,
     /// Child process role (internal).
     #[arg(long, hide = true, value_enum)]
     role: Option<Role>,
@@ -118,6 +132,21 @@ struct Args {
     /// Session cap of the proxy role (internal).
     #[arg(long, hide = true, default_value_t = 20_000)]
     max_sessions: usize,
+}
+
+/// The benchmark's phases, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    Throughput,
+    Handshake,
+    Churn,
+    Memory,
+}
+
+impl Args {
+    fn runs(&self, phase: Phase) -> bool {
+        self.only.is_empty() || self.only.contains(&phase)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -131,7 +160,7 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     if let Some(role) = args.role {
-        return roles::run(role, args.target, args.max_sessions);
+        return roles::run(role, args.target, args.max_sessions, &args.proxy_flags);
     }
 
     let started = Instant::now();
@@ -139,13 +168,17 @@ fn main() -> anyhow::Result<()> {
     let background_cores = background_load(ticks_per_second)?;
     // Before any other process or thread exists, so nothing competes for the core.
     eprintln!("measuring the CPU floor ...");
-    let floor = Floor {
-        small: floor::cpu_seconds_per_mb(1024, FLOOR_DURATION, ticks_per_second)?,
-        large: floor::cpu_seconds_per_mb(1 << 20, FLOOR_DURATION, ticks_per_second)?,
+    let floor = if args.runs(Phase::Throughput) {
+        Floor {
+            small: floor::cpu_seconds_per_mb(1024, FLOOR_DURATION, ticks_per_second)?,
+            large: floor::cpu_seconds_per_mb(1 << 20, FLOOR_DURATION, ticks_per_second)?,
+        }
+    } else {
+        Floor { small: 0.0, large: 0.0 }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     let results = runtime.block_on(run_cases(&args, ticks_per_second))?;
-    print_report(&floor, &results, background_cores, started.elapsed());
+    print_report(&floor, &results, background_cores, started.elapsed(), &args.proxy_flags);
     Ok(())
 }
 
@@ -192,6 +225,9 @@ struct Throughput {
     other_cores: f64,
     /// Minor page faults of the proxy or relay per echoed MB.
     server_faults_per_mb: f64,
+    /// System calls of the proxy or relay over the window (`--syscalls`),
+    /// and the MB echoed in it.
+    syscalls: Option<(Result<syscalls::SyscallCounts, String>, f64)>,
 }
 
 /// Sequential session set-up times of each path, in the same rounds.
@@ -237,7 +273,7 @@ async fn run_cases(args: &Args, ticks_per_second: u64) -> anyhow::Result<Results
         [v2, v1] => (v2, v1),
         _ => anyhow::bail!("the nodes process reported {:?}", nodes.addrs),
     };
-    let proxy = spawn_proxy().await?;
+    let proxy = spawn_proxy(&args.proxy_flags).await?;
     let relay = ChildProcess::spawn(Role::Relay, &["--target".to_owned(), v1_node.to_string()]).await?;
     let version_payload = client::version_payload(v2_node);
     let version_frame = client::frame(MAGIC, v1::VERSION_COMMAND, &version_payload);
@@ -248,26 +284,29 @@ async fn run_cases(args: &Args, ticks_per_second: u64) -> anyhow::Result<Results
         ("1 MiB", Load { command: command("block"), payload_len: 1 << 20, batch: 1, window: args.window_large.max(1) }),
     ];
     let mut throughput = Vec::new();
-    for (label, load) in loads {
+    for (label, load) in loads.into_iter().filter(|_| args.runs(Phase::Throughput)) {
         eprintln!("throughput {label}: proxy ...");
         let route = V1Route::Socks { proxy: proxy.addrs[0], source: None, node: v2_node };
         let opened = client::open_v1_session(route, &version_frame);
         let stream = flatten(tokio::time::timeout(client::SESSION_TIMEOUT, opened).await)?;
-        let through_proxy = measure_throughput(stream, load, &proxy, &nodes, measure_for, ticks_per_second).await?;
+        let through_proxy =
+            measure_throughput(stream, load, &proxy, &nodes, measure_for, ticks_per_second, args.syscalls).await?;
         eprintln!("throughput {label}: plain relay ...");
         let opened = client::open_v1_session(V1Route::Direct(relay.addrs[0]), &version_frame);
         let stream = flatten(tokio::time::timeout(client::SESSION_TIMEOUT, opened).await)?;
-        let through_relay = measure_throughput(stream, load, &relay, &nodes, measure_for, ticks_per_second).await?;
+        let through_relay =
+            measure_throughput(stream, load, &relay, &nodes, measure_for, ticks_per_second, args.syscalls).await?;
         throughput.push(ThroughputCase { label, proxy: through_proxy, relay: through_relay });
     }
 
-    eprintln!("handshake latency: {} sessions each ...", args.handshakes);
+    let samples = if args.runs(Phase::Handshake) { args.handshakes } else { 0 };
+    eprintln!("handshake latency: {samples} sessions each ...");
     let paths = Paths { proxy: proxy.addrs[0], v2_node, socks_relay: relay.addrs[1], v1_node };
-    let handshake = measure_handshakes(&paths, &version_frame, &version_payload, args.handshakes).await;
+    let handshake = measure_handshakes(&paths, &version_frame, &version_payload, samples).await;
     relay.stop().await;
 
     let mut churn = Vec::new();
-    for concurrency in CHURN_CONCURRENCY {
+    for concurrency in CHURN_CONCURRENCY.into_iter().filter(|_| args.runs(Phase::Churn)) {
         eprintln!("churn at {concurrency}: proxy, then native v2 ...");
         churn.push(measure_churn(&proxy, v2_node, &version_frame, &version_payload, concurrency).await?);
     }
@@ -290,9 +329,9 @@ async fn run_cases(args: &Args, ticks_per_second: u64) -> anyhow::Result<Results
         )
     });
     let mut idle = Vec::new();
-    for sessions in [SMALL_IDLE_SESSIONS.min(large), large] {
+    for sessions in [SMALL_IDLE_SESSIONS.min(large), large].into_iter().filter(|_| args.runs(Phase::Memory)) {
         eprintln!("idle memory: {} sessions ...", thousands(sessions));
-        idle.push(measure_idle_memory(v2_node, &version_frame, sessions).await?);
+        idle.push(measure_idle_memory(v2_node, &version_frame, sessions, &args.proxy_flags).await?);
     }
     nodes.stop().await;
 
@@ -303,9 +342,11 @@ fn command(name: &str) -> v1::Command {
     v1::command_from_str(name).expect("a valid command name")
 }
 
-async fn spawn_proxy() -> anyhow::Result<ChildProcess> {
+async fn spawn_proxy(proxy_flags: &[String]) -> anyhow::Result<ChildProcess> {
     // Above the large idle case; the file limit binds first.
-    ChildProcess::spawn(Role::Proxy, &["--max-sessions".to_owned(), "20000".to_owned()]).await
+    let mut args = vec!["--max-sessions".to_owned(), "20000".to_owned()];
+    args.extend(proxy_flags.iter().map(|flag| format!("--proxy-flag={flag}")));
+    ChildProcess::spawn(Role::Proxy, &args).await
 }
 
 /// A snapshot of the counters a throughput rate is computed from.
@@ -338,12 +379,19 @@ async fn measure_throughput(
     nodes: &ChildProcess,
     measure_for: Duration,
     ticks_per_second: u64,
+    count_syscalls: bool,
 ) -> anyhow::Result<Throughput> {
     let pipeline = Pipeline::start(stream, load);
     tokio::time::sleep(WARMUP).await;
     let before = Sample::take(&pipeline, server, nodes)?;
+    let counting = count_syscalls.then(|| syscalls::Counting::start(server.pid, measure_for));
     tokio::time::sleep(measure_for).await;
     let after = Sample::take(&pipeline, server, nodes)?;
+    let counted = match counting {
+        Some(Ok(counting)) => Some(counting.finish().await.map_err(|e| format!("{e:#}"))),
+        Some(Err(e)) => Some(Err(format!("{e:#}"))),
+        None => None,
+    };
     pipeline.finish().await?;
 
     let seconds = (after.at - before.at).as_secs_f64();
@@ -362,6 +410,7 @@ async fn measure_throughput(
         nodes_cores,
         other_cores: (machine_cores - client_cores - server_cores - nodes_cores).max(0.0),
         server_faults_per_mb: (after.server.minor_faults - before.server.minor_faults) as f64 / mb,
+        syscalls: counted.map(|counts| (counts, mb)),
     })
 }
 
@@ -383,6 +432,9 @@ async fn measure_handshakes(paths: &Paths, version_frame: &[u8], version_payload
         errors: 0,
         first_error: None,
     };
+    if samples == 0 {
+        return result;
+    }
     for round in 0..HANDSHAKE_WARMUP + samples {
         let counted = round >= HANDSHAKE_WARMUP;
         for path in 0..4 {
@@ -517,10 +569,15 @@ fn flatten<T>(outcome: Result<anyhow::Result<T>, tokio::time::error::Elapsed>) -
 
 /// RSS growth of a fresh proxy for `sessions` idle sessions, each with its
 /// v2 handshake done and the VERSION echoed.
-async fn measure_idle_memory(node: SocketAddr, version_frame: &[u8], sessions: usize) -> anyhow::Result<IdleMemory> {
+async fn measure_idle_memory(
+    node: SocketAddr,
+    version_frame: &[u8],
+    sessions: usize,
+    proxy_flags: &[String],
+) -> anyhow::Result<IdleMemory> {
     // A fresh process: memory freed by earlier cases would otherwise be reused
     // by these sessions and hide part of their cost.
-    let proxy = spawn_proxy().await?;
+    let proxy = spawn_proxy(proxy_flags).await?;
     let fds_at_start = proxy.open_fds()?;
     let warmup = open_sessions(proxy.addrs[0], node, version_frame, IDLE_WARMUP_SESSIONS).await;
     ensure!(warmup.failures == 0, "warm-up sessions failed: {}", warmup.first_error.unwrap_or_default());
@@ -604,10 +661,13 @@ async fn wait_for_fds(proxy: &ChildProcess, fds: usize) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- report
 
-fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed: Duration) {
+fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed: Duration, proxy_flags: &[String]) {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     println!();
     println!("bip324-proxy benchmark (machine: {}, {cores} cores)", procfs::cpu_model());
+    if !proxy_flags.is_empty() {
+        println!("proxy flags: {}", proxy_flags.join(" "));
+    }
     println!("{:<20} {:<18} {:<22} {:<7} {:<10} verdict", "case", "proxy", "reference", "ratio", "goal");
 
     // Issue 15: efficiency >= 0.75 of the floor at 1 KiB and >= 0.8 at 1 MiB.
@@ -649,9 +709,10 @@ fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed
 
     let hs = &results.handshake;
     let all_paths = [&hs.proxy, &hs.native, &hs.relay, &hs.direct];
-    if all_paths.iter().any(|samples| samples.is_empty()) {
+    let handshake_ran = all_paths.iter().any(|samples| !samples.is_empty()) || hs.errors > 0;
+    if handshake_ran && all_paths.iter().any(|samples| samples.is_empty()) {
         println!("{:<20} no successful sessions on some path", "handshake");
-    } else {
+    } else if handshake_ran {
         for (label, quantile) in [("median", 0.5), ("p99", 0.99)] {
             let [proxy, native, relay, direct] = all_paths.map(|samples| percentile(samples, quantile).as_secs_f64());
             let reference = relay + native - direct;
@@ -690,13 +751,15 @@ fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed
     let idle_text: Vec<String> =
         results.idle.iter().map(|m| format!("{}: {:.1} KiB", thousands(m.asked), m.kib_per_session)).collect();
     let idle_met = results.idle.iter().all(|m| m.kib_per_session <= idle_goal_kib && m.failures == 0);
-    println!(
-        "{:<20} {:<49} {:<10} {}",
-        "idle RSS/session",
-        idle_text.join("   "),
-        format!("<= {idle_goal_kib} KiB"),
-        verdict(idle_met)
-    );
+    if !results.idle.is_empty() {
+        println!(
+            "{:<20} {:<49} {:<10} {}",
+            "idle RSS/session",
+            idle_text.join("   "),
+            format!("<= {idle_goal_kib} KiB"),
+            verdict(idle_met)
+        );
+    }
 
     println!();
     println!("notes:");
@@ -715,6 +778,29 @@ fn print_report(floor: &Floor, results: &Results, background_cores: f64, elapsed
                 run.other_cores,
                 run.server_faults_per_mb
             );
+        }
+    }
+    for case in &results.throughput {
+        for (path, run) in [("proxy", &case.proxy), ("relay", &case.relay)] {
+            match &run.syscalls {
+                Some((Ok(counts), mb)) => {
+                    let per_mb = |n: u64| n as f64 / mb;
+                    let named: Vec<String> = counts
+                        .by_name
+                        .iter()
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(name, n)| format!("{name} {:.0}", per_mb(*n)))
+                        .collect();
+                    println!(
+                        "  {} via {path}: system calls per MB {:.0} ({})",
+                        case.label,
+                        per_mb(counts.total),
+                        named.join(", ")
+                    );
+                }
+                Some((Err(e), _)) => println!("  {} via {path}: system calls not counted: {e}", case.label),
+                None => {}
+            }
         }
     }
     println!(

@@ -1,6 +1,9 @@
 //! Why the packet cipher is not the `bip324` crate's: seal + open throughput
 //! of its ChaCha20-Poly1305 against `bip324_proxy::v2` (ring) on the same
-//! packets, and SHA256d (the v1 checksum) for scale. One thread, in memory.
+//! packets, and SHA256d (the v1 checksum) for scale. Then what one
+//! handshake's key work costs: a key pair (what the key pool makes ahead of
+//! time) and one ECDH + HKDF (`SessionKeys::derive`, once per session). One
+//! thread, in memory.
 //!
 //! Run: `cargo run --release --example ciphers` (a few seconds).
 
@@ -86,5 +89,39 @@ fn main() -> anyhow::Result<()> {
             ring_rate / crate_rate
         );
     }
+
+    let rounds = 2000;
+    let secp = secp256k1::Secp256k1::new();
+    let started = Instant::now();
+    let keys: Vec<_> = (0..rounds)
+        .map(|_| {
+            // Fails only for zero or values >= the curve order.
+            let secret = loop {
+                if let Ok(key) = secp256k1::SecretKey::from_slice(&rand::random::<[u8; 32]>()) {
+                    break key;
+                }
+            };
+            let encoded = secp256k1::ellswift::ElligatorSwift::from_seckey(&secp, secret, Some(rand::random()));
+            (secret, encoded.to_array())
+        })
+        .collect();
+    let keygen = started.elapsed().as_secs_f64() / rounds as f64;
+    let started = Instant::now();
+    for pair in keys.windows(2) {
+        let derived = bip324_proxy::v2::SessionKeys::derive(
+            &pair[0].0,
+            &pair[0].1,
+            &pair[1].1,
+            bip324_proxy::v2::Role::Initiator,
+            &MAGIC,
+        );
+        std::hint::black_box(derived.session_id());
+    }
+    let derive = started.elapsed().as_secs_f64() / (rounds - 1) as f64;
+    println!(
+        "per handshake: key pair {:.1} µs (made ahead of time by the key pool), ECDH + HKDF {:.1} µs",
+        keygen * 1e6,
+        derive * 1e6
+    );
     Ok(())
 }

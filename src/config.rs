@@ -58,6 +58,32 @@ impl fmt::Display for Fallback {
     }
 }
 
+/// When a SOCKS5 session sends our BIP324 key to the remote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EarlyKey {
+    /// Right after the TCP connect, except for a client that spoke v2
+    /// itself (passthrough) within the last hour, whose sessions send it
+    /// once the client's first bytes show it speaks v1.
+    #[default]
+    Auto,
+    /// Always right after the TCP connect; a client that turns out to speak
+    /// v2 itself costs a second connection to the remote.
+    Always,
+    /// Once the client's first bytes show it speaks v1.
+    Never,
+}
+
+impl fmt::Display for EarlyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EarlyKey::Auto => "auto",
+            EarlyKey::Always => "always",
+            EarlyKey::Never => "never",
+        })
+    }
+}
+
 /// Stage timeouts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
@@ -144,6 +170,8 @@ pub struct Config {
     pub unix_socket: UnixSocket,
     pub fallback: Fallback,
     pub passthrough: bool,
+    /// When SOCKS5 sessions send our key (docs/DESIGN.md, "Key early").
+    pub early_key: EarlyKey,
     pub networks: NetworkSet,
     /// Every network with a known magic (built in or custom), allowed or not:
     /// a v1 client of a disallowed network is refused, never passed through.
@@ -514,6 +542,7 @@ impl Config {
             unix_socket,
             fallback: cli.fallback.unwrap_or(file.fallback),
             passthrough: cli.passthrough.unwrap_or(file.passthrough),
+            early_key: cli.early_key.unwrap_or(file.early_key),
             networks: NetworkSet::new(networks),
             known_networks,
             max_sessions: to_usize(max_sessions),
@@ -1137,6 +1166,7 @@ pub struct FileConfig {
     unix_socket_group: Option<String>,
     fallback: Fallback,
     passthrough: bool,
+    early_key: EarlyKey,
     networks: Option<Vec<String>>,
     custom_networks: BTreeMap<String, String>,
     /// `None`: chosen from the descriptor limit at startup.
@@ -1275,6 +1305,7 @@ impl Default for FileConfig {
             unix_socket_group: None,
             fallback: Fallback::None,
             passthrough: true,
+            early_key: EarlyKey::Auto,
             networks: None,
             custom_networks: BTreeMap::new(),
             max_sessions: None,
@@ -1404,6 +1435,9 @@ pub struct Cli {
     /// Relay clients that already speak v2 untouched [default: true].
     #[arg(long, env = "BIP324_PROXY_PASSTHROUGH", value_name = "BOOL", value_parser = passthrough_word)]
     pub passthrough: Option<bool>,
+    /// When SOCKS5 sessions send our BIP324 key: auto (right after the connect, unless the client spoke v2 itself lately), always or never (after the client's first bytes) [default: auto].
+    #[arg(long, env = "BIP324_PROXY_EARLY_KEY", value_enum)]
+    pub early_key: Option<EarlyKey>,
     /// Allow only this network (repeatable): mainnet, testnet3, testnet4, signet, regtest or a custom name.
     #[arg(long = "network", env = "BIP324_PROXY_NETWORKS", value_name = "NAME", value_delimiter = ',')]
     pub network: Vec<String>,
@@ -1488,6 +1522,7 @@ mod tests {
         assert_eq!(c.unix_socket, UnixSocket { mode: 0o660, group: None });
         assert_eq!(c.fallback, Fallback::None);
         assert!(c.passthrough);
+        assert_eq!(c.early_key, EarlyKey::Auto);
         assert_eq!(c.networks.names(), vec!["mainnet", "testnet3", "testnet4", "signet", "regtest"]);
         assert_eq!(c.timeouts.connect, Duration::from_secs(10));
         assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
@@ -1618,12 +1653,13 @@ mod tests {
     #[test]
     fn flags_override_file() {
         let c = load_text(
-            "fallback = \"v1\"\npassthrough = true\nlisten = \"127.0.0.1:5\"\n",
-            &["--fallback", "none", "--passthrough", "false", "--listen", "127.0.0.1:0"],
+            "fallback = \"v1\"\npassthrough = true\nearly_key = \"never\"\nlisten = \"127.0.0.1:5\"\n",
+            &["--fallback", "none", "--passthrough", "false", "--early-key", "always", "--listen", "127.0.0.1:0"],
         )
         .unwrap();
         assert_eq!(c.fallback, Fallback::None);
         assert!(!c.passthrough);
+        assert_eq!(c.early_key, EarlyKey::Always);
         assert_eq!(c.listen, vec![Listen::Tcp("127.0.0.1:0".parse().unwrap())]);
     }
 

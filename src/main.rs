@@ -132,6 +132,7 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
                 transparent = config.transparent,
                 fallback = %config.fallback,
                 passthrough = config.passthrough,
+                early_key = %config.early_key,
                 allow_private_targets = config.allow_private_targets,
                 max_sessions = config.max_sessions,
                 max_sessions_from,

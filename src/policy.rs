@@ -8,6 +8,10 @@
 //!   so a v1-only verdict that another session reached in the meantime is
 //!   judged under the fallback policy in force. Plaintext needs a
 //!   [`PlaintextPermit`], which only [`plan`] makes.
+//! - [`send_key_early`]: does a SOCKS5 session send our BIP324 key right
+//!   after the TCP connect, before the client's first bytes say whether it
+//!   speaks v1 (upgrade) or v2 itself (passthrough, which needs a remote
+//!   that has received nothing from us)?
 //! - [`DialRules`]: which socket addresses a session may connect to, checked
 //!   for every resolved candidate before connecting and for the connected
 //!   socket after: never this proxy's own listeners (any spelling: a name, the
@@ -28,7 +32,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::config::Fallback;
+use crate::config::{EarlyKey, Fallback};
 
 /// What is known about the remote when a v1 client's traffic is about to be
 /// carried.
@@ -126,6 +130,23 @@ pub struct ClientRestrictions {
 /// mode and static routes never do, so `[client_auth]` alone leaves them open.
 pub fn admits(front: Front, client_is_local: bool, restrictions: ClientRestrictions) -> bool {
     client_is_local || restrictions.allow_list || (front.authenticates() && restrictions.client_auth)
+}
+
+
+/// Whether a SOCKS5 session whose [`plan`] is `Upgrade` sends our key right
+/// after the TCP connect (docs/DESIGN.md, "Key early"). Our key on the wire
+/// is only random bytes, so no setting sends plaintext; what is at stake is
+/// a client that turns out to speak v2 itself: the remote already has our
+/// key, so the session must redial for it. `client_spoke_v2_lately`: this
+/// client was passed through within the last hour.
+pub fn send_key_early(setting: EarlyKey, passthrough: bool, client_spoke_v2_lately: bool) -> bool {
+    match setting {
+        EarlyKey::Never => false,
+        EarlyKey::Always => true,
+        // Without passthrough a v2 client is refused, so the key is never in
+        // its way; with it, a client known to speak v2 is waited for.
+        EarlyKey::Auto => !passthrough || !client_spoke_v2_lately,
+    }
 }
 
 /// Which addresses a session may connect to.
@@ -415,6 +436,18 @@ mod tests {
             Evidence::UpgradeFailed { remote_silent: true },
         ] {
             assert!(!matches!(plan(Fallback::None, evidence), Plan::Plaintext(_)), "{evidence:?}");
+        }
+    }
+
+    #[test]
+    fn early_key_waits_only_for_clients_known_to_speak_v2() {
+        for passthrough in [false, true] {
+            for lately in [false, true] {
+                assert!(send_key_early(EarlyKey::Always, passthrough, lately));
+                assert!(!send_key_early(EarlyKey::Never, passthrough, lately));
+                let auto = send_key_early(EarlyKey::Auto, passthrough, lately);
+                assert_eq!(auto, !(passthrough && lately), "passthrough {passthrough}, lately {lately}");
+            }
         }
     }
 

@@ -90,10 +90,8 @@ pub async fn probe(target: &Target, network: &Network, config: &Config) -> Probe
         Err(error) => return ProbeOutcome::Unreachable(error),
     };
     let started = Instant::now();
-    let upgraded = match upgrade::InitiatorKey::generate(network.magic) {
-        Ok(key) => upgrade::upgrade(&mut remote, key, None, config.timeouts.handshake).await,
-        Err(error) => Err(error),
-    };
+    let key = upgrade::InitiatorKey::generate();
+    let upgraded = upgrade::upgrade(&mut remote, key, network.magic, None, config.timeouts.handshake).await;
     match upgraded {
         Ok(channel) => ProbeOutcome::V2 { session_id: channel.session_id, handshake: started.elapsed() },
         Err(error) if error.remote_is_v1_only() => {

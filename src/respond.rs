@@ -14,24 +14,26 @@
 //!    decoys and version packet (contents ignored), each packet's length
 //!    checked against [`MAX_CONTENTS_BYTES`] before anything is buffered for it.
 //!
-//! As in `upgrade.rs`, the `bip324` crate drives the state machine and our
-//! own `v2.rs` ciphers, keyed from the same secret, carry the packet stream;
-//! the garbage terminator and the session id of both are compared. The whole
-//! handshake, first bytes included, runs under one deadline.
+//! As in `upgrade.rs`, one ECDH and key derivation (`v2::SessionKeys`) key
+//! the `v2.rs` ciphers that carry both the handshake's packets and the
+//! packet stream after it. The whole handshake, first bytes included, runs
+//! under one deadline.
 
-use bip324::{Handshake, Initialized, ReceivedKey, Role};
-use bytes::{Buf, BytesMut};
+use std::io;
+
+use bytes::{Buf, BufMut, BytesMut};
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::shaping::{HandshakePolicy, HandshakeShape};
+
 use crate::upgrade::{
-    DerivedValue, HandshakeErrors, HandshakeFailure, HandshakeIo, HandshakeRead, IoFailure, MAX_GARBAGE_LEN, SECP,
-    V2Channel, fresh_secret, receive_garbage_and_version,
+    HandshakeErrors, HandshakeIo, HandshakeRead, IoFailure, MAX_GARBAGE_LEN, TailError, V2Channel, check_their_key,
+    ephemeral_key, receive_garbage_and_version,
 };
 use crate::v1::{Magic, V1_PREFIX_LEN, VERSION_COMMAND, is_version_prefix};
-use crate::v2::{ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, SessionKeys};
+use crate::v2::{ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, Role, SessionKeys, V2Error};
 
 /// What a peer's first bytes say it speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +76,16 @@ pub enum RespondError {
     Closed { received: usize, reset: bool },
     #[error("handshake timed out after {received} bytes from the peer")]
     TimedOut { received: usize },
-    #[error(transparent)]
-    Failed(#[from] HandshakeFailure),
+    #[error("no garbage terminator within {} bytes", MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN)]
+    NoGarbageTerminator,
+    #[error("handshake packet of {len} bytes exceeds the {max}-byte limit")]
+    PacketTooLarge { len: usize, max: usize },
+    #[error("handshake: {0}")]
+    Protocol(bip324::Error),
+    #[error("handshake: {0}")]
+    Packet(#[from] V2Error),
+    #[error("handshake I/O: {0}")]
+    Io(io::Error),
 }
 
 impl RespondError {
@@ -84,7 +94,21 @@ impl RespondError {
         match self {
             RespondError::Closed { .. } => "peer_closed",
             RespondError::TimedOut { .. } => "timeout",
-            RespondError::Failed(failure) => failure.label(),
+            RespondError::NoGarbageTerminator => "no_garbage_terminator",
+            RespondError::PacketTooLarge { .. } => "packet_too_large",
+            RespondError::Protocol(_) | RespondError::Packet(_) => "protocol",
+            RespondError::Io(_) => "io_error",
+        }
+    }
+}
+
+impl From<TailError> for RespondError {
+    fn from(error: TailError) -> Self {
+        match error {
+            TailError::NoGarbageTerminator => RespondError::NoGarbageTerminator,
+            TailError::PacketTooLarge { len, max } => RespondError::PacketTooLarge { len, max },
+            TailError::Protocol(e) => RespondError::Protocol(e),
+            TailError::Packet(e) => RespondError::Packet(e),
         }
     }
 }
@@ -94,7 +118,7 @@ impl HandshakeErrors for RespondError {
         match failure {
             IoFailure::TimedOut => RespondError::TimedOut { received },
             IoFailure::Closed { reset } => RespondError::Closed { received, reset },
-            IoFailure::Io(e) => HandshakeFailure::Io(e).into(),
+            IoFailure::Io(e) => RespondError::Io(e),
         }
     }
 }
@@ -103,8 +127,7 @@ impl HandshakeErrors for RespondError {
 pub(crate) type PeerReader<'s, S> = HandshakeIo<'s, S, RespondError>;
 
 /// Runs the responder handshake for network `magic` on `peer`, whose first
-/// bytes (already classified as [`FirstBytes::V2`]) are in `received`, the
-/// way Core does: a random garbage length in 0..=4095, no decoys.
+/// bytes (already classified as [`FirstBytes::V2`]) are in `received`.
 pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     peer: &mut S,
     received: BytesMut,
@@ -133,43 +156,26 @@ pub async fn respond_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     theirs.copy_from_slice(&received[..ELLSWIFT_LEN]);
     received.advance(ELLSWIFT_LEN);
 
+    check_their_key(&theirs, &magic)?;
+
     // Our key and garbage, then our terminator, decoys (if any; the first
-    // packet after the terminator carries the garbage as AAD, decoy or not,
-    // which the crate does) and version packet, in one write.
-    let (mut known, secret) = fresh_secret();
-    let handshake = Handshake::<Initialized>::new_with_rng(magic, Role::Responder, &mut known, &*SECP)
-        .map_err(HandshakeFailure::Protocol)?;
-    drop(known);
+    // packet after the terminator carries the garbage as AAD, decoy or not)
+    // and version packet, in one write.
+    let (secret, ours) = ephemeral_key();
+    let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Responder, &magic);
     let mut garbage = vec![0u8; shape.garbage_len.min(MAX_GARBAGE_LEN)];
     RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
-    let mut flight = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
-    let handshake = handshake.send_key(Some(&garbage), &mut flight).map_err(HandshakeFailure::Protocol)?;
-    let mut ours = [0u8; ELLSWIFT_LEN];
-    ours.copy_from_slice(&flight[..ELLSWIFT_LEN]);
-    let handshake = handshake.receive_key(theirs).map_err(HandshakeFailure::Protocol)?;
-    let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Responder, &magic);
-    let decoys: Vec<Vec<u8>> = shape.decoy_lens.iter().map(|&len| vec![0u8; len]).collect();
-    let decoy_refs: Vec<&[u8]> = decoys.iter().map(Vec::as_slice).collect();
-    let decoy_refs = (!decoy_refs.is_empty()).then_some(&decoy_refs[..]);
-    let key_len = flight.len();
-    flight.resize(key_len + Handshake::<ReceivedKey>::send_version_len(decoy_refs), 0);
-    let handshake = handshake.send_version(&mut flight[key_len..], decoy_refs).map_err(HandshakeFailure::Protocol)?;
-    if flight[key_len..key_len + GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator()[..] {
-        return Err(HandshakeFailure::KeyMismatch(DerivedValue::GarbageTerminator).into());
-    }
+    let mut flight = BytesMut::with_capacity(ELLSWIFT_LEN + garbage.len() + GARBAGE_TERMINATOR_LEN + 64);
+    flight.put_slice(&ours);
+    flight.put_slice(&garbage);
+    let encoder = keys.encode_handshake_tail(&garbage, &shape.decoy_lens, &mut flight)?;
     io.write_all(&flight).await?;
     drop(flight);
 
     // The initiator's garbage, decoys and version packet.
-    let (packets_received, inbound) = receive_garbage_and_version(&mut io, handshake, received, &keys).await?;
+    let (decoder, inbound) = receive_garbage_and_version(&mut io, received, &keys).await?;
 
-    Ok(V2Channel {
-        session_id: *keys.session_id(),
-        // Our decoys, then our version packet, came first.
-        encoder: keys.encoder(1 + decoys.len() as u64),
-        decoder: keys.decoder(packets_received),
-        leftover: inbound,
-    })
+    Ok(V2Channel { session_id: *keys.session_id(), encoder, decoder, leftover: inbound })
 }
 
 #[cfg(test)]
@@ -206,7 +212,7 @@ mod tests {
     #[test]
     fn anything_else_is_a_key() {
         // Our magic with another command is no V1_PREFIX: BIP324 treats it as
-        // a key (the crate then refuses a key that starts with our magic).
+        // a key (`respond` then refuses a key that starts with our magic).
         assert_eq!(classify_first_bytes(&prefix(REGTEST, b"verack\0\0\0\0\0\0"), &REGTEST), FirstBytes::V2);
         assert_eq!(classify_first_bytes(&[0xffu8; 16], &REGTEST), FirstBytes::V2);
         assert_eq!(classify_first_bytes(b"GET / HTTP/1.1\r\n", &REGTEST), FirstBytes::V2);
@@ -216,7 +222,7 @@ mod tests {
 
     #[test]
     fn labels_are_fixed() {
-        assert_eq!(RespondError::Failed(HandshakeFailure::NoGarbageTerminator).label(), "no_garbage_terminator");
+        assert_eq!(RespondError::NoGarbageTerminator.label(), "no_garbage_terminator");
         assert_eq!(
             RespondError::TimedOut { received: 3 }.to_string(),
             "handshake timed out after 3 bytes from the peer"

@@ -1,15 +1,17 @@
 //! What every session of one proxy shares: the validated configuration, the
-//! observer (metrics and status), the v1-only peer memory, the handshake key
-//! pool, the budget for large messages and the addresses the proxy listens on. Built once by `main` (or a
+//! observer (metrics and status), the v1-only peer memory, the clients seen
+//! speaking v2 themselves, the handshake key pool, the budget for large
+//! messages and the addresses the proxy listens on. Built once by `main` (or a
 //! test), handed to `server::serve`, read by every session; it depends on
 //! nothing that runs, so the accept loop, the sessions and their stages all
 //! point here and never at each other.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::config::Config;
-use crate::memory::V1OnlyMemory;
+use crate::memory::{V1OnlyMemory, V2Clients};
 use crate::metrics::Observer;
 use crate::relay::{MessageBudget, RelayLimits};
 use crate::upgrade::KeyPool;
@@ -19,7 +21,10 @@ pub struct ProxyState {
     pub config: Arc<Config>,
     pub observer: Arc<Observer>,
     pub v1_only: Option<V1OnlyMemory>,
-    /// Handshake keys made ahead of time for the allowed networks.
+    /// Clients passed through lately: `early_key = "auto"` holds our key
+    /// for their sessions.
+    pub v2_clients: V2Clients,
+    /// Handshake keys made ahead of time (they serve every network).
     pub keys: Arc<KeyPool>,
     /// Every address this proxy listens on, as bound (sessions never dial them).
     listening: Mutex<Vec<SocketAddr>>,
@@ -27,16 +32,21 @@ pub struct ProxyState {
     large_messages: Arc<MessageBudget>,
 }
 
-/// Keys kept ready per allowed network.
+/// Keys kept ready.
 const KEY_POOL_DEPTH: usize = 8;
+/// Clients remembered as speaking v2 themselves, and for how long.
+const V2_CLIENTS_CAPACITY: usize = 1024;
+const V2_CLIENTS_TTL: Duration = Duration::from_secs(3600);
 
 impl ProxyState {
     pub fn new(config: Arc<Config>, observer: Arc<Observer>) -> Self {
         let (capacity, ttl) = config.v1_only_memory;
-        let keys = KeyPool::new(config.networks.iter().map(|n| n.magic), KEY_POOL_DEPTH, observer.key_pool_counters());
+        let keys = KeyPool::new(KEY_POOL_DEPTH, observer.key_pool_counters());
         let listening = Mutex::new(config.listen_addresses().into_iter().map(|(_, addr)| addr).collect());
         let large_messages = Arc::new(MessageBudget::new(config.large_message_budget));
-        ProxyState { v1_only: V1OnlyMemory::new(capacity, ttl), config, observer, keys, listening, large_messages }
+        let v2_clients = V2Clients::new(V2_CLIENTS_CAPACITY, V2_CLIENTS_TTL).expect("a non-zero capacity");
+        let v1_only = V1OnlyMemory::new(capacity, ttl);
+        ProxyState { v1_only, v2_clients, config, observer, keys, listening, large_messages }
     }
 
     /// Records an address a listener of this proxy is bound to.

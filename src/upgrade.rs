@@ -1,41 +1,42 @@
-//! The BIP324 handshake as initiator, the way Bitcoin Core runs it: our key
-//! and 0..=4095 random garbage bytes; the responder's key; our garbage
-//! terminator, our (empty) version packet and, in the same write, the
-//! client's first message; then the responder's garbage, terminator, decoys
-//! and version packet, whose contents are ignored.
+//! The BIP324 handshake as initiator, the way Bitcoin Core runs it, in two
+//! halves the session can run apart:
 //!
-//! The `bip324` crate drives the handshake state machine. Its packet ciphers
-//! stay private to it, so this module also derives the session keys itself
-//! (from the secret key it hands the crate) and continues the packet stream
-//! with `v2.rs`; the session ids of both must agree. That is also what lets
-//! the client's first message go out right after our version packet, before
-//! the crate considers the handshake complete.
+//! 1. [`send_key`]: our ElligatorSwift key and 0..=4095 random garbage
+//!    bytes, one write. It needs no network: the magic only enters the key
+//!    derivation. The session sends it right after the TCP connect, while
+//!    the client is still answering SOCKS5 (see docs/DESIGN.md, "Key early").
+//! 2. [`complete`]: the responder's key; our garbage terminator, decoys,
+//!    (empty) version packet and, in the same write, the client's first
+//!    message; then the responder's garbage, terminator, decoys and version
+//!    packet, whose contents are ignored.
+//!
+//! The ECDH and the key derivation run once per session, in `v2.rs`
+//! (`SessionKeys::derive`, checked against the official vectors), and the
+//! same ciphers carry the handshake's packets and the relay's. The `bip324`
+//! crate is our peer in the interoperability tests, not a step here.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use bip324::{FillBytes, GarbageResult, Handshake, Initialized, ReceivedKey, Role, SentVersion, VersionResult};
 use bytes::{Buf, BytesMut};
 use rand::RngCore;
-use secp256k1::{Secp256k1, SecretKey, SignOnly};
+use secp256k1::ellswift::ElligatorSwift;
+use secp256k1::{All, Secp256k1, SecretKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
-use zeroize::Zeroize;
 
 use crate::metrics::KeyPoolCounters;
-use crate::shaping::{HandshakePolicy, HandshakeShape, Padder};
+use crate::shaping::{HandshakePolicy, HandshakeShape, MIN_DECOY_WIRE_BYTES, Padder};
 use crate::v1::Magic;
+pub use crate::v2::MAX_GARBAGE_LEN;
 use crate::v2::{
-    ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, HEADER_LEN, LENGTH_LEN, MAX_CONTENTS_BYTES, PacketDecoder, PacketEncoder,
-    SessionKeys, TAG_LEN, V2Error,
+    DecodedPacket, ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, GarbageScan, PacketDecoder, PacketEncoder, Role, SessionKeys,
+    V2Error, find_garbage_terminator,
 };
 
-/// BIP324: at most 4095 bytes of garbage precede the garbage terminator.
-pub const MAX_GARBAGE_LEN: usize = 4095;
-
-pub(crate) static SECP: LazyLock<Secp256k1<SignOnly>> = LazyLock::new(Secp256k1::signing_only);
+pub(crate) static SECP: LazyLock<Secp256k1<All>> = LazyLock::new(Secp256k1::new);
 
 /// A finished handshake: the packet stream in both directions.
 pub struct V2Channel {
@@ -64,57 +65,16 @@ pub enum UpgradeError {
     ClosedMidway { received: usize, reset: bool },
     #[error("handshake timed out after {received} bytes from the remote")]
     TimedOut { received: usize },
-    #[error("handshake: {0}")]
-    Packet(#[from] V2Error),
-    #[error(transparent)]
-    Failed(#[from] HandshakeFailure),
-}
-
-/// How a handshake fails the same way in either role (the responder's
-/// `RespondError` wraps it too).
-#[derive(Debug, thiserror::Error)]
-pub enum HandshakeFailure {
     #[error("no garbage terminator within {} bytes", MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN)]
     NoGarbageTerminator,
     #[error("handshake packet of {len} bytes exceeds the {max}-byte limit")]
     PacketTooLarge { len: usize, max: usize },
     #[error("handshake: {0}")]
     Protocol(bip324::Error),
+    #[error("handshake: {0}")]
+    Packet(#[from] V2Error),
     #[error("handshake I/O: {0}")]
     Io(io::Error),
-    /// Our own key derivation disagrees with the `bip324` crate's: a defect
-    /// here, never the other side's doing.
-    #[error("internal: derived {0} differs from the bip324 crate's")]
-    KeyMismatch(DerivedValue),
-}
-
-impl HandshakeFailure {
-    /// A short fixed label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            HandshakeFailure::NoGarbageTerminator => "no_garbage_terminator",
-            HandshakeFailure::PacketTooLarge { .. } => "packet_too_large",
-            HandshakeFailure::Protocol(_) => "protocol",
-            HandshakeFailure::Io(_) => "io_error",
-            HandshakeFailure::KeyMismatch(_) => "internal",
-        }
-    }
-}
-
-/// What our key derivation is checked against the crate's on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DerivedValue {
-    GarbageTerminator,
-    SessionId,
-}
-
-impl std::fmt::Display for DerivedValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DerivedValue::GarbageTerminator => "garbage terminator",
-            DerivedValue::SessionId => "session id",
-        })
-    }
 }
 
 fn describe_silence(silence: Silence) -> &'static str {
@@ -132,8 +92,10 @@ impl UpgradeError {
             UpgradeError::NoResponse(_) => "no_response",
             UpgradeError::ClosedMidway { .. } => "closed_midway",
             UpgradeError::TimedOut { .. } => "timeout",
-            UpgradeError::Packet(_) => "protocol",
-            UpgradeError::Failed(failure) => failure.label(),
+            UpgradeError::NoGarbageTerminator => "no_garbage_terminator",
+            UpgradeError::PacketTooLarge { .. } => "packet_too_large",
+            UpgradeError::Protocol(_) | UpgradeError::Packet(_) => "protocol",
+            UpgradeError::Io(_) => "io_error",
         }
     }
 
@@ -143,32 +105,32 @@ impl UpgradeError {
     }
 }
 
-/// Hands the crate the secret key we generated, so we know it too (the
-/// responder in `respond.rs` uses it the same way).
-pub(crate) struct KnownSecret([u8; 32]);
-
-impl FillBytes for KnownSecret {
-    fn fill_bytes(&mut self, dest: &mut [u8; 32]) {
-        dest.copy_from_slice(&self.0);
-    }
-}
-
-impl Drop for KnownSecret {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
-
-pub(crate) fn fresh_secret() -> (KnownSecret, SecretKey) {
+/// A fresh ephemeral secret and its ElligatorSwift encoding, for either
+/// role (`respond.rs` makes its keys here too). The encoding is randomised
+/// with fresh auxiliary bytes, as BIP324 asks, so it is uniform.
+pub(crate) fn ephemeral_key() -> (SecretKey, [u8; ELLSWIFT_LEN]) {
     let mut rng = rand::thread_rng();
-    loop {
-        let mut bytes = [0u8; 32];
-        RngCore::fill_bytes(&mut rng, &mut bytes);
+    let secret = loop {
+        let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+        RngCore::fill_bytes(&mut rng, &mut bytes[..]);
         // Fails only for zero or values >= the curve order (probability ~2^-128).
-        if let Ok(key) = SecretKey::from_slice(&bytes) {
-            return (KnownSecret(bytes), key);
+        if let Ok(key) = SecretKey::from_slice(&bytes[..]) {
+            break key;
         }
+    };
+    let mut aux = [0u8; 32];
+    RngCore::fill_bytes(&mut rng, &mut aux);
+    let encoded = ElligatorSwift::from_seckey(&SECP, secret, Some(aux)).to_array();
+    (secret, encoded)
+}
+
+/// A key whose first four bytes are the network magic is a v1 message, not
+/// a key (BIP324 "Handshake"; the `bip324` crate and Bitcoin Core refuse it).
+pub(crate) fn check_their_key(theirs: &[u8; ELLSWIFT_LEN], magic: &Magic) -> Result<(), TailError> {
+    if theirs[..magic.len()] == magic[..] {
+        return Err(TailError::Protocol(bip324::Error::V1Protocol));
     }
+    Ok(())
 }
 
 /// How a handshake read or write failed, before a role names it.
@@ -186,7 +148,7 @@ pub(crate) enum IoFailure {
 /// What a role's handshake calls each failure, given how many bytes the
 /// remote had sent (silence means something else to an initiator than to a
 /// responder).
-pub(crate) trait HandshakeErrors: From<HandshakeFailure> {
+pub(crate) trait HandshakeErrors: From<TailError> {
     fn from_io(failure: IoFailure, received: usize) -> Self;
 }
 
@@ -198,7 +160,7 @@ impl HandshakeErrors for UpgradeError {
             (IoFailure::Closed { reset: false }, 0) => UpgradeError::NoResponse(Silence::Closed),
             (IoFailure::Closed { reset: true }, 0) => UpgradeError::NoResponse(Silence::Reset),
             (IoFailure::Closed { reset }, received) => UpgradeError::ClosedMidway { received, reset },
-            (IoFailure::Io(e), _) => HandshakeFailure::Io(e).into(),
+            (IoFailure::Io(e), _) => UpgradeError::Io(e),
         }
     }
 }
@@ -263,48 +225,47 @@ pub struct FirstMessage<'a> {
 }
 
 /// Our ephemeral key for one handshake, made ahead of time or on the spot:
-/// the `bip324` crate's initial state plus the secret we handed it.
+/// a secret and its ElligatorSwift encoding. It belongs to no network (the
+/// magic only enters the key derivation), so one pool serves them all and
+/// the key can go out before the client has said which network it speaks.
 pub struct InitiatorKey {
-    handshake: Handshake<Initialized>,
     secret: SecretKey,
+    encoded: [u8; ELLSWIFT_LEN],
 }
 
 impl InitiatorKey {
-    /// A fresh key pair for the network `magic` (about 30 µs of CPU).
-    pub fn generate(magic: Magic) -> Result<Self, UpgradeError> {
-        let (mut known, secret) = fresh_secret();
-        let handshake = Handshake::<Initialized>::new_with_rng(magic, Role::Initiator, &mut known, &*SECP)
-            .map_err(HandshakeFailure::Protocol)?;
-        Ok(InitiatorKey { handshake, secret })
+    /// A fresh key pair (about 30 µs of CPU).
+    pub fn generate() -> Self {
+        let (secret, encoded) = ephemeral_key();
+        InitiatorKey { secret, encoded }
     }
 }
 
-/// Keys generated ahead of time, per network, so key generation is off each
-/// session's critical path. Every key is used once; the pool refills itself
-/// on a blocking thread when it runs low. Each key taken counts as a hit
-/// (it was ready) or a miss (made on the spot: the pool was empty, or the
-/// network has none).
+/// Keys generated ahead of time, so key generation is off each session's
+/// critical path. Every key is used once; the pool refills itself on a
+/// blocking thread when it runs low. Each key taken counts as a hit (it was
+/// ready) or a miss (made on the spot: the pool was empty).
 pub struct KeyPool {
-    per_network: Vec<(Magic, Mutex<Vec<InitiatorKey>>)>,
+    keys: Mutex<Vec<InitiatorKey>>,
     depth: usize,
     refilling: AtomicBool,
     counters: KeyPoolCounters,
 }
 
 impl KeyPool {
-    pub fn new(magics: impl IntoIterator<Item = Magic>, depth: usize, counters: KeyPoolCounters) -> Arc<Self> {
-        let per_network = magics.into_iter().map(|m| (m, Mutex::new(Vec::with_capacity(depth)))).collect();
-        Arc::new(KeyPool { per_network, depth, refilling: AtomicBool::new(false), counters })
+    pub fn new(depth: usize, counters: KeyPoolCounters) -> Arc<Self> {
+        Arc::new(KeyPool {
+            keys: Mutex::new(Vec::with_capacity(depth)),
+            depth,
+            refilling: AtomicBool::new(false),
+            counters,
+        })
     }
 
-    /// A key for `magic`: from the pool when one is ready, else made now.
-    pub fn take(self: &Arc<Self>, magic: Magic) -> Result<InitiatorKey, UpgradeError> {
-        let Some((_, keys)) = self.per_network.iter().find(|(m, _)| *m == magic) else {
-            self.counters.miss.inc();
-            return InitiatorKey::generate(magic);
-        };
+    /// A key: from the pool when one is ready, else made now.
+    pub fn take(self: &Arc<Self>) -> InitiatorKey {
         let (key, low) = {
-            let mut keys = keys.lock().unwrap_or_else(|e| e.into_inner());
+            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
             let key = keys.pop();
             (key, keys.len() <= self.depth / 2)
         };
@@ -321,67 +282,93 @@ impl KeyPool {
         match key {
             Some(key) => {
                 self.counters.hit.inc();
-                Ok(key)
+                key
             }
             None => {
                 self.counters.miss.inc();
-                InitiatorKey::generate(magic)
+                InitiatorKey::generate()
             }
         }
     }
 
-    /// Tops every network up to the pool depth.
+    /// Tops the pool up to its depth.
     pub fn refill(&self) {
-        for (magic, keys) in &self.per_network {
-            loop {
-                if keys.lock().unwrap_or_else(|e| e.into_inner()).len() >= self.depth {
-                    break;
-                }
-                let Ok(key) = InitiatorKey::generate(*magic) else { break };
-                keys.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+        loop {
+            if self.keys.lock().unwrap_or_else(|e| e.into_inner()).len() >= self.depth {
+                break;
             }
+            let key = InitiatorKey::generate();
+            self.keys.lock().unwrap_or_else(|e| e.into_inner()).push(key);
         }
         self.refilling.store(false, Ordering::Release);
     }
 }
 
-/// Runs the handshake on `remote` with our `key` (which fixes the network),
-/// sending the client's first message (if any) as the first application packet.
+/// Runs the whole handshake on `remote` for the network `magic` with our
+/// `key`, sending the client's first message (if any) as the first
+/// application packet.
 pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     remote: &mut S,
     key: InitiatorKey,
+    magic: Magic,
     first_message: Option<FirstMessage<'_>>,
     handshake_timeout: Duration,
 ) -> Result<V2Channel, UpgradeError> {
     // Core's shape: a random garbage length in 0..=MAX_GARBAGE_LEN, no decoys.
     let shape = HandshakePolicy::default().draw(&mut rand::thread_rng());
-    upgrade_shaped(remote, key, first_message, handshake_timeout, &shape, None).await
+    let sent = send_key(remote, key, &shape, handshake_timeout).await?;
+    complete(remote, sent, magic, first_message, handshake_timeout, None).await
 }
 
-/// [`upgrade`] with this garbage length and these decoy packets between our
-/// garbage terminator and our version packet (`shaping.rs` draws them), and
-/// with `padder`, a decoy after the client's first message that brings the
-/// whole encrypted flight to a bucket boundary.
-pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
+/// Our first flight is on the wire: what the rest of the handshake needs.
+pub struct KeySent {
+    key: InitiatorKey,
+    garbage: Vec<u8>,
+    decoy_lens: Vec<usize>,
+}
+
+impl KeySent {
+    /// Wire bytes of the handshake decoys [`complete`] will send.
+    pub fn decoy_wire_bytes(&self) -> usize {
+        self.decoy_lens.iter().map(|len| len + MIN_DECOY_WIRE_BYTES).sum()
+    }
+}
+
+/// The first half: our key and `shape.garbage_len` random garbage bytes, in
+/// one write under `handshake_timeout`. The decoys of `shape` go out with
+/// our version packet in [`complete`].
+pub async fn send_key<S: AsyncRead + AsyncWrite + Unpin>(
     remote: &mut S,
     key: InitiatorKey,
+    shape: &HandshakeShape,
+    handshake_timeout: Duration,
+) -> Result<KeySent, UpgradeError> {
+    let mut io = HandshakeIo::<_, UpgradeError>::new(remote, Instant::now() + handshake_timeout, 0);
+    let mut garbage = vec![0u8; shape.garbage_len.min(MAX_GARBAGE_LEN)];
+    RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
+    let mut flight = Vec::with_capacity(ELLSWIFT_LEN + garbage.len());
+    flight.extend_from_slice(&key.encoded);
+    flight.extend_from_slice(&garbage);
+    io.write_all(&flight).await?;
+    Ok(KeySent { key, garbage, decoy_lens: shape.decoy_lens.clone() })
+}
+
+/// The second half, for the network `magic`, under a fresh
+/// `handshake_timeout`: the responder's key; our garbage terminator, decoys
+/// and version packet, then the client's first message under the same
+/// cipher, and with `padder` a decoy that brings this whole encrypted
+/// flight to a bucket boundary, in one write; then the responder's garbage,
+/// decoys and version packet.
+pub async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
+    remote: &mut S,
+    sent: KeySent,
+    magic: Magic,
     first_message: Option<FirstMessage<'_>>,
     handshake_timeout: Duration,
-    shape: &HandshakeShape,
     padder: Option<&mut Padder>,
 ) -> Result<V2Channel, UpgradeError> {
     let mut io = HandshakeIo::<_, UpgradeError>::new(remote, Instant::now() + handshake_timeout, 0);
-    let InitiatorKey { handshake, secret } = key;
-    let magic = *handshake.magic();
-
-    // Our key and garbage.
-    let mut garbage = vec![0u8; shape.garbage_len.min(MAX_GARBAGE_LEN)];
-    RngCore::fill_bytes(&mut rand::thread_rng(), &mut garbage);
-    let mut first_flight = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
-    let handshake = handshake.send_key(Some(&garbage), &mut first_flight).map_err(HandshakeFailure::Protocol)?;
-    let mut ours = [0u8; ELLSWIFT_LEN];
-    ours.copy_from_slice(&first_flight[..ELLSWIFT_LEN]);
-    io.write_all(&first_flight).await?;
+    let KeySent { key, garbage, decoy_lens } = sent;
 
     // The responder's key.
     let mut inbound = BytesMut::new();
@@ -389,23 +376,12 @@ pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     let mut theirs = [0u8; ELLSWIFT_LEN];
     theirs.copy_from_slice(&inbound[..ELLSWIFT_LEN]);
     inbound.advance(ELLSWIFT_LEN);
-    let handshake = handshake.receive_key(theirs).map_err(HandshakeFailure::Protocol)?;
-    let keys = SessionKeys::derive(&secret, &ours, &theirs, Role::Initiator, &magic);
+    check_their_key(&theirs, &magic)?;
+    let keys = SessionKeys::derive(&key.secret, &key.encoded, &theirs, Role::Initiator, &magic);
+    drop(key);
 
-    // Garbage terminator, decoys (if any; the first packet after the
-    // terminator carries the garbage as AAD, decoy or not, which the crate
-    // does) and version packet from the crate, then the client's first
-    // message under our own cipher, in one write.
-    let decoys: Vec<Vec<u8>> = shape.decoy_lens.iter().map(|&len| vec![0u8; len]).collect();
-    let decoy_refs: Vec<&[u8]> = decoys.iter().map(Vec::as_slice).collect();
-    let decoy_refs = (!decoy_refs.is_empty()).then_some(&decoy_refs[..]);
-    let mut second_flight = vec![0u8; Handshake::<ReceivedKey>::send_version_len(decoy_refs)];
-    let handshake = handshake.send_version(&mut second_flight, decoy_refs).map_err(HandshakeFailure::Protocol)?;
-    if second_flight[..GARBAGE_TERMINATOR_LEN] != keys.send_garbage_terminator()[..] {
-        return Err(HandshakeFailure::KeyMismatch(DerivedValue::GarbageTerminator).into());
-    }
-    let mut encoder = keys.encoder(1 + decoys.len() as u64);
-    let mut flight = BytesMut::from(&second_flight[..]);
+    let mut flight = BytesMut::new();
+    let mut encoder = keys.encode_handshake_tail(&garbage, &decoy_lens, &mut flight)?;
     if let Some(first) = first_message {
         encoder.encode(first.message_type, first.payload, &mut flight)?;
     }
@@ -417,21 +393,50 @@ pub async fn upgrade_shaped<S: AsyncRead + AsyncWrite + Unpin>(
     io.write_all(&flight).await?;
 
     // The responder's garbage, decoys and version packet.
-    let (packets_received, inbound) = receive_garbage_and_version(&mut io, handshake, inbound, &keys).await?;
+    let (decoder, leftover) = receive_garbage_and_version(&mut io, inbound, &keys).await?;
+    Ok(V2Channel { session_id: *keys.session_id(), encoder, decoder, leftover })
+}
 
-    Ok(V2Channel {
-        session_id: *keys.session_id(),
-        encoder,
-        decoder: keys.decoder(packets_received),
-        leftover: inbound,
-    })
+/// How the part of the handshake both roles share can fail: from the
+/// remote's key on, its garbage, decoys and version packet.
+#[derive(Debug)]
+pub(crate) enum TailError {
+    NoGarbageTerminator,
+    PacketTooLarge {
+        len: usize,
+        max: usize,
+    },
+    /// The remote's key is a v1 message (`bip324::Error::V1Protocol`).
+    Protocol(bip324::Error),
+    /// A packet failed authentication.
+    Packet(V2Error),
+}
+
+impl From<V2Error> for TailError {
+    fn from(error: V2Error) -> Self {
+        match error {
+            V2Error::PacketTooLarge { len, max } => TailError::PacketTooLarge { len, max },
+            other => TailError::Packet(other),
+        }
+    }
+}
+
+impl From<TailError> for UpgradeError {
+    fn from(error: TailError) -> Self {
+        match error {
+            TailError::NoGarbageTerminator => UpgradeError::NoGarbageTerminator,
+            TailError::PacketTooLarge { len, max } => UpgradeError::PacketTooLarge { len, max },
+            TailError::Protocol(e) => UpgradeError::Protocol(e),
+            TailError::Packet(e) => UpgradeError::Packet(e),
+        }
+    }
 }
 
 /// The reads the shared part of the handshake needs; each role's reader
 /// classifies its own I/O failures (silence means something else to an
 /// initiator than to a responder).
 pub(crate) trait HandshakeRead {
-    type Error: From<HandshakeFailure>;
+    type Error: From<TailError>;
     /// Reads at least one more byte into `buf`, reserving room for `want`.
     async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), Self::Error>;
 
@@ -452,54 +457,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin, E: HandshakeErrors> HandshakeRead for Ha
     }
 }
 
-/// The remote's garbage up to its terminator (the crate searches the first
-/// 4095 + 16 bytes and fails beyond; each read adds a bounded chunk), then
-/// its decoys and its version packet (contents ignored), each bounded by
-/// [`MAX_CONTENTS_BYTES`] before it is buffered. The same for both roles.
-/// `received` holds what came after the remote's key. Returns how many
-/// packets the remote sent (our decoder continues after them) and the bytes
-/// after its version packet.
+/// The remote's garbage up to its terminator (searched within the first
+/// 4095 + 16 bytes; each read adds a bounded chunk), then its decoys and its
+/// version packet (contents ignored, as BIP324 asks), each packet's length
+/// checked against [`MAX_CONTENTS_BYTES`](crate::v2::MAX_CONTENTS_BYTES) by
+/// the decoder before the packet is buffered. The first packet after the
+/// terminator authenticates the garbage (AAD). The same for both roles.
+/// `received` holds what came after the remote's key. Returns the decoder,
+/// positioned after the remote's version packet, and the bytes after it.
 pub(crate) async fn receive_garbage_and_version<R: HandshakeRead>(
     io: &mut R,
-    handshake: Handshake<SentVersion>,
     mut received: BytesMut,
     keys: &SessionKeys,
-) -> Result<(u64, BytesMut), R::Error> {
-    let mut handshake = handshake;
-    let (mut handshake, terminator_end) = loop {
-        match handshake.receive_garbage(&received) {
-            Ok(GarbageResult::FoundGarbage { handshake, consumed_bytes }) => break (handshake, consumed_bytes),
-            Ok(GarbageResult::NeedMoreData(waiting)) => handshake = waiting,
-            Err(bip324::Error::NoGarbageTerminator) => return Err(HandshakeFailure::NoGarbageTerminator.into()),
-            Err(e) => return Err(HandshakeFailure::Protocol(e).into()),
+) -> Result<(PacketDecoder, BytesMut), R::Error> {
+    let mut resume = 0;
+    let garbage_len = loop {
+        match find_garbage_terminator(&received, keys.recv_garbage_terminator(), resume) {
+            GarbageScan::Found { garbage_len } => break garbage_len,
+            GarbageScan::NeedMore { resume: next } => resume = next,
+            GarbageScan::TooLong => return Err(TailError::NoGarbageTerminator.into()),
         }
         io.read_into(&mut received, 1).await?;
     };
-    // The crate borrows the garbage (the first packet authenticates it);
-    // what follows the terminator continues in a buffer of its own.
-    let mut inbound = BytesMut::from(&received[terminator_end..]);
+    let mut inbound = received.split_off(garbage_len + GARBAGE_TERMINATOR_LEN);
+    let garbage = received;
 
-    let mut packets_received = 0u64;
+    let mut decoder = keys.decoder(0);
+    let mut aad = &garbage[..garbage_len];
     loop {
-        io.read_at_least(&mut inbound, LENGTH_LEN).await?;
-        let mut length = [0u8; LENGTH_LEN];
-        length.copy_from_slice(&inbound[..LENGTH_LEN]);
-        let rest = handshake.decrypt_packet_len(length).map_err(HandshakeFailure::Protocol)?;
-        let contents_len = rest.saturating_sub(HEADER_LEN + TAG_LEN);
-        if contents_len > MAX_CONTENTS_BYTES {
-            return Err(HandshakeFailure::PacketTooLarge { len: contents_len, max: MAX_CONTENTS_BYTES }.into());
-        }
-        io.read_at_least(&mut inbound, LENGTH_LEN + rest).await?;
-        let mut packet = inbound.split_to(LENGTH_LEN + rest);
-        packets_received += 1;
-        match handshake.receive_version(&mut packet[LENGTH_LEN..]).map_err(HandshakeFailure::Protocol)? {
-            VersionResult::Complete { cipher } => {
-                if cipher.id() != keys.session_id() {
-                    return Err(HandshakeFailure::KeyMismatch(DerivedValue::SessionId).into());
+        match decoder.decode_with_aad(&mut inbound, aad).map_err(TailError::from)? {
+            DecodedPacket::NeedMore { total } => io.read_at_least(&mut inbound, total).await?,
+            DecodedPacket::Packet { ignore, len, .. } => {
+                inbound.advance(len);
+                aad = &[];
+                if !ignore {
+                    return Ok((decoder, inbound));
                 }
-                return Ok((packets_received, inbound));
             }
-            VersionResult::Decoy(next) => handshake = next,
         }
     }
 }
@@ -508,22 +502,20 @@ pub(crate) async fn receive_garbage_and_version<R: HandshakeRead>(
 mod tests {
     use super::*;
 
-    const REGTEST: Magic = [0xfa, 0xbf, 0xb5, 0xda];
-
     #[test]
     fn key_pool_hands_out_each_key_once() {
         let counters = KeyPoolCounters::default();
-        let pool = KeyPool::new([REGTEST], 2, counters.clone());
+        let pool = KeyPool::new(2, counters.clone());
         pool.refill();
-        let keys: Vec<InitiatorKey> = (0..3).map(|_| pool.take(REGTEST).unwrap()).collect();
+        let keys: Vec<InitiatorKey> = (0..3).map(|_| pool.take()).collect();
         assert_eq!((counters.hit.get(), counters.miss.get()), (2, 1), "two ready keys, then one made on the spot");
         let secrets: Vec<[u8; 32]> = keys.iter().map(|k| k.secret.secret_bytes()).collect();
         assert_ne!(secrets[0], secrets[1]);
         assert_ne!(secrets[1], secrets[2], "an empty pool makes a fresh key");
-        assert!(keys.iter().all(|k| *k.handshake.magic() == REGTEST));
-        // A network without a pool still gets a key for its own magic.
-        let mainnet = pool.take([0xf9, 0xbe, 0xb4, 0xd9]).unwrap();
-        assert_eq!(*mainnet.handshake.magic(), [0xf9, 0xbe, 0xb4, 0xd9]);
-        assert_eq!((counters.hit.get(), counters.miss.get()), (2, 2));
+        for key in &keys {
+            let public = secp256k1::PublicKey::from_secret_key(&SECP, &key.secret);
+            let decoded = secp256k1::PublicKey::from_ellswift(ElligatorSwift::from_array(key.encoded));
+            assert_eq!(decoded, public, "the encoding is the secret's public key");
+        }
     }
 }

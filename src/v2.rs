@@ -1,14 +1,16 @@
-//! PURE BIP324 packet layer: session key derivation, the rekeying ciphers
-//! (FSChaCha20 for lengths, FSChaCha20Poly1305 for packets) and a streaming
-//! packet encoder/decoder over caller-owned buffers.
+//! PURE BIP324 packet layer: session key derivation (one ECDH, then HKDF),
+//! the rekeying ciphers (FSChaCha20 for lengths, FSChaCha20Poly1305 for
+//! packets), a streaming packet encoder/decoder over caller-owned buffers,
+//! and the two byte-level pieces of the handshake: our garbage terminator,
+//! decoys and version packet ([`SessionKeys::encode_handshake_tail`]) and the
+//! search for the remote's terminator ([`find_garbage_terminator`]).
 //!
-//! The handshake state machine (garbage, garbage terminator, version packet,
-//! decoys) is driven by the `bip324` crate in `upgrade.rs`; this module only
-//! takes over the packet stream once the keys are known. Packet encryption
-//! runs on ring's ChaCha20-Poly1305 (SIMD, constant-time tag check); the
-//! length cipher, three bytes per packet, uses the plain ChaCha20 block
-//! function the `bip324` crate itself is built on. See docs/DESIGN.md for why
-//! the packet cipher is not the `bip324` crate's own.
+//! `upgrade.rs` (initiator) and `respond.rs` (responder) do the handshake's
+//! I/O around these. Packet encryption runs on ring's ChaCha20-Poly1305
+//! (SIMD, constant-time tag check); the length cipher, three bytes per
+//! packet, uses the plain ChaCha20 block function the `bip324` crate itself
+//! is built on. See docs/DESIGN.md for why neither the handshake nor the
+//! packet cipher is the `bip324` crate's own.
 
 use std::ops::Range;
 
@@ -45,6 +47,8 @@ pub const MAX_VERSION_CONTENTS_BYTES: usize = 1 + v1::COMMAND_LEN + v1::MAX_VERS
 pub const GARBAGE_TERMINATOR_LEN: usize = 16;
 /// ElligatorSwift-encoded public keys are 64 bytes.
 pub const ELLSWIFT_LEN: usize = 64;
+/// BIP324: at most 4095 bytes of garbage precede the garbage terminator.
+pub const MAX_GARBAGE_LEN: usize = 4095;
 
 /// The contents length field is 24 bits.
 const MAX_LENGTH_FIELD: usize = (1 << 24) - 1;
@@ -168,6 +172,64 @@ impl SessionKeys {
     pub fn decoder(&self, received_packets: u64) -> PacketDecoder {
         PacketDecoder::new(&self.recv_length_key, &self.recv_packet_key, received_packets)
     }
+
+    /// Appends what follows our garbage in the handshake (BIP324
+    /// "Handshake"): our garbage terminator, a decoy packet of zeros for each
+    /// of `decoy_lens`, and our version packet (empty contents). The first of
+    /// these packets carries our `garbage` as AAD, which is how the remote
+    /// authenticates it. Returns the encoder positioned after them, for the
+    /// packets that follow in the same flight.
+    pub fn encode_handshake_tail(
+        &self,
+        garbage: &[u8],
+        decoy_lens: &[usize],
+        out: &mut BytesMut,
+    ) -> Result<PacketEncoder, V2Error> {
+        out.put_slice(&self.send_garbage_terminator);
+        let mut encoder = self.encoder(0);
+        let mut aad = garbage;
+        for &len in decoy_lens {
+            encoder.seal_appended(len, true, aad, out, |out| out.put_bytes(0, len))?;
+            aad = &[];
+        }
+        encoder.encode_packet(&[], &[], false, aad, out)?;
+        Ok(encoder)
+    }
+}
+
+/// Where the remote's garbage ends, as far as the bytes so far tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GarbageScan {
+    /// The garbage is the first `garbage_len` bytes; the terminator follows.
+    Found { garbage_len: usize },
+    /// Not found yet: scan again from `resume` once more bytes are in (the
+    /// bytes before it cannot start the terminator).
+    NeedMore { resume: usize },
+    /// [`MAX_GARBAGE_LEN`] bytes of garbage and no terminator after them:
+    /// the remote broke BIP324's limit.
+    TooLong,
+}
+
+/// Looks for `terminator` in what the remote sent after its key, from
+/// `resume` on (0 at first, then what the last scan answered), so a remote
+/// that sends one byte at a time costs one comparison per byte, not a
+/// rescan. Only the first `MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN` bytes
+/// are searched.
+pub fn find_garbage_terminator(
+    received: &[u8],
+    terminator: &[u8; GARBAGE_TERMINATOR_LEN],
+    resume: usize,
+) -> GarbageScan {
+    let limit = MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN;
+    let window = &received[..received.len().min(limit)];
+    let from = resume.min(window.len());
+    if let Some(at) = window[from..].windows(GARBAGE_TERMINATOR_LEN).position(|w| w == terminator) {
+        return GarbageScan::Found { garbage_len: from + at };
+    }
+    if window.len() >= limit {
+        return GarbageScan::TooLong;
+    }
+    GarbageScan::NeedMore { resume: window.len().saturating_sub(GARBAGE_TERMINATOR_LEN - 1) }
 }
 
 struct HkdfLen(usize);
@@ -721,6 +783,102 @@ mod tests {
             let DecodedPacket::Packet { ignore, contents, .. } = decoder.decode(&mut out).unwrap() else { panic!() };
             assert!(ignore);
             assert_eq!(contents.len(), len);
+        }
+    }
+
+    #[test]
+    fn garbage_terminator_found_at_every_length_fed_in_any_chunks() {
+        let terminator = [0x5au8; GARBAGE_TERMINATOR_LEN];
+        for garbage_len in [0usize, 1, 15, 16, 17, 100, MAX_GARBAGE_LEN - 1, MAX_GARBAGE_LEN] {
+            // Garbage that shares bytes with the terminator, to tempt a naive resume.
+            let mut stream: Vec<u8> = (0..garbage_len).map(|i| if i % 7 == 0 { 0x11 } else { 0x5a }).collect();
+            stream.extend_from_slice(&terminator);
+            stream.extend_from_slice(b"after");
+            for chunk in [1usize, 3, 16, 4096] {
+                let mut resume = 0;
+                let mut fed = 0;
+                let found = loop {
+                    fed = (fed + chunk).min(stream.len());
+                    match find_garbage_terminator(&stream[..fed], &terminator, resume) {
+                        GarbageScan::Found { garbage_len } => break garbage_len,
+                        GarbageScan::NeedMore { resume: next } => resume = next,
+                        GarbageScan::TooLong => panic!("garbage {garbage_len}, chunk {chunk}: too long"),
+                    }
+                    assert!(fed < stream.len(), "garbage {garbage_len}, chunk {chunk}: not found");
+                };
+                // The first occurrence: garbage of 0x5a bytes may hold the terminator earlier.
+                let first = stream.windows(GARBAGE_TERMINATOR_LEN).position(|w| w == terminator).unwrap();
+                assert_eq!(found, first, "garbage {garbage_len}, chunk {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn more_garbage_than_bip324_allows_is_refused_at_the_limit() {
+        let terminator = [0xa5u8; GARBAGE_TERMINATOR_LEN];
+        let limit = MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN;
+        let mut stream = vec![0u8; MAX_GARBAGE_LEN + 1];
+        stream.extend_from_slice(&terminator);
+        assert!(matches!(find_garbage_terminator(&stream[..limit - 1], &terminator, 0), GarbageScan::NeedMore { .. }));
+        assert_eq!(find_garbage_terminator(&stream[..limit], &terminator, 0), GarbageScan::TooLong);
+        assert_eq!(find_garbage_terminator(&stream, &terminator, 0), GarbageScan::TooLong);
+        // Exactly MAX_GARBAGE_LEN bytes of garbage is allowed.
+        assert_eq!(
+            find_garbage_terminator(&stream[1..], &terminator, 0),
+            GarbageScan::Found { garbage_len: MAX_GARBAGE_LEN }
+        );
+    }
+
+    /// Hands the `bip324` crate a secret we chose.
+    struct Known([u8; 32]);
+
+    impl bip324::FillBytes for Known {
+        fn fill_bytes(&mut self, dest: &mut [u8; 32]) {
+            dest.copy_from_slice(&self.0);
+        }
+    }
+
+    #[test]
+    fn handshake_tail_is_byte_for_byte_the_bip324_crates() {
+        use bip324::{Handshake, Initialized, ReceivedKey};
+        let magic = [0xfa, 0xbf, 0xb5, 0xda];
+        let secp = secp256k1::Secp256k1::signing_only();
+        for (role, garbage_len, decoys) in
+            [(Role::Initiator, 0, vec![]), (Role::Initiator, 300, vec![0, 7, 1000]), (Role::Responder, 4095, vec![3])]
+        {
+            let ours_secret = [0x21u8; 32];
+            let theirs = {
+                let peer =
+                    Handshake::<Initialized>::new_with_rng(magic, Role::Responder, &mut Known([0x42; 32]), &secp)
+                        .unwrap();
+                let mut key = [0u8; ELLSWIFT_LEN];
+                peer.send_key(None, &mut key).unwrap();
+                key
+            };
+            let garbage = vec![0x33u8; garbage_len];
+            let crate_side =
+                Handshake::<Initialized>::new_with_rng(magic, role, &mut Known(ours_secret), &secp).unwrap();
+            let mut first = vec![0u8; Handshake::<Initialized>::send_key_len(Some(&garbage))];
+            let crate_side = crate_side.send_key(Some(&garbage), &mut first).unwrap();
+            let ours: [u8; ELLSWIFT_LEN] = first[..ELLSWIFT_LEN].try_into().unwrap();
+            let crate_side = crate_side.receive_key(theirs).unwrap();
+            let decoy_contents: Vec<Vec<u8>> = decoys.iter().map(|&len| vec![0u8; len]).collect();
+            let decoy_refs: Vec<&[u8]> = decoy_contents.iter().map(Vec::as_slice).collect();
+            let decoy_refs = (!decoy_refs.is_empty()).then_some(&decoy_refs[..]);
+            let mut expected = vec![0u8; Handshake::<ReceivedKey>::send_version_len(decoy_refs)];
+            crate_side.send_version(&mut expected, decoy_refs).unwrap();
+
+            let secret = SecretKey::from_slice(&ours_secret).unwrap();
+            let keys = SessionKeys::derive(&secret, &ours, &theirs, role, &magic);
+            let mut got = BytesMut::new();
+            let mut encoder = keys.encode_handshake_tail(&garbage, &decoys, &mut got).unwrap();
+            assert_eq!(&got[..], &expected[..], "{role:?}, garbage {garbage_len}, decoys {decoys:?}");
+            // The encoder continues after them: the next packet is number 1 + decoys.
+            let mut next = BytesMut::new();
+            encoder.encode(&[18], b"ping", &mut next).unwrap();
+            let mut expected_next = BytesMut::new();
+            keys.encoder(1 + decoys.len() as u64).encode(&[18], b"ping", &mut expected_next).unwrap();
+            assert_eq!(next, expected_next);
         }
     }
 

@@ -325,23 +325,27 @@ async fn clients_elsewhere_reach_no_loopback_or_private_target() {
 
 #[tokio::test]
 async fn client_first_binary_protocols_are_not_tunnelled() {
-    // A plain TCP service that records whatever reaches it.
+    // A plain TCP service that records whatever reaches it, per connection.
     let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let service_addr = service.local_addr().unwrap();
-    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let received: Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Arc::default();
     let sink = received.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = service.accept().await {
             let sink = sink.clone();
+            let connection = {
+                let mut all = sink.lock().unwrap();
+                all.push(Vec::new());
+                all.len() - 1
+            };
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                    sink.lock().unwrap()[connection].extend_from_slice(&buf[..n]);
                 }
             });
         }
     });
-    let proxy = spawn_proxy(&[]).await;
     let mut postgres = vec![0, 0, 0, 0x54, 0, 3, 0, 0];
     postgres
         .extend_from_slice(b"user\0postgres\0database\0postgres\0application_name\0psql\0client_encoding\0UTF8\0\0");
@@ -349,12 +353,31 @@ async fn client_first_binary_protocols_are_not_tunnelled() {
     let mut tls = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
     tls.extend(random_payload(200));
     samples.push(tls);
-    for sample in samples {
-        let mut client = socks_btcd(proxy.addr, service_addr).await.expect("CONNECT");
-        client.write_all(&sample).await.unwrap();
-        expect_closed(&mut client).await;
+    // With the key sent early the service gets our BIP324 first flight (key
+    // and random garbage, as a v1 client's VERSION would have earned it),
+    // never a byte of the client's; with it held, nothing at all.
+    for early_key in ["always", "never"] {
+        let proxy = spawn_proxy(&["--early-key", early_key]).await;
+        received.lock().unwrap().clear();
+        for sample in &samples {
+            let mut client = socks_btcd(proxy.addr, service_addr).await.expect("CONNECT");
+            client.write_all(sample).await.unwrap();
+            expect_closed(&mut client).await;
+        }
+        let received = received.lock().unwrap();
+        for (connection, sample) in received.iter().zip(&samples) {
+            if early_key == "never" {
+                assert!(connection.is_empty(), "bytes reached the service");
+            } else {
+                assert!(connection.len() <= 64 + 4095, "more than our first flight: {} bytes", connection.len());
+                assert!(
+                    !connection.windows(8).any(|w| sample.windows(8).any(|s| s == w)),
+                    "client bytes were tunnelled"
+                );
+            }
+        }
+        proxy.shutdown.cancel();
     }
-    assert!(received.lock().unwrap().is_empty(), "bytes were tunnelled");
 }
 
 /// `[client_auth]` protects SOCKS5 only: transparent mode and static routes

@@ -184,8 +184,8 @@ pub async fn native_v2_version_echo(
     let message_type = &message_type[..type_len];
     let first_message = upgrade::FirstMessage { message_type, payload: version_payload };
     // A native client makes its key when it connects.
-    let key = upgrade::InitiatorKey::generate(crate::MAGIC)?;
-    let mut channel = upgrade::upgrade(&mut stream, key, Some(first_message), HANDSHAKE_TIMEOUT).await?;
+    let key = upgrade::InitiatorKey::generate();
+    let mut channel = upgrade::upgrade(&mut stream, key, crate::MAGIC, Some(first_message), HANDSHAKE_TIMEOUT).await?;
     let mut buf = channel.leftover;
     loop {
         match channel.decoder.decode(&mut buf)? {

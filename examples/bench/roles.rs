@@ -24,12 +24,12 @@ use crate::client::read_decoded;
 use crate::{MAGIC, nodes};
 
 /// Runs `role` until the process is ended from outside.
-pub fn run(role: Role, target: Option<SocketAddr>, max_sessions: usize) -> anyhow::Result<()> {
+pub fn run(role: Role, target: Option<SocketAddr>, max_sessions: usize, proxy_flags: &[String]) -> anyhow::Result<()> {
     children::exit_with_parent();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async move {
         match role {
-            Role::Proxy => run_proxy(max_sessions).await,
+            Role::Proxy => run_proxy(max_sessions, proxy_flags).await,
             Role::Relay => run_relay(target.context("--role relay needs --target")?).await,
             Role::Nodes => run_nodes().await,
         }
@@ -37,19 +37,15 @@ pub fn run(role: Role, target: Option<SocketAddr>, max_sessions: usize) -> anyho
 }
 
 /// The proxy with its default configuration, except the session cap (the
-/// idle-memory case opens thousands), and its metrics listener (the key
-/// pool's counters). Announces the proxy's address, then the metrics
-/// address. No tracing subscriber is installed, so log lines cost only their
-/// level check.
-async fn run_proxy(max_sessions: usize) -> anyhow::Result<()> {
-    let cli = Cli::try_parse_from([
-        "bip324-proxy",
-        "--max-sessions",
-        &max_sessions.to_string(),
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ])
-    .context("proxy flags")?;
+/// idle-memory case opens thousands), its metrics listener (the key pool's
+/// counters) and any `--proxy-flag`s. Announces the proxy's address, then
+/// the metrics address. No tracing subscriber is installed, so log lines
+/// cost only their level check.
+async fn run_proxy(max_sessions: usize, proxy_flags: &[String]) -> anyhow::Result<()> {
+    let max_sessions = max_sessions.to_string();
+    let mut flags = vec!["bip324-proxy", "--max-sessions", &max_sessions, "--metrics-listen", "127.0.0.1:0"];
+    flags.extend(proxy_flags.iter().map(String::as_str));
+    let cli = Cli::try_parse_from(flags).context("proxy flags")?;
     let config = Arc::new(Config::load(&cli).context("proxy configuration")?);
     let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the proxy")?;
     let metrics = TcpListener::bind("127.0.0.1:0").await.context("binding the metrics listener")?;

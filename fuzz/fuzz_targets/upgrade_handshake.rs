@@ -35,9 +35,9 @@ fuzz_target!(|input: &[u8]| {
     };
     handshake::run_paused(async {
         let (mut ours, remote) = handshake::spawn_other_side(mode, rest, raw_remote, structured_remote);
-        let key = InitiatorKey::generate(MAGIC).unwrap();
+        let key = InitiatorKey::generate();
         let first = FirstMessage { message_type: &[18], payload: &[7; 8] };
-        let outcome = upgrade::upgrade(&mut ours, key, Some(first), Duration::from_secs(10)).await;
+        let outcome = upgrade::upgrade(&mut ours, key, MAGIC, Some(first), Duration::from_secs(10)).await;
         drop(ours);
         let expected = remote.await.unwrap();
         match (outcome, expected) {

@@ -1,13 +1,16 @@
 //! upgrade -> relay: a client that speaks v2 itself is passed through; a v1
 //! client is upgraded, or spoken to in v1 only with the policy's permit,
-//! asked at the moment plaintext could go out.
+//! asked at the moment plaintext could go out. When our key already went
+//! out (SOCKS5, key early), the handshake continues from it, and a session
+//! that needs a remote that has received nothing from us (passthrough, or
+//! v1 by a verdict reached meanwhile) gets a fresh connection.
 
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::Span;
+use tracing::{Span, debug};
 
-use super::{Client, Ending, Pending, Session, SessionError, Transport};
+use super::{Client, Ending, OurKey, Pending, Session, SessionError, Transport};
 use crate::metrics::Direction;
 use crate::network::Network;
 use crate::outbound::{self, Destination};
@@ -22,6 +25,8 @@ use crate::v1::{self, FrameDecoder, HEADER_LEN};
 impl Session<'_> {
     /// upgrade -> relay: a v2 client is passed through; a v1 client is
     /// upgraded, or spoken to in v1 only when [`policy::plan`] says so now.
+    /// `our_key`: whether our key already went out (SOCKS5, key early).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn carry(
         &self,
         client: Stream,
@@ -30,11 +35,27 @@ impl Session<'_> {
         speaks: Client,
         destination: &Destination,
         rules: &DialRules,
+        our_key: OurKey,
     ) -> Result<Ending, SessionError> {
         match speaks {
-            Client::V2 => Ok(self.passthrough(client, pending, remote).await),
+            Client::V2 => {
+                // Its next sessions wait for its first bytes (early_key = "auto").
+                self.state.v2_clients.remember(&self.live.client.key());
+                let remote = match our_key {
+                    OurKey::NotSent => remote,
+                    // The remote has our key and would take the client's as
+                    // our garbage: a fresh connection carries the client's
+                    // handshake from its first byte.
+                    OurKey::Sent(_) | OurKey::SendFailed(_) => {
+                        drop(remote);
+                        debug!("client speaks v2 itself and the remote has our key: redialing");
+                        outbound::dial(destination, self.config, rules).await.map_err(SessionError::Redial)?
+                    }
+                };
+                Ok(self.passthrough(client, pending, remote).await)
+            }
             Client::V1 { network, version_len } => {
-                self.carry_v1(client, pending, remote, network, version_len, destination, rules).await
+                self.carry_v1(client, pending, remote, network, version_len, destination, rules, our_key).await
             }
         }
     }
@@ -68,6 +89,7 @@ impl Session<'_> {
         version_len: usize,
         destination: &Destination,
         rules: &DialRules,
+        our_key: OurKey,
     ) -> Result<Ending, SessionError> {
         let config = self.config;
         Span::current().record("network", tracing::field::display(&network));
@@ -78,6 +100,14 @@ impl Session<'_> {
             Plan::Upgrade => {}
             Plan::Plaintext(permit) => {
                 self.observer.v1_only_memory("direct_v1");
+                let remote = match our_key {
+                    OurKey::NotSent => remote,
+                    // Our key went out early: v1 starts on a fresh connection.
+                    OurKey::Sent(_) | OurKey::SendFailed(_) => {
+                        drop(remote);
+                        outbound::dial(destination, config, rules).await.map_err(SessionError::Redial)?
+                    }
+                };
                 return Ok(self.relay_v1(permit, client, pending, remote, &network).await);
             }
             Plan::Refuse(_) => {
@@ -90,12 +120,21 @@ impl Session<'_> {
         let type_len = translate::encode_message_type(&v1::VERSION_COMMAND, &mut message_type);
         let started = Instant::now();
         let first = upgrade::FirstMessage { message_type: &message_type[..type_len], payload };
-        let shape = config.shaping.handshake.draw(&mut rand::thread_rng());
         let mut padder = config.shaping.padding.map(Padder::new);
-        let upgraded = match self.state.keys.take(network.magic) {
-            Ok(key) => {
-                let timeout = config.timeouts.handshake;
-                upgrade::upgrade_shaped(&mut remote, key, Some(first), timeout, &shape, padder.as_mut()).await
+        let timeout = config.timeouts.handshake;
+        let sent = match our_key {
+            OurKey::Sent(sent) => Ok(sent),
+            OurKey::SendFailed(error) => Err(error),
+            OurKey::NotSent => {
+                let shape = config.shaping.handshake.draw(&mut rand::thread_rng());
+                upgrade::send_key(&mut remote, self.state.keys.take(), &shape, timeout).await
+            }
+        };
+        let mut decoy_wire_bytes = 0;
+        let upgraded = match sent {
+            Ok(sent) => {
+                decoy_wire_bytes = sent.decoy_wire_bytes();
+                upgrade::complete(&mut remote, sent, network.magic, Some(first), timeout, padder.as_mut()).await
             }
             Err(error) => Err(error),
         };
@@ -120,7 +159,7 @@ impl Session<'_> {
         };
         self.observer.handshake_done(started.elapsed());
         let shaping = self.observer.shaping();
-        shaping.handshake_decoys(shape.decoy_wire_bytes());
+        shaping.handshake_decoys(decoy_wire_bytes);
         if let Some(padder) = &padder {
             if padder.spent() > 0 {
                 shaping.padding_decoy(padder.spent() as usize);

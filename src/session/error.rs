@@ -101,6 +101,10 @@ pub enum SessionError {
     Upgrade(#[from] UpgradeError),
     #[error("{0}; v1 fallback dial failed: {1}")]
     FallbackDial(UpgradeError, DialError),
+    /// Our key went out early and the session needs a remote that has
+    /// received nothing from us (passthrough, or v1 by a remembered verdict).
+    #[error("redialing the remote, which already had our key, failed: {0}")]
+    Redial(DialError),
     #[error("client I/O: {1}")]
     ClientIo(Stage, std::io::Error),
 }
@@ -120,7 +124,7 @@ impl SessionError {
             | NotAdmitted(_)
             | CommandNotSupported(_) => Stage::Accept,
             AddrRecv(_) | TransparentNeedsV1 | RememberedV1Only(_) => Stage::Destination,
-            Dial(_) => Stage::Dial,
+            Dial(_) | Redial(_) => Stage::Dial,
             FirstMessageTimeout(_) | ClientClosedEarly | Sniff(_) | BadFirstMessage(_) => Stage::Sniff,
             Upgrade(_) | FallbackDial(..) => Stage::Upgrade,
             ClientIo(stage, _) => *stage,
@@ -139,7 +143,7 @@ impl SessionError {
             NotAdmitted(_) => "not_admitted",
             CommandNotSupported(_) => "command_not_supported",
             Dial(DialError::Refused(_)) => "target_refused",
-            Dial(_) | FallbackDial(..) => "dial_failed",
+            Dial(_) | FallbackDial(..) | Redial(_) => "dial_failed",
             AddrRecv(_) | TransparentNeedsV1 => "bad_destination",
             RememberedV1Only(_) => "v1_only_remembered",
             Sniff(SniffError::NetworkNotAllowed(_)) => "network_not_allowed",

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::read::{ReadFailure, read_decoded, read_more};
 use super::{
-    Client, Ending, Pending, Session, SessionError, SocksAnswer, SocksStage, Stage, dial_failed, socks_answer,
+    Client, Ending, OurKey, Pending, Session, SessionError, SocksAnswer, SocksStage, Stage, dial_failed, socks_answer,
 };
 use crate::config::{Config, Isolation};
 use crate::outbound::{self, Destination};
@@ -51,15 +51,18 @@ impl Session<'_> {
             };
         }
 
-        let remote = match self.connect(&destination, &rules).await {
+        let mut remote = match self.connect(&destination, &rules).await {
             Ok(remote) => remote,
             Err(error) => return Err(self.refuse(&mut client, error).await),
         };
+        // Before the reply: the remote's answer to our key overlaps the
+        // client's next round trip.
+        let our_key = self.send_key_early(&mut remote, &destination).await;
         let bound = Target { host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port: 0 };
         self.send_reply(&mut client, ReplyCode::SUCCEEDED, &bound).await?;
 
         let speaks = self.sniff(&mut client, &mut pending).await?;
-        self.carry(client, pending, remote, speaks, &destination, &rules).await
+        self.carry(client, pending, remote, speaks, &destination, &rules, our_key).await
     }
 
     /// Transparent mode: the destination is addr_recv of the client's VERSION.
@@ -93,7 +96,8 @@ impl Session<'_> {
         // reach is what addr_recv may name.
         let rules = DialRules { allow_private: config.allow_private_targets, ..self.dial_rules(false) };
         let remote = self.connect(&destination, &rules).await?;
-        self.carry(client, pending, remote, Client::V1 { network, version_len }, &destination, &rules).await
+        let speaks = Client::V1 { network, version_len };
+        self.carry(client, pending, remote, speaks, &destination, &rules, OurKey::NotSent).await
     }
 
     /// A static route: the destination is fixed by the operator; v1 clients
@@ -115,7 +119,7 @@ impl Session<'_> {
         // The operator chose the target: private addresses are theirs to route to.
         let rules = self.dial_rules(true);
         let remote = self.connect(&destination, &rules).await?;
-        self.carry(client, pending, remote, speaks, &destination, &rules).await
+        self.carry(client, pending, remote, speaks, &destination, &rules, OurKey::NotSent).await
     }
 
     /// Sends the answer `error` calls for, if any, and hands the error back.

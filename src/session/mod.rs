@@ -6,7 +6,10 @@
 //! static routes (fixed in the configuration). The main listener tells
 //! SOCKS5 from transparent clients by the first byte. Each front end only
 //! finds the destination (`front.rs`); `Session::connect`, `Session::sniff`
-//! (here) and `Session::carry` (`carry.rs`) are shared. Files, in stage
+//! (here) and `Session::carry` (`carry.rs`) are shared. SOCKS5 sessions
+//! also send our BIP324 key between dial and reply when the policy says so
+//! (`Session::send_key_early`), so the upgrade's first round trip overlaps
+//! the client's. Files, in stage
 //! order: `front.rs` (accept, destination), this file (dial, sniff),
 //! `carry.rs` (upgrade, relay); `read.rs` is the one "decode or read more"
 //! loop, `error.rs` the failures and their SOCKS5 answers.
@@ -43,6 +46,7 @@ use crate::sniff::{self, Sniffed};
 use crate::socks5::{self, Target};
 use crate::state::ProxyState;
 use crate::stream::Stream;
+use crate::upgrade::{self, KeySent, UpgradeError};
 use crate::v1::{Decoded, FrameDecoder};
 
 /// Which listener a connection came in on.
@@ -85,6 +89,18 @@ enum Ending {
     Relayed(Transport, RelayReport),
     /// A RESOLVE request, answered.
     Resolved(IpAddr),
+}
+
+/// Our key, sent early or not: SOCKS5 sessions may send it right after the
+/// TCP connect, before the client's first bytes are in.
+enum OurKey {
+    /// Not sent: the remote has received nothing from us.
+    NotSent,
+    /// On the wire; the rest of the handshake continues from here.
+    Sent(KeySent),
+    /// Sending it failed; judged like any handshake failure once a v1
+    /// client's VERSION is in.
+    SendFailed(UpgradeError),
 }
 
 /// What the client speaks, once its first bytes are in.
@@ -213,7 +229,7 @@ impl Session<'_> {
     }
 
     fn remembered_v1_only(&self, destination: &Destination) -> bool {
-        self.state.v1_only.as_ref().is_some_and(|memory| memory.is_v1_only(&destination.shown()))
+        self.state.v1_only.as_ref().is_some_and(|memory| memory.contains(&destination.shown()))
     }
 
     /// The policy for a session that has not tried the handshake yet.
@@ -233,6 +249,27 @@ impl Session<'_> {
             return Err(SessionError::RememberedV1Only(destination.shown()));
         }
         outbound::dial(destination, self.config, rules).await.map_err(|e| dial_failed(destination, e))
+    }
+
+    /// dial -> upgrade, early: our key and garbage right after the TCP
+    /// connect, when [`policy::send_key_early`] says so, so the remote's
+    /// answer is on its way while the client reads the SOCKS5 reply and
+    /// sends its VERSION (docs/DESIGN.md, "Key early"). Only for a session
+    /// the policy would upgrade: a remembered v1-only remote under fallback
+    /// v1 is spoken to in v1 and gets no key.
+    async fn send_key_early(&self, remote: &mut TcpStream, destination: &Destination) -> OurKey {
+        let config = self.config;
+        let spoke_v2 = self.state.v2_clients.contains(&self.live.client.key());
+        if !policy::send_key_early(config.early_key, config.passthrough, spoke_v2)
+            || !matches!(self.plan_untried(destination), Plan::Upgrade)
+        {
+            return OurKey::NotSent;
+        }
+        let shape = config.shaping.handshake.draw(&mut rand::thread_rng());
+        match upgrade::send_key(remote, self.state.keys.take(), &shape, config.timeouts.handshake).await {
+            Ok(sent) => OurKey::Sent(sent),
+            Err(error) => OurKey::SendFailed(error),
+        }
     }
 
     /// sniff: the client's first bytes decide v1 (then its whole VERSION is
