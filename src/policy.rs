@@ -132,7 +132,6 @@ pub fn admits(front: Front, client_is_local: bool, restrictions: ClientRestricti
     client_is_local || restrictions.allow_list || (front.authenticates() && restrictions.client_auth)
 }
 
-
 /// Whether a SOCKS5 session whose [`plan`] is `Upgrade` sends our key right
 /// after the TCP connect (docs/DESIGN.md, "Key early"). Our key on the wire
 /// is only random bytes, so no setting sends plaintext; what is at stake is
