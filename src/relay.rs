@@ -1280,8 +1280,15 @@ mod tests {
         // ...until one is given back.
         drop(a);
         let c = tokio::time::timeout(Duration::from_secs(1), budget.reserve(block)).await.unwrap().unwrap();
-        assert_eq!(c.len, block);
+        assert_eq!(c.len(), block.div_ceil(1024) * 1024, "whole KiB");
         drop((b, c));
+        assert_eq!(budget.available(), 8 << 20);
+        // A share grows step by step and goes back whole.
+        let mut share = budget.reserve(1000).await.unwrap();
+        share.absorb(budget.reserve(BUDGET_STEP).await.unwrap());
+        assert_eq!(share.len(), 1024 + BUDGET_STEP);
+        assert_eq!(budget.available(), (8 << 20) - 1024 - BUDGET_STEP as u64);
+        drop(share);
         assert_eq!(budget.available(), 8 << 20);
         // A message larger than the whole budget can never fit.
         assert!(budget.reserve((8 << 20) + 1).await.is_none());
