@@ -19,8 +19,6 @@
 //! packet stream after it. The whole handshake, first bytes included, runs
 //! under one deadline.
 
-use std::io;
-
 use bytes::{Buf, BufMut, BytesMut};
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -29,8 +27,8 @@ use tokio::time::Instant;
 use crate::shaping::{HandshakePolicy, HandshakeShape};
 
 use crate::upgrade::{
-    HandshakeErrors, HandshakeIo, HandshakeRead, IoFailure, MAX_GARBAGE_LEN, TailError, V2Channel, check_their_key,
-    ephemeral_key, receive_garbage_and_version,
+    HandshakeErrors, HandshakeFailure, HandshakeIo, HandshakeRead, IoFailure, MAX_GARBAGE_LEN, V2Channel,
+    check_their_key, ephemeral_key, receive_garbage_and_version,
 };
 use crate::v1::{Magic, V1_PREFIX_LEN, VERSION_COMMAND, is_version_prefix};
 use crate::v2::{ELLSWIFT_LEN, GARBAGE_TERMINATOR_LEN, Role, SessionKeys, V2Error};
@@ -76,16 +74,14 @@ pub enum RespondError {
     Closed { received: usize, reset: bool },
     #[error("handshake timed out after {received} bytes from the peer")]
     TimedOut { received: usize },
-    #[error("no garbage terminator within {} bytes", MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN)]
-    NoGarbageTerminator,
-    #[error("handshake packet of {len} bytes exceeds the {max}-byte limit")]
-    PacketTooLarge { len: usize, max: usize },
-    #[error("handshake: {0}")]
-    Protocol(bip324::Error),
-    #[error("handshake: {0}")]
-    Packet(#[from] V2Error),
-    #[error("handshake I/O: {0}")]
-    Io(io::Error),
+    #[error(transparent)]
+    Failed(#[from] HandshakeFailure),
+}
+
+impl From<V2Error> for RespondError {
+    fn from(error: V2Error) -> Self {
+        RespondError::Failed(error.into())
+    }
 }
 
 impl RespondError {
@@ -94,21 +90,7 @@ impl RespondError {
         match self {
             RespondError::Closed { .. } => "peer_closed",
             RespondError::TimedOut { .. } => "timeout",
-            RespondError::NoGarbageTerminator => "no_garbage_terminator",
-            RespondError::PacketTooLarge { .. } => "packet_too_large",
-            RespondError::Protocol(_) | RespondError::Packet(_) => "protocol",
-            RespondError::Io(_) => "io_error",
-        }
-    }
-}
-
-impl From<TailError> for RespondError {
-    fn from(error: TailError) -> Self {
-        match error {
-            TailError::NoGarbageTerminator => RespondError::NoGarbageTerminator,
-            TailError::PacketTooLarge { len, max } => RespondError::PacketTooLarge { len, max },
-            TailError::Protocol(e) => RespondError::Protocol(e),
-            TailError::Packet(e) => RespondError::Packet(e),
+            RespondError::Failed(failure) => failure.label(),
         }
     }
 }
@@ -118,7 +100,7 @@ impl HandshakeErrors for RespondError {
         match failure {
             IoFailure::TimedOut => RespondError::TimedOut { received },
             IoFailure::Closed { reset } => RespondError::Closed { received, reset },
-            IoFailure::Io(e) => RespondError::Io(e),
+            IoFailure::Io(e) => HandshakeFailure::Io(e).into(),
         }
     }
 }
@@ -222,7 +204,7 @@ mod tests {
 
     #[test]
     fn labels_are_fixed() {
-        assert_eq!(RespondError::NoGarbageTerminator.label(), "no_garbage_terminator");
+        assert_eq!(RespondError::from(HandshakeFailure::NoGarbageTerminator).label(), "no_garbage_terminator");
         assert_eq!(
             RespondError::TimedOut { received: 3 }.to_string(),
             "handshake timed out after 3 bytes from the peer"

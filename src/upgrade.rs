@@ -65,16 +65,53 @@ pub enum UpgradeError {
     ClosedMidway { received: usize, reset: bool },
     #[error("handshake timed out after {received} bytes from the remote")]
     TimedOut { received: usize },
+    #[error(transparent)]
+    Failed(#[from] HandshakeFailure),
+}
+
+/// How a handshake fails the same way in both roles: from the remote's key
+/// on (its garbage, decoys and version packet), or in our own I/O.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeFailure {
     #[error("no garbage terminator within {} bytes", MAX_GARBAGE_LEN + GARBAGE_TERMINATOR_LEN)]
     NoGarbageTerminator,
     #[error("handshake packet of {len} bytes exceeds the {max}-byte limit")]
     PacketTooLarge { len: usize, max: usize },
+    /// The remote's key is a v1 message (`bip324::Error::V1Protocol`).
     #[error("handshake: {0}")]
     Protocol(bip324::Error),
+    /// A packet failed authentication.
     #[error("handshake: {0}")]
-    Packet(#[from] V2Error),
+    Packet(V2Error),
     #[error("handshake I/O: {0}")]
     Io(io::Error),
+}
+
+impl HandshakeFailure {
+    /// A short fixed label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HandshakeFailure::NoGarbageTerminator => "no_garbage_terminator",
+            HandshakeFailure::PacketTooLarge { .. } => "packet_too_large",
+            HandshakeFailure::Protocol(_) | HandshakeFailure::Packet(_) => "protocol",
+            HandshakeFailure::Io(_) => "io_error",
+        }
+    }
+}
+
+impl From<V2Error> for HandshakeFailure {
+    fn from(error: V2Error) -> Self {
+        match error {
+            V2Error::PacketTooLarge { len, max } => HandshakeFailure::PacketTooLarge { len, max },
+            other => HandshakeFailure::Packet(other),
+        }
+    }
+}
+
+impl From<V2Error> for UpgradeError {
+    fn from(error: V2Error) -> Self {
+        UpgradeError::Failed(error.into())
+    }
 }
 
 fn describe_silence(silence: Silence) -> &'static str {
@@ -92,10 +129,7 @@ impl UpgradeError {
             UpgradeError::NoResponse(_) => "no_response",
             UpgradeError::ClosedMidway { .. } => "closed_midway",
             UpgradeError::TimedOut { .. } => "timeout",
-            UpgradeError::NoGarbageTerminator => "no_garbage_terminator",
-            UpgradeError::PacketTooLarge { .. } => "packet_too_large",
-            UpgradeError::Protocol(_) | UpgradeError::Packet(_) => "protocol",
-            UpgradeError::Io(_) => "io_error",
+            UpgradeError::Failed(failure) => failure.label(),
         }
     }
 
@@ -126,9 +160,9 @@ pub(crate) fn ephemeral_key() -> (SecretKey, [u8; ELLSWIFT_LEN]) {
 
 /// A key whose first four bytes are the network magic is a v1 message, not
 /// a key (BIP324 "Handshake"; the `bip324` crate and Bitcoin Core refuse it).
-pub(crate) fn check_their_key(theirs: &[u8; ELLSWIFT_LEN], magic: &Magic) -> Result<(), TailError> {
+pub(crate) fn check_their_key(theirs: &[u8; ELLSWIFT_LEN], magic: &Magic) -> Result<(), HandshakeFailure> {
     if theirs[..magic.len()] == magic[..] {
-        return Err(TailError::Protocol(bip324::Error::V1Protocol));
+        return Err(HandshakeFailure::Protocol(bip324::Error::V1Protocol));
     }
     Ok(())
 }
@@ -148,7 +182,7 @@ pub(crate) enum IoFailure {
 /// What a role's handshake calls each failure, given how many bytes the
 /// remote had sent (silence means something else to an initiator than to a
 /// responder).
-pub(crate) trait HandshakeErrors: From<TailError> {
+pub(crate) trait HandshakeErrors: From<HandshakeFailure> {
     fn from_io(failure: IoFailure, received: usize) -> Self;
 }
 
@@ -160,7 +194,7 @@ impl HandshakeErrors for UpgradeError {
             (IoFailure::Closed { reset: false }, 0) => UpgradeError::NoResponse(Silence::Closed),
             (IoFailure::Closed { reset: true }, 0) => UpgradeError::NoResponse(Silence::Reset),
             (IoFailure::Closed { reset }, received) => UpgradeError::ClosedMidway { received, reset },
-            (IoFailure::Io(e), _) => UpgradeError::Io(e),
+            (IoFailure::Io(e), _) => HandshakeFailure::Io(e).into(),
         }
     }
 }
@@ -396,46 +430,11 @@ pub async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(V2Channel { session_id: *keys.session_id(), encoder, decoder, leftover })
 }
 
-/// How the part of the handshake both roles share can fail: from the
-/// remote's key on, its garbage, decoys and version packet.
-#[derive(Debug)]
-pub(crate) enum TailError {
-    NoGarbageTerminator,
-    PacketTooLarge {
-        len: usize,
-        max: usize,
-    },
-    /// The remote's key is a v1 message (`bip324::Error::V1Protocol`).
-    Protocol(bip324::Error),
-    /// A packet failed authentication.
-    Packet(V2Error),
-}
-
-impl From<V2Error> for TailError {
-    fn from(error: V2Error) -> Self {
-        match error {
-            V2Error::PacketTooLarge { len, max } => TailError::PacketTooLarge { len, max },
-            other => TailError::Packet(other),
-        }
-    }
-}
-
-impl From<TailError> for UpgradeError {
-    fn from(error: TailError) -> Self {
-        match error {
-            TailError::NoGarbageTerminator => UpgradeError::NoGarbageTerminator,
-            TailError::PacketTooLarge { len, max } => UpgradeError::PacketTooLarge { len, max },
-            TailError::Protocol(e) => UpgradeError::Protocol(e),
-            TailError::Packet(e) => UpgradeError::Packet(e),
-        }
-    }
-}
-
 /// The reads the shared part of the handshake needs; each role's reader
 /// classifies its own I/O failures (silence means something else to an
 /// initiator than to a responder).
 pub(crate) trait HandshakeRead {
-    type Error: From<TailError>;
+    type Error: From<HandshakeFailure>;
     /// Reads at least one more byte into `buf`, reserving room for `want`.
     async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> Result<(), Self::Error>;
 
@@ -474,7 +473,7 @@ pub(crate) async fn receive_garbage_and_version<R: HandshakeRead>(
         match find_garbage_terminator(&received, keys.recv_garbage_terminator(), resume) {
             GarbageScan::Found { garbage_len } => break garbage_len,
             GarbageScan::NeedMore { resume: next } => resume = next,
-            GarbageScan::TooLong => return Err(TailError::NoGarbageTerminator.into()),
+            GarbageScan::TooLong => return Err(HandshakeFailure::NoGarbageTerminator.into()),
         }
         io.read_into(&mut received, 1).await?;
     };
@@ -484,7 +483,7 @@ pub(crate) async fn receive_garbage_and_version<R: HandshakeRead>(
     let mut decoder = keys.decoder(0);
     let mut aad = &garbage[..garbage_len];
     loop {
-        match decoder.decode_with_aad(&mut inbound, aad).map_err(TailError::from)? {
+        match decoder.decode_with_aad(&mut inbound, aad).map_err(HandshakeFailure::from)? {
             DecodedPacket::NeedMore { total } => io.read_at_least(&mut inbound, total).await?,
             DecodedPacket::Packet { ignore, len, .. } => {
                 inbound.advance(len);
