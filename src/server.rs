@@ -451,7 +451,10 @@ async fn accept_loop(listener: Listener, front: FrontEnd, shared: Arc<Shared>, s
         shared.tracker.spawn(
             async move {
                 let _guard = guard;
-                session::run(stream, front, live, state, cancel).await;
+                // Boxed: the session's future is several KiB, and the task
+                // wrappers (span, tracker, tokio's task cell) would each copy
+                // it whole; boxed they move a pointer.
+                Box::pin(session::run(stream, front, live, state, cancel)).await;
                 drop(permit);
             }
             .instrument(span),
@@ -529,7 +532,8 @@ async fn inbound_accept_loop(
         shared.tracker.spawn(
             async move {
                 let _guard = guard;
-                inbound::run(stream, listener, live, state, cancel).await;
+                // Boxed, as an outbound session's future is.
+                Box::pin(inbound::run(stream, listener, live, state, cancel)).await;
                 drop(permit);
             }
             .instrument(span),
