@@ -378,7 +378,6 @@ pub async fn complete<S: AsyncRead + AsyncWrite + Unpin>(
     inbound.advance(ELLSWIFT_LEN);
     check_their_key(&theirs, &magic)?;
     let keys = SessionKeys::derive(&key.secret, &key.encoded, &theirs, Role::Initiator, &magic);
-    drop(key);
 
     let mut flight = BytesMut::new();
     let mut encoder = keys.encode_handshake_tail(&garbage, &decoy_lens, &mut flight)?;
