@@ -44,8 +44,12 @@ use crate::v2::{DecodedPacket, PACKET_OVERHEAD, PACKET_PREFIX, PacketDecoder, Pa
 /// longer holds the session.
 pub const END_DRAIN: Duration = Duration::from_secs(5);
 
-/// Read size when no larger message is known to be pending.
-const READ_CHUNK: usize = 16 * 1024;
+/// Read size when no larger message is known to be pending. 64 KiB takes
+/// what a busy loopback or LAN socket holds in one call: at 1 KiB messages
+/// the proxy makes about 80 system calls per echoed MB instead of 170 with
+/// 16 KiB (`bench --syscalls`). The buffer is released whenever the socket
+/// goes idle, so idle sessions do not hold it.
+const READ_CHUNK: usize = 64 * 1024;
 /// Output buffers above this size are released after a write rather than kept.
 const KEEP_OUTPUT_CAPACITY: usize = 64 * 1024;
 

@@ -565,7 +565,10 @@ impl Shared {
         self.tracker.spawn(
             async move {
                 let _guard = guard;
-                session.await;
+                // Boxed: a session's future is several KiB, and the task
+                // wrappers (span, tracker, tokio's task cell) would each copy
+                // it whole; boxed they move a pointer.
+                Box::pin(session).await;
                 drop(permit);
             }
             .instrument(span),
