@@ -9,10 +9,10 @@
 //! (here) and `Session::carry` (`carry.rs`) are shared. SOCKS5 sessions
 //! also send our BIP324 key between dial and reply when the policy says so
 //! (`Session::send_key_early`), so the upgrade's first round trip overlaps
-//! the client's. Files, in stage
-//! order: `front.rs` (accept, destination), this file (dial, sniff),
-//! `carry.rs` (upgrade, relay); `read.rs` is the one "decode or read more"
-//! loop, `error.rs` the failures and their SOCKS5 answers.
+//! the client's. Files, in stage order: `front.rs` (accept, destination),
+//! this file (dial, sniff), `carry.rs` (upgrade, relay); `read.rs` is the
+//! one "decode or read more" loop, `error.rs` the failures and their SOCKS5
+//! answers.
 //!
 //! Policy comes from [`crate::policy`] (when plaintext is allowed, what may
 //! be dialed) and [`crate::sniff`] (what the client speaks); this module asks
