@@ -371,32 +371,10 @@ async fn client_that_never_reads_holds_memory_bounded() {
 async fn proxy_with_budget(
     write_stall: u64,
 ) -> (std::net::SocketAddr, Node, Arc<bip324_proxy::metrics::Observer>, tokio_util::sync::CancellationToken) {
-    use bip324_proxy::config::{Cli, Config};
-    use bip324_proxy::metrics::Observer;
-    use bip324_proxy::server::Bound;
-    use bip324_proxy::session::FrontEnd;
-    use bip324_proxy::state::ProxyState;
-    use clap::Parser;
-
     let node = spawn_v2_node(V2NodeOptions::default()).await;
-    let path =
-        std::env::temp_dir().join(format!("bip324-proxy-budget-{}-{}.toml", std::process::id(), rand::random::<u64>()));
     let toml = format!("large_message_budget = 8388608\n[timeouts]\nwrite_stall = {write_stall}\n");
-    std::fs::write(&path, toml).unwrap();
-    let cli = Cli::try_parse_from(["bip324-proxy", "--config", path.to_str().unwrap()]).unwrap();
-    let config = Config::load(&cli).unwrap();
-    let _ = std::fs::remove_file(&path);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let observer = Arc::new(Observer::default());
-    let state = Arc::new(ProxyState::new(Arc::new(config), observer.clone()));
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(bip324_proxy::server::serve(
-        vec![Bound { listener: listener.into(), front: FrontEnd::Main }],
-        state,
-        shutdown.clone(),
-    ));
-    (addr, node, observer, shutdown)
+    let (proxy, observer) = spawn_proxy_from_toml(&toml).await;
+    (proxy.addr, node, observer, proxy.shutdown)
 }
 
 #[tokio::test]

@@ -7,37 +7,17 @@ mod common;
 
 use std::sync::Arc;
 
-use bip324_proxy::config::{Cli, Config};
 use bip324_proxy::metrics::Observer;
 use bip324_proxy::shaping::{Buckets, MIN_DECOY_WIRE_BYTES, boundary};
 use bip324_proxy::translate::{MAX_MESSAGE_TYPE_LEN, encode_message_type};
-use clap::Parser;
 use common::*;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 /// The proxy's library entry point with this configuration file, and the
 /// observer its metrics come from.
 async fn shaped_proxy(toml: &str) -> (Proxy, Arc<Observer>) {
-    let path = std::env::temp_dir().join(format!(
-        "bip324-proxy-shaping-{}-{}.toml",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::write(&path, toml).unwrap();
-    let cli = Cli::try_parse_from(["bip324-proxy", "--config", path.to_str().unwrap()]).unwrap();
-    let config = Config::load(&cli).unwrap();
-    let _ = std::fs::remove_file(&path);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let observer = Arc::new(Observer::default());
-    let state = Arc::new(bip324_proxy::state::ProxyState::new(Arc::new(config), observer.clone()));
-    let bound =
-        vec![bip324_proxy::server::Bound { listener: listener.into(), front: bip324_proxy::session::FrontEnd::Main }];
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(bip324_proxy::server::serve(bound, state, shutdown.clone()));
-    (Proxy { addr, shutdown, task }, observer)
+    spawn_proxy_from_toml(toml).await
 }
 
 /// v2 contents of a v1 message, as the proxy must deliver them.

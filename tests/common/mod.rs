@@ -930,3 +930,23 @@ pub async fn run_binary_stdout(args: &[&str]) -> (std::process::ExitStatus, Stri
             .expect("binary runs");
     (output.status, String::from_utf8_lossy(&output.stdout).into_owned())
 }
+
+/// The proxy's library entry point with this configuration file, and the
+/// observer its metrics come from.
+pub async fn spawn_proxy_from_toml(toml: &str) -> (Proxy, Arc<bip324_proxy::metrics::Observer>) {
+    let path =
+        std::env::temp_dir().join(format!("bip324-proxy-test-{}-{}.toml", std::process::id(), rand::random::<u64>()));
+    std::fs::write(&path, toml).unwrap();
+    let cli = Cli::try_parse_from(["bip324-proxy", "--config", path.to_str().unwrap()]).unwrap();
+    let config = Config::load(&cli).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let observer = Arc::new(bip324_proxy::metrics::Observer::default());
+    let state = Arc::new(bip324_proxy::state::ProxyState::new(Arc::new(config), observer.clone()));
+    let bound =
+        vec![bip324_proxy::server::Bound { listener: listener.into(), front: bip324_proxy::session::FrontEnd::Main }];
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(bip324_proxy::server::serve(bound, state, shutdown.clone()));
+    (Proxy { addr, shutdown, task }, observer)
+}
