@@ -82,11 +82,7 @@ async fn our_key_reaches_the_remote_before_the_clients_version_and_the_crate_acc
 
 #[tokio::test]
 async fn early_key_never_still_upgrades() {
-    let node = spawn_v2_node(V2NodeOptions::default()).await;
-    let proxy = spawn_proxy(&["--early-key", "never"]).await;
-    let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
-    assert_eq!(expect_frame(&mut client).await.command, "version");
-    assert_eq!(node.log.session_ids.lock().unwrap().len(), 1);
+    assert_one_v2_session_with(&["--early-key", "never"]).await;
 }
 
 #[tokio::test]

@@ -227,11 +227,7 @@ async fn fallback_v1_reconnects_and_replays_version() {
 
 #[tokio::test]
 async fn fallback_v1_still_prefers_v2() {
-    let node = spawn_v2_node(V2NodeOptions::default()).await;
-    let proxy = spawn_proxy(&["--fallback", "v1"]).await;
-    let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
-    assert_eq!(expect_frame(&mut client).await.command, "version");
-    assert_eq!(node.log.session_ids.lock().unwrap().len(), 1);
+    assert_one_v2_session_with(&["--fallback", "v1"]).await;
 }
 
 #[tokio::test]

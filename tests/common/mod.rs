@@ -950,3 +950,13 @@ pub async fn spawn_proxy_from_toml(toml: &str) -> (Proxy, Arc<bip324_proxy::metr
     let task = tokio::spawn(bip324_proxy::server::serve(bound, state, shutdown.clone()));
     (Proxy { addr, shutdown, task }, observer)
 }
+
+/// A v1 client through the proxy started with `args` reaches a v2 node over
+/// exactly one BIP324 session and gets the node's VERSION back.
+pub async fn assert_one_v2_session_with(args: &[&str]) {
+    let node = spawn_v2_node(V2NodeOptions::default()).await;
+    let proxy = spawn_proxy(args).await;
+    let mut client = open_v1_session(proxy.addr, node.addr, REGTEST).await;
+    assert_eq!(expect_frame(&mut client).await.command, "version");
+    assert_eq!(node.log.session_ids.lock().unwrap().len(), 1);
+}
